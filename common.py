@@ -1,0 +1,152 @@
+"""The recipe of "Understanding the Role of the Projector in Knowledge Distillation"
+(Miles & Mikolajczyk, AAAI 2024), and nothing else.
+
+Feature distillation needs three ingredients:
+
+1. a **linear projector** ``W_p`` on the student feature ``z_s``. Trained with the student,
+   it implicitly encodes relational information from past batches (the paper's analysis of
+   the projector's weights and singular values), so no explicit relational loss is needed;
+2. **batch normalisation** of both ``z_s W_p`` and the teacher feature ``z_t``, without affine
+   parameters. It whitens both spaces and couples with the projector's training dynamics,
+   keeping the projector from collapsing;
+3. a **soft maximum** distance ``log sum_i |z_s W_p - z_t|_i ** alpha``, which focuses on the
+   largest differences and copes with large teacher-student capacity gaps.
+
+Everything here takes pooled features ``(B, C)`` and feature maps ``(B, C, H, W)``; a script
+adds cross-entropy and the KD term around it. Usage::
+
+    distiller = FeatureDistiller(student_dim=256, teacher_dim=256)   # paper defaults
+    loss = ce + kd + 2.0 * distiller(z_s, z_t)                        # z_t from the frozen teacher
+    # train distiller.parameters() with the student's optimizer
+"""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+PROJECTORS = ("linear", "mlp", "none")
+NORMS = ("bn", "ln", "l2", "none")
+DISTANCES = ("logsum", "corr")
+
+
+def log_sum_exp_distance(a, b, alpha=4.0):
+    """The paper's soft maximum ``log sum_i |a_i - b_i| ** alpha`` over every element.
+
+    A larger ``alpha`` moves the distance from a sum towards the maximum difference. Written as a
+    log-sum-exp of ``alpha * log|d|`` with the largest ``|d|`` (``m``) factored out::
+
+        log sum |d|**alpha = alpha * log m + log sum (|d| / m)**alpha
+
+    so it neither overflows (``|d| = 1e10``, ``alpha = 4``) nor underflows in float32, and is
+    computed in float32 whatever the input dtype or autocast state. The naive form of the
+    official code also gives NaN gradients where a difference is exactly 0; here every
+    difference may be 0 (the sum is then clamped at ``m``'s floor: a finite value, zero gradient).
+    Needs ``alpha >= 1`` for finite gradients at ``d = 0``.
+    """
+    with torch.autocast(a.device.type, enabled=False):
+        d = (a.float() - b.float()).abs()
+        # m carries no gradient: the value does not depend on it, so neither does the gradient.
+        m = d.detach().amax().clamp_min(torch.finfo(torch.float32).tiny)
+        # The largest element contributes (m / m)**alpha = 1, so the sum is >= 1 unless every
+        # difference is 0; clamping at 1 only guards that case against log(0).
+        return alpha * m.log() + (d / m).pow(alpha).sum().clamp_min(1.0).log()
+
+
+def correlation_distance(a, b, alpha=4.0):
+    """The variant in the official DeiT code: ``log(sum_d |c_d - 1| ** alpha + 1e-5)``.
+
+    ``c_d = mean_b a_bd * b_bd`` is the diagonal of the student-teacher cross-correlation of
+    batch-normalised features; it is 1 when a feature dimension agrees perfectly across the batch.
+    Computed in float32.
+    """
+    with torch.autocast(a.device.type, enabled=False):
+        c = (a.float() * b.float()).mean(0)
+        return ((c - 1).abs().pow(alpha).sum() + 1e-5).log()
+
+
+def make_projector(in_dim, out_dim, kind="linear"):
+    """Map the student feature into the teacher's space: ``z_s W_p``.
+
+    ``'linear'`` (the paper's choice, with bias); ``'mlp'`` (Linear-BN-ReLU-Linear, hidden width
+    ``out_dim``; the paper's projector ablation); ``'none'`` (identity; needs equal widths).
+    """
+    if kind == "linear":
+        return nn.Linear(in_dim, out_dim)
+    if kind == "mlp":
+        return nn.Sequential(nn.Linear(in_dim, out_dim), nn.BatchNorm1d(out_dim), nn.ReLU(inplace=True),
+                             nn.Linear(out_dim, out_dim))
+    if kind == "none":
+        if in_dim != out_dim:
+            raise ValueError(f"projector 'none' needs equal student and teacher widths, got {in_dim} and "
+                             f"{out_dim}; use projector 'linear'")
+        return nn.Identity()
+    raise ValueError(f"unknown projector {kind!r}; choose from {', '.join(PROJECTORS)}")
+
+
+class L2Norm(nn.Module):
+    """Unit L2 norm per sample (per position on feature maps)."""
+
+    def forward(self, x):
+        return F.normalize(x, dim=1)
+
+
+def make_norm(dim, kind="bn"):
+    """Normalise features before the distance (the paper's second ingredient).
+
+    ``'bn'``: ``BatchNorm1d(eps=1e-4, affine=False)`` as in the official code, batch statistics in
+    training mode; ``'ln'``: LayerNorm without affine; ``'l2'``: unit L2 norm; ``'none'``.
+    """
+    if kind == "bn":
+        return nn.BatchNorm1d(dim, eps=1e-4, affine=False)
+    if kind == "ln":
+        return nn.LayerNorm(dim, elementwise_affine=False)
+    if kind == "l2":
+        return L2Norm()
+    if kind == "none":
+        return nn.Identity()
+    raise ValueError(f"unknown norm {kind!r}; choose from {', '.join(NORMS)}")
+
+
+class FeatureDistiller(nn.Module):
+    """``distance(norm_s(projector(z_s)), norm_t(z_t))``: the paper's feature loss, unweighted.
+
+    Takes pooled features ``(B, C)`` or feature maps ``(B, C, H, W)``. Maps are laid out as rows
+    of ``(B*H*W, C)``, so the projector acts per position (a 1x1 convolution) and BN per channel
+    over ``B*H*W`` with one code path. The teacher feature is detached: only the student and the
+    projector learn. Put ``distiller.parameters()`` in the student's optimizer, and the distiller in
+    the same DDP module as the student so the projector stays identical on every rank.
+    """
+
+    def __init__(self, student_dim, teacher_dim, projector="linear", norm="bn", distance="logsum", alpha=4.0):
+        super().__init__()
+        if distance not in DISTANCES:
+            raise ValueError(f"unknown distance {distance!r}; choose from {', '.join(DISTANCES)}")
+        self.projector = make_projector(student_dim, teacher_dim, projector)
+        self.norm_s = make_norm(teacher_dim, norm)
+        self.norm_t = make_norm(teacher_dim, norm)
+        self.distance = log_sum_exp_distance if distance == "logsum" else correlation_distance
+        self.alpha = alpha
+
+    @staticmethod
+    def _rows(z):
+        return z.permute(0, 2, 3, 1).flatten(0, 2) if z.dim() == 4 else z
+
+    def forward(self, z_s, z_t):
+        if z_s.dim() != z_t.dim() or z_s.shape[0] != z_t.shape[0] or z_s.shape[2:] != z_t.shape[2:]:
+            raise ValueError(f"student features {tuple(z_s.shape)} and teacher features {tuple(z_t.shape)} "
+                             "must agree in batch and spatial size")
+        # Normalise in float32: BN statistics of wide teacher features lose precision in bf16.
+        z_s = self.projector(self._rows(z_s)).float()
+        z_t = self._rows(z_t.detach()).float()
+        return self.distance(self.norm_s(z_s), self.norm_t(z_t), self.alpha)
+
+
+def projector_spectrum(distiller):
+    """Singular values of the linear projector's weight ``W_p``, largest first (the paper's
+    spectral analysis of the projector).
+
+    Returns None when the projector is not linear.
+    """
+    projector = getattr(distiller, "module", distiller).projector
+    if not isinstance(projector, nn.Linear):
+        return None
+    return torch.linalg.svdvals(projector.weight.detach().float())
