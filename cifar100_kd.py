@@ -1,0 +1,809 @@
+"""CIFAR-100 knowledge distillation under the RepDistiller/mdistiller protocol, with the recipe of
+"Understanding the Role of the Projector in Knowledge Distillation" (Miles & Mikolajczyk, AAAI 2024).
+
+The student learns from cross-entropy, a KL term on the teacher's logits and the paper's feature loss
+on the pooled penultimate features: a linear projector ``W_p`` on the student feature ``z_s``, batch
+norm without affine on ``z_s W_p`` and on the teacher feature ``z_t``, and the soft maximum
+``log sum |norm(z_s W_p) - norm(z_t)| ** alpha`` (``alpha = 4``), weighted by 2. The protocol is the one
+every CIFAR-100 distillation paper since CRD (Tian et al., 2020) uses: the 22 architectures below, 240
+epochs of SGD (batch 64, lr 0.05, or 0.01 for MobileNetV2/ShuffleNets, x0.1 at epochs 150/180/210,
+weight decay 5e-4), random crop with 4 pixels of padding and horizontal flips. The models are
+state-dict compatible with RepDistiller's and mdistiller's, so their published teachers
+(``resnet32x4_vanilla/ckpt_epoch_240.pth`` ...) load as they are, and our checkpoints load into their code.
+
+Train a teacher (the public teacher downloads are often dead), then distil a student from it::
+
+    python cifar100_kd.py --student resnet32x4 --distill none --data-dir data/cifar100
+    python cifar100_kd.py --teacher resnet32x4 --student resnet8x4 \\
+        --teacher-ckpt runs/cifar100_kd-resnet32x4-none/best.pt --data-dir data/cifar100
+    torchrun --nproc_per_node=2 cifar100_kd.py --batch-size 32 ...   # same global batch on 2 GPUs
+
+The whole data set lives on the training device as uint8; crop, flip and normalisation happen there,
+per batch, so there is no DataLoader. A run prints its arguments, the teacher's test accuracy (79.4 %
+for RepDistiller's resnet32x4), one line per ``--log-every`` steps and one evaluation per epoch on the
+full 10,000-image test set; CRD reports resnet32x4 -> resnet8x4 at 72.5 % (student alone), 73.3 % (KD)
+and 75.5 % (CRD). Outputs go to ``--out-dir``: args.json, metrics.jsonl, last.pt, best.pt, summary.json.
+"""
+import argparse
+import datetime
+import json
+import math
+import os
+import pickle
+import platform
+import re
+import resource
+import sys
+import time
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import timm
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from common import DISTANCES, NORMS, PROJECTORS, FeatureDistiller, projector_spectrum
+
+PROG = Path(__file__).stem
+CIFAR_URL = "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"
+CIFAR_MD5 = "eb9058c3a382ffc7106e4002c42a8d85"
+LAYOUT = "<data-dir>/cifar-100-python/{train,test}, the pickles of the python release"
+MEAN, STD = (0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761)
+NUM_CLASSES = 100
+DUMMY_SIZES = (5_000, 1_000)  # --dummy train/test images: enough for a benchmark, small enough to test
+# Test accuracy of the public RepDistiller teachers (CRD, Table 1/2); a loaded teacher far below is suspect.
+PUBLISHED_TOP1 = {"resnet56": 72.34, "resnet110": 74.31, "resnet32x4": 79.42, "wrn_40_2": 75.61,
+                  "vgg13": 74.64, "ResNet50": 79.34}
+
+
+def fail(msg, code=2):
+    """Bad input: one line on stderr, nothing written, exit 2. Only rank 0 speaks, every rank exits."""
+    if os.environ.get("RANK", "0") == "0":
+        print(f"{PROG}: error: {msg}", file=sys.stderr)
+    sys.exit(code)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Models: RepDistiller's 22 CIFAR architectures with their exact parameter and buffer names. Each
+# forward returns (logits, z) with z the pooled penultimate feature (the classifier's input, the
+# feature the paper distils) and each model knows its width as `feat_dim`.
+# ---------------------------------------------------------------------------------------------------
+def conv3x3(cin, cout, stride=1, groups=1):
+    return nn.Conv2d(cin, cout, 3, stride, 1, groups=groups, bias=False)
+
+
+def conv1x1(cin, cout, stride=1, groups=1):
+    return nn.Conv2d(cin, cout, 1, stride, groups=groups, bias=False)
+
+
+def init_weights(model, linear_std=None):
+    """The reference code's initialisation: He-normal (fan-out) convolutions, optionally N(0, std) heads."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Linear) and linear_std is not None:
+            nn.init.normal_(m.weight, 0, linear_std)
+            nn.init.zeros_(m.bias)
+
+
+class BasicBlock(nn.Module):  # CIFAR ResNets (resnet8 ... resnet110, resnet8x4, resnet32x4)
+    def __init__(self, cin, cout, stride):
+        super().__init__()
+        self.conv1, self.bn1 = conv3x3(cin, cout, stride), nn.BatchNorm2d(cout)
+        self.conv2, self.bn2 = conv3x3(cout, cout), nn.BatchNorm2d(cout)
+        self.downsample = (nn.Sequential(conv1x1(cin, cout, stride), nn.BatchNorm2d(cout))
+                           if stride != 1 or cin != cout else None)
+
+    def forward(self, x):
+        out = self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
+        return F.relu(out + (x if self.downsample is None else self.downsample(x)))
+
+
+class CifarResNet(nn.Module):
+    def __init__(self, depth, widths, num_classes=NUM_CLASSES):
+        super().__init__()
+        n = (depth - 2) // 6
+        self.conv1, self.bn1 = conv3x3(3, widths[0]), nn.BatchNorm2d(widths[0])
+        for i, (cin, cout, stride) in enumerate(zip(widths[:3], widths[1:], (1, 2, 2)), 1):
+            self.add_module(f"layer{i}", nn.Sequential(*[BasicBlock(cin if j == 0 else cout, cout, stride if j == 0 else 1)
+                                                         for j in range(n)]))
+        self.fc = nn.Linear(widths[3], num_classes)
+        self.feat_dim = widths[3]
+        init_weights(self)
+
+    def forward(self, x):
+        x = F.relu(self.bn1(self.conv1(x)))
+        z = self.layer3(self.layer2(self.layer1(x))).mean((2, 3))
+        return self.fc(z), z
+
+
+class Bottleneck(nn.Module):  # ResNet50 (RepDistiller's resnetv2.py)
+    def __init__(self, cin, planes, stride):
+        super().__init__()
+        self.conv1, self.bn1 = conv1x1(cin, planes), nn.BatchNorm2d(planes)
+        self.conv2, self.bn2 = conv3x3(planes, planes, stride), nn.BatchNorm2d(planes)
+        self.conv3, self.bn3 = conv1x1(planes, 4 * planes), nn.BatchNorm2d(4 * planes)
+        self.shortcut = (nn.Sequential(conv1x1(cin, 4 * planes, stride), nn.BatchNorm2d(4 * planes))
+                         if stride != 1 or cin != 4 * planes else nn.Sequential())
+
+    def forward(self, x):
+        out = F.relu(self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x))))))
+        return F.relu(self.bn3(self.conv3(out)) + self.shortcut(x))
+
+
+class ResNet50(nn.Module):
+    def __init__(self, num_classes=NUM_CLASSES):
+        super().__init__()
+        self.conv1, self.bn1 = conv3x3(3, 64), nn.BatchNorm2d(64)
+        cin = 64
+        for i, (planes, n, stride) in enumerate(zip((64, 128, 256, 512), (3, 4, 6, 3), (1, 2, 2, 2)), 1):
+            self.add_module(f"layer{i}", nn.Sequential(*[Bottleneck(cin if j == 0 else 4 * planes, planes, stride if j == 0 else 1)
+                                                         for j in range(n)]))
+            cin = 4 * planes
+        self.linear = nn.Linear(cin, num_classes)
+        self.feat_dim = cin
+        init_weights(self)
+
+    def forward(self, x):
+        x = F.relu(self.bn1(self.conv1(x)))
+        z = self.layer4(self.layer3(self.layer2(self.layer1(x)))).mean((2, 3))
+        return self.linear(z), z
+
+
+class WideBlock(nn.Module):  # wide ResNets (wrn_16_1 ... wrn_40_2): pre-activation blocks
+    def __init__(self, cin, cout, stride):
+        super().__init__()
+        self.bn1, self.conv1 = nn.BatchNorm2d(cin), conv3x3(cin, cout, stride)
+        self.bn2, self.conv2 = nn.BatchNorm2d(cout), conv3x3(cout, cout)
+        self.convShortcut = conv1x1(cin, cout, stride) if cin != cout else None
+
+    def forward(self, x):
+        o = F.relu(self.bn1(x))
+        out = self.conv2(F.relu(self.bn2(self.conv1(o))))
+        return out + (x if self.convShortcut is None else self.convShortcut(o))
+
+
+class WideResNet(nn.Module):
+    def __init__(self, depth, widen, num_classes=NUM_CLASSES):
+        super().__init__()
+        n, widths = (depth - 4) // 6, (16, 16 * widen, 32 * widen, 64 * widen)
+        self.conv1 = conv3x3(3, 16)
+        for i, (cin, cout, stride) in enumerate(zip(widths[:3], widths[1:], (1, 2, 2)), 1):
+            layer = nn.Sequential(*[WideBlock(cin if j == 0 else cout, cout, stride if j == 0 else 1) for j in range(n)])
+            self.add_module(f"block{i}", nn.ModuleDict({"layer": layer}))
+        self.bn1 = nn.BatchNorm2d(widths[3])
+        self.fc = nn.Linear(widths[3], num_classes)
+        self.feat_dim = widths[3]
+        init_weights(self)
+
+    def forward(self, x):
+        x = self.block3["layer"](self.block2["layer"](self.block1["layer"](self.conv1(x))))
+        z = F.relu(self.bn1(x)).mean((2, 3))
+        return self.fc(z), z
+
+
+class VGG(nn.Module):  # vgg8 ... vgg19, the batch-norm variants, one global average pool, one linear layer
+    def __init__(self, stages, num_classes=NUM_CLASSES):
+        super().__init__()
+        cin = 3
+        for i, widths in enumerate(stages):
+            layers = []
+            for w in widths:
+                layers += [nn.Conv2d(cin, w, 3, padding=1), nn.BatchNorm2d(w), nn.ReLU(inplace=True)]
+                cin = w
+            self.add_module(f"block{i}", nn.Sequential(*layers[:-1]))  # the last ReLU is in forward
+        self.classifier = nn.Linear(cin, num_classes)
+        self.feat_dim = cin
+        init_weights(self, linear_std=0.01)
+
+    def forward(self, x):
+        for i in range(5):
+            x = F.relu(getattr(self, f"block{i}")(x))
+            x = F.max_pool2d(x, 2) if i < 3 else x  # 32 -> 4: the 4th pool only acts on 64-pixel inputs
+        z = x.mean((2, 3))
+        return self.classifier(z), z
+
+
+def conv_bn_relu(cin, cout, k, stride):
+    return nn.Sequential(nn.Conv2d(cin, cout, k, stride, k // 2, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+
+
+class InvertedResidual(nn.Module):  # MobileNetV2, the half-width variant of the benchmark
+    def __init__(self, cin, cout, stride, t):
+        super().__init__()
+        h = cin * t
+        self.use_res = stride == 1 and cin == cout
+        self.conv = nn.Sequential(conv1x1(cin, h), nn.BatchNorm2d(h), nn.ReLU(inplace=True),
+                                  conv3x3(h, h, stride, groups=h), nn.BatchNorm2d(h), nn.ReLU(inplace=True),
+                                  conv1x1(h, cout), nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        return x + self.conv(x) if self.use_res else self.conv(x)
+
+
+class MobileNetV2(nn.Module):
+    def __init__(self, t=6, width=0.5, num_classes=NUM_CLASSES):
+        super().__init__()
+        cin = int(32 * width)
+        self.conv1 = conv_bn_relu(3, cin, 3, 2)
+        self.blocks = nn.ModuleList()
+        for expand, c, n, stride in ((1, 16, 1, 1), (t, 24, 2, 1), (t, 32, 3, 2), (t, 64, 4, 2), (t, 96, 3, 1),
+                                     (t, 160, 3, 2), (t, 320, 1, 1)):
+            cout = int(c * width)
+            self.blocks.append(nn.Sequential(*[InvertedResidual(cin if j == 0 else cout, cout, stride if j == 0 else 1, expand)
+                                               for j in range(n)]))
+            cin = cout
+        self.conv2 = conv_bn_relu(cin, 1280, 1, 1)
+        self.classifier = nn.Sequential(nn.Linear(1280, num_classes))
+        self.feat_dim = 1280
+        init_weights(self, linear_std=0.01)
+
+    def forward(self, x):
+        x = self.conv1(x)
+        for block in self.blocks:
+            x = block(x)
+        z = self.conv2(x).mean((2, 3))
+        return self.classifier(z), z
+
+
+def channel_shuffle(x, groups):
+    n, c, h, w = x.shape
+    return x.view(n, groups, c // groups, h, w).transpose(1, 2).reshape(n, c, h, w)
+
+
+class ShuffleV1Block(nn.Module):  # ShuffleNet V1, 3 groups
+    def __init__(self, cin, cout, stride, groups):
+        super().__init__()
+        mid, self.stride = cout // 4, stride
+        self.g = 1 if cin == 24 else groups  # the stem's 24 channels are not grouped
+        self.conv1, self.bn1 = conv1x1(cin, mid, groups=self.g), nn.BatchNorm2d(mid)
+        self.conv2, self.bn2 = conv3x3(mid, mid, stride, groups=mid), nn.BatchNorm2d(mid)
+        self.conv3, self.bn3 = conv1x1(mid, cout, groups=groups), nn.BatchNorm2d(cout)
+
+    def forward(self, x):
+        out = channel_shuffle(F.relu(self.bn1(self.conv1(x))), self.g)
+        out = self.bn3(self.conv3(F.relu(self.bn2(self.conv2(out)))))
+        return F.relu(torch.cat([out, F.avg_pool2d(x, 3, 2, 1)], 1) if self.stride == 2 else out + x)
+
+
+class ShuffleNetV1(nn.Module):
+    def __init__(self, widths=(240, 480, 960), depths=(4, 8, 4), groups=3, num_classes=NUM_CLASSES):
+        super().__init__()
+        self.conv1, self.bn1 = conv1x1(3, 24), nn.BatchNorm2d(24)
+        cin = 24
+        for i, (cout, n) in enumerate(zip(widths, depths), 1):
+            # The first block of a stage concatenates its input, so it only computes cout - cin channels.
+            blocks = [ShuffleV1Block(cin, cout - cin, 2, groups)] + [ShuffleV1Block(cout, cout, 1, groups) for _ in range(n - 1)]
+            self.add_module(f"layer{i}", nn.Sequential(*blocks))
+            cin = cout
+        self.linear = nn.Linear(cin, num_classes)
+        self.feat_dim = cin
+
+    def forward(self, x):
+        x = F.relu(self.bn1(self.conv1(x)))
+        z = self.layer3(self.layer2(self.layer1(x))).mean((2, 3))
+        return self.linear(z), z
+
+
+class ShuffleV2Block(nn.Module):  # ShuffleNet V2 (1x): half the channels pass, the other half is transformed
+    def __init__(self, c):
+        super().__init__()
+        c //= 2
+        self.conv1, self.bn1 = conv1x1(c, c), nn.BatchNorm2d(c)
+        self.conv2, self.bn2 = conv3x3(c, c, groups=c), nn.BatchNorm2d(c)
+        self.conv3, self.bn3 = conv1x1(c, c), nn.BatchNorm2d(c)
+
+    def forward(self, x):
+        x1, x2 = x.chunk(2, 1)
+        out = self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x2)))))
+        return channel_shuffle(torch.cat([x1, F.relu(self.bn3(self.conv3(out)))], 1), 2)
+
+
+class ShuffleV2Down(nn.Module):
+    def __init__(self, cin, cout):
+        super().__init__()
+        mid = cout // 2
+        self.conv1, self.bn1 = conv3x3(cin, cin, 2, groups=cin), nn.BatchNorm2d(cin)
+        self.conv2, self.bn2 = conv1x1(cin, mid), nn.BatchNorm2d(mid)
+        self.conv3, self.bn3 = conv1x1(cin, mid), nn.BatchNorm2d(mid)
+        self.conv4, self.bn4 = conv3x3(mid, mid, 2, groups=mid), nn.BatchNorm2d(mid)
+        self.conv5, self.bn5 = conv1x1(mid, mid), nn.BatchNorm2d(mid)
+
+    def forward(self, x):
+        left = F.relu(self.bn2(self.conv2(self.bn1(self.conv1(x)))))
+        right = self.bn4(self.conv4(F.relu(self.bn3(self.conv3(x)))))
+        return channel_shuffle(torch.cat([left, F.relu(self.bn5(self.conv5(right)))], 1), 2)
+
+
+class ShuffleNetV2(nn.Module):
+    def __init__(self, widths=(116, 232, 464, 1024), depths=(3, 7, 3), num_classes=NUM_CLASSES):
+        super().__init__()
+        self.conv1, self.bn1 = conv1x1(3, 24), nn.BatchNorm2d(24)
+        cin = 24
+        for i, (cout, n) in enumerate(zip(widths, depths), 1):
+            self.add_module(f"layer{i}", nn.Sequential(ShuffleV2Down(cin, cout), *[ShuffleV2Block(cout) for _ in range(n)]))
+            cin = cout
+        self.conv2, self.bn2 = conv1x1(cin, widths[3]), nn.BatchNorm2d(widths[3])
+        self.linear = nn.Linear(widths[3], num_classes)
+        self.feat_dim = widths[3]
+
+    def forward(self, x):
+        x = self.layer3(self.layer2(self.layer1(F.relu(self.bn1(self.conv1(x))))))
+        z = F.relu(self.bn2(self.conv2(x))).mean((2, 3))
+        return self.linear(z), z
+
+
+VGG_STAGES = {8: [[64], [128], [256], [512], [512]],
+              11: [[64], [128], [256, 256], [512, 512], [512, 512]],
+              13: [[64, 64], [128, 128], [256, 256], [512, 512], [512, 512]],
+              16: [[64, 64], [128, 128], [256] * 3, [512] * 3, [512] * 3],
+              19: [[64, 64], [128, 128], [256] * 4, [512] * 4, [512] * 4]}
+ARCHS = {
+    **{f"resnet{d}": partial(CifarResNet, d, (16, 16, 32, 64)) for d in (8, 14, 20, 32, 44, 56, 110)},
+    "resnet8x4": partial(CifarResNet, 8, (32, 64, 128, 256)),
+    "resnet32x4": partial(CifarResNet, 32, (32, 64, 128, 256)),
+    "ResNet50": ResNet50,
+    **{f"wrn_{d}_{w}": partial(WideResNet, d, w) for d in (16, 40) for w in (1, 2)},
+    **{f"vgg{d}": partial(VGG, stages) for d, stages in VGG_STAGES.items()},
+    "MobileNetV2": MobileNetV2,
+    "ShuffleV1": ShuffleNetV1,
+    "ShuffleV2": ShuffleNetV2,
+}
+SMALL_LR_ARCHS = ("MobileNetV2", "ShuffleV1", "ShuffleV2")  # the protocol trains these at lr 0.01
+
+
+def read_checkpoint(path):
+    """torch.load with weights_only=True: checkpoints are untrusted input."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a truncated file, not a torch file, an unsafe pickle ...
+        fail(f"cannot read checkpoint {path} ({type(e).__name__}: {str(e).strip().splitlines()[0][:200]}); "
+             "pass a checkpoint saved by this script, RepDistiller or mdistiller")
+
+
+def state_dict_of(obj, path):
+    """CONVENTIONS §5: a bare state dict or one under model/state_dict/student, prefixes stripped."""
+    for key in ("model", "state_dict", "student"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+            break
+    if not isinstance(obj, dict) or not all(torch.is_tensor(v) for v in obj.values()):
+        fail(f"{path} holds no state dict (nor one under 'model', 'state_dict' or 'student'); pass a model checkpoint")
+    return {re.sub(r"^(module\.|_orig_mod\.)+", "", k): v for k, v in obj.items()}
+
+
+def load_strict(module, state, path, what):
+    """Strict load; a mismatch fails naming a few missing, unexpected and wrongly shaped keys."""
+    own = module.state_dict()
+    missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]  # absent in old files
+    unexpected = [k for k in state if k not in own]
+    wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own if k in state and state[k].shape != own[k].shape]
+    if missing or unexpected or wrong:
+        few = lambda keys: ", ".join(keys[:3]) + (f" (+{len(keys) - 3})" if len(keys) > 3 else "") if keys else "none"
+        fail(f"{path} does not fit the {what}: missing {few(missing)}; unexpected {few(unexpected)}; "
+             f"wrong shape {few(wrong)}; pass a checkpoint of that architecture or change the architecture flag")
+    module.load_state_dict(state)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Data: the python release of CIFAR-100, held on the device as uint8 and augmented there per batch.
+# ---------------------------------------------------------------------------------------------------
+def load_cifar100(data_dir, is_main):
+    """(train images, train labels, test images, test labels) as uint8 (N, 3, 32, 32) and int64 (N,)."""
+    root = Path(data_dir) / "cifar-100-python"
+    if not root.is_dir() and is_main:
+        from torchvision.datasets.utils import download_and_extract_archive
+        try:
+            download_and_extract_archive(CIFAR_URL, str(data_dir), md5=CIFAR_MD5)
+        except Exception as e:
+            fail(f"no CIFAR-100 in {data_dir} and downloading {CIFAR_URL} failed ({type(e).__name__}: {e}); "
+                 f"download and extract it yourself so that the layout is {LAYOUT}, or pass --dummy")
+    if dist.is_initialized():
+        dist.barrier()  # the other ranks wait for rank 0's download
+    splits = []
+    for split in ("train", "test"):
+        path = root / split
+        try:
+            with open(path, "rb") as f:
+                d = pickle.load(f, encoding="latin1")  # the official format is a pickle: only load files you trust
+            x = np.asarray(d["data"])
+            y = np.asarray(d["fine_labels"], dtype=np.int64)
+            if x.dtype != np.uint8 or x.ndim != 2 or x.shape[1] != 3072 or len(y) != len(x):
+                raise ValueError(f"'data' is {x.dtype} {x.shape} for {len(y)} labels, expected uint8 (N, 3072)")
+            if len(y) == 0 or y.min() < 0 or y.max() >= NUM_CLASSES:
+                raise ValueError(f"'fine_labels' must lie in 0..{NUM_CLASSES - 1}")
+        except Exception as e:
+            fail(f"cannot read {path} ({type(e).__name__}: {e}); expected {LAYOUT} "
+                 f"(from {CIFAR_URL}), or pass --dummy")
+        splits += [torch.from_numpy(x).view(-1, 3, 32, 32), torch.from_numpy(y)]  # rows are planar R, G, B
+    return splits
+
+
+def normalise(x, channels_last):
+    """uint8 (B, 3, 32, 32) -> float, standardised with the CIFAR-100 channel statistics."""
+    mean = torch.tensor(MEAN, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(STD, device=x.device).view(1, 3, 1, 1)
+    x = (x.float() / 255 - mean) / std
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+def crop_flip(x, generator):
+    """Random 32x32 crop of the 4-pixel zero-padded image and horizontal flip, independently per sample.
+
+    One gather does both: row i of the output is padded row dy + i, column j is padded column
+    dx + j, or dx + 31 - j when the sample is flipped.
+    """
+    b, dev = x.shape[0], x.device
+    x = F.pad(x, (4, 4, 4, 4))
+    dy, dx = torch.randint(0, 9, (2, b, 1), generator=generator, device=dev)
+    flip = torch.rand(b, 1, generator=generator, device=dev) < 0.5
+    ar = torch.arange(32, device=dev)
+    rows, cols = dy + ar, dx + torch.where(flip, 31 - ar, ar)
+    return x[torch.arange(b, device=dev).view(b, 1, 1, 1), torch.arange(3, device=dev).view(1, 3, 1, 1),
+             rows.view(b, 1, 32, 1), cols.view(b, 1, 1, 32)]
+
+
+@torch.no_grad()
+def evaluate(model, images, labels, batch_size, amp, channels_last):
+    """Top-1/top-5 (%) on the whole set: each rank scores its own contiguous shard (no sample dropped or
+    counted twice), then the counts are summed across ranks."""
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    n = len(labels)
+    was_training = model.training
+    model.eval()
+    counts = torch.zeros(3, device=labels.device, dtype=torch.float64)  # top-1 hits, top-5 hits, samples
+    for i in range(rank * n // world, (rank + 1) * n // world, batch_size):
+        stop = min(i + batch_size, (rank + 1) * n // world)
+        with amp:
+            logits = model(normalise(images[i:stop], channels_last))[0]
+        hits = logits.topk(5, 1).indices == labels[i:stop, None]
+        counts += torch.stack([hits[:, 0].sum(), hits.any(1).sum(), torch.tensor(stop - i, device=counts.device)])
+    if dist.is_initialized():
+        dist.all_reduce(counts)
+    model.train(was_training)
+    return {"top1": (100 * counts[0] / counts[2]).item(), "top5": (100 * counts[1] / counts[2]).item()}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Distillation: the student and the paper's distiller in one module, so that DDP keeps the projector
+# W_p identical on every rank (and averages its gradients like the student's).
+# ---------------------------------------------------------------------------------------------------
+class StudentWithDistiller(nn.Module):
+    def __init__(self, student, distiller):
+        super().__init__()
+        self.student, self.distiller = student, distiller
+
+    def forward(self, x, z_t=None):
+        logits, z_s = self.student(x)
+        loss_feat = self.distiller(z_s, z_t) if self.distiller is not None else None
+        return logits, loss_feat
+
+
+def kd_loss(logits_s, logits_t, T):
+    """Hinton's KD: KL(softmax(y_t / T) || softmax(y_s / T)), batch mean, times T^2 so that the gradient
+    scale does not depend on T."""
+    return F.kl_div(F.log_softmax(logits_s.float() / T, 1), F.log_softmax(logits_t.float() / T, 1),
+                    reduction="batchmean", log_target=True) * T * T
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.error = lambda message: fail(f"{message}; see --help")  # one line on stderr, exit 2 (CONVENTIONS §6)
+    archs = ", ".join(ARCHS)
+    g = p.add_argument_group("data")
+    g.add_argument("--data-dir", default="data/cifar100", help=f"dataset root, laid out as {LAYOUT}; downloaded there when missing")
+    g.add_argument("--dummy", action="store_true", help=f"random images and labels ({DUMMY_SIZES[0]} train, {DUMMY_SIZES[1]} test) "
+                   "and a random teacher unless --teacher-ckpt: tries the pipeline with no files; a speed benchmark")
+    g = p.add_argument_group("models")
+    g.add_argument("--student", default="resnet8x4", choices=ARCHS, metavar="ARCH", help=f"student architecture, one of: {archs}")
+    g.add_argument("--teacher", default="resnet32x4", choices=ARCHS, metavar="ARCH", help="teacher architecture (same choices)")
+    g.add_argument("--teacher-ckpt", help="teacher weights: our best.pt/last.pt, or a RepDistiller/mdistiller ckpt_epoch_240.pth")
+    g = p.add_argument_group("distillation")
+    g.add_argument("--distill", default="srd", choices=("none", "kd", "srd"),
+                   help="none: cross-entropy only (a baseline student, or a teacher); kd: CE + KL; srd: CE + KL + feature loss (the paper)")
+    g.add_argument("--ce-weight", type=float, default=1.0, help="weight of the cross-entropy (0.1 in the classic KD baseline)")
+    g.add_argument("--kd-weight", type=float, default=1.0, help="weight of the KL term (0.9 in the classic KD baseline)")
+    g.add_argument("--temperature", type=float, default=1.0, help="KD temperature T (4 in the classic KD baseline)")
+    g.add_argument("--feat-weight", type=float, default=2.0, help="weight of the feature loss (srd)")
+    g.add_argument("--alpha", type=float, default=4.0, help="exponent of the soft maximum log sum |d|^alpha")
+    g.add_argument("--norm", default="bn", choices=NORMS, help="feature normalisation of both sides (paper: bn, no affine)")
+    g.add_argument("--projector", default="linear", choices=PROJECTORS, help="projector on the student feature (paper: linear)")
+    g.add_argument("--distance", default="logsum", choices=DISTANCES, help="feature distance (paper: logsum)")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--epochs", type=int, default=240, help="training epochs")
+    g.add_argument("--batch-size", type=int, default=64, help="images per process per step")
+    g.add_argument("--lr", type=float, help="SGD learning rate for a global batch of 64, scaled linearly with the global "
+                   "batch (default 0.05; 0.01 for MobileNetV2, ShuffleV1, ShuffleV2)")
+    g.add_argument("--lr-decay-epochs", type=int, nargs="+", default=[150, 180, 210], help="epochs where the lr is multiplied by --lr-decay-rate")
+    g.add_argument("--lr-decay-rate", type=float, default=0.1, help="lr decay factor")
+    g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
+    g.add_argument("--wd", type=float, default=5e-4, help="weight decay (student and projector)")
+    g.add_argument("--max-steps", type=int, help="cap on steps per epoch (smoke tests, benchmarks)")
+    g = p.add_argument_group("system")
+    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
+    g.add_argument("--amp", choices=("off", "bf16", "fp16"), help="mixed precision (default: bf16 on CUDA, off on CPU)")
+    g.add_argument("--channels-last", action="store_true", help="NHWC memory layout (faster convolutions on tensor cores)")
+    g.add_argument("--compile", action="store_true", help="torch.compile the student (with the distiller) and the teacher")
+    g.add_argument("--sync-bn", action="store_true", help="batch-norm statistics over the global batch under torchrun")
+    g.add_argument("--workers", type=int, default=0, help="accepted for a common interface; unused, the data set lives on the device")
+    g.add_argument("--seed", type=int, default=0, help="random seed (process r uses seed + r; data order depends on seed and epoch)")
+    g.add_argument("--log-every", type=int, default=100, help="steps between log lines (the only host-device syncs)")
+    g = p.add_argument_group("outputs")
+    g.add_argument("--out-dir", help="output folder (default runs/cifar100_kd-<student>-<distill>, or the folder of --resume)")
+    g.add_argument("--resume", metavar="PATH", help="continue the run of this checkpoint (last.pt); with --evaluate, the weights to score")
+    g.add_argument("--evaluate", action="store_true", help="evaluate the student of --resume on the test set, write eval.json and exit")
+    args = p.parse_args(argv)
+    if args.amp is None:
+        args.amp = "bf16" if args.device.startswith("cuda") else "off"
+    if args.lr is None:
+        args.lr = 0.01 if args.student in SMALL_LR_ARCHS else 0.05
+    if args.out_dir is None:
+        args.out_dir = str(Path(args.resume).parent) if args.resume else f"runs/{PROG}-{args.student}-{args.distill}"
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    t_start = time.time()
+
+    # ---- set-up: one code path, torchrun's RANK means DDP ------------------------------------------
+    distributed = "RANK" in os.environ
+    rank, world = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if distributed else (0, 1)
+    is_main = rank == 0
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        fail("--device cuda but no GPU is visible; pass --device cpu")
+    device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if args.device.startswith("cuda") and distributed else args.device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cudnn.benchmark = True
+    if distributed:
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    torch.manual_seed(args.seed + rank)
+    amp_dtype = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.amp]
+    amp = torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
+    global_batch = args.batch_size * world
+    lr = args.lr * global_batch / 64  # linear scaling from the protocol's batch of 64
+
+    # ---- bad input is refused before anything is written ------------------------------------------
+    out_dir = Path(args.out_dir)
+    if args.evaluate and not args.resume:
+        fail("--evaluate needs --resume PATH, the checkpoint whose student to evaluate")
+    if args.resume and not Path(args.resume).is_file():
+        fail(f"--resume {args.resume}: no such file; pass the last.pt of the run to continue")
+    if not args.evaluate and not args.resume and ((out_dir / "args.json").exists() or (out_dir / "last.pt").exists()):
+        fail(f"{out_dir} already holds a run; pass --resume {out_dir}/last.pt to continue it, or choose another --out-dir")
+    use_teacher = args.distill != "none" and not args.evaluate
+    if use_teacher and not args.teacher_ckpt and not args.dummy:
+        fail(f"--distill {args.distill} needs teacher weights: pass --teacher-ckpt (train one with --student {args.teacher} "
+             "--distill none, or use a RepDistiller/mdistiller ckpt_epoch_240.pth)")
+    if use_teacher and args.teacher_ckpt and not Path(args.teacher_ckpt).is_file():
+        fail(f"--teacher-ckpt {args.teacher_ckpt}: no such file")
+    if args.batch_size < 2 or args.epochs < 1:
+        fail("--batch-size must be at least 2 (batch norm) and --epochs at least 1")
+
+    # ---- data ----------------------------------------------------------------------------------------
+    if args.dummy:
+        g = torch.Generator().manual_seed(args.seed)  # the same set on every rank
+        n_train, n_test = DUMMY_SIZES
+        train_x, test_x = (torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g) for n in (n_train, n_test))
+        train_y, test_y = (torch.randint(0, NUM_CLASSES, (n,), generator=g) for n in (n_train, n_test))
+    else:
+        train_x, train_y, test_x, test_y = load_cifar100(args.data_dir, is_main)
+    train_x, train_y, test_x, test_y = (t.to(device, non_blocking=True) for t in (train_x, train_y, test_x, test_y))
+    per_rank = len(train_y) // world  # each rank's slice of the shared permutation
+    steps = math.ceil(per_rank / args.batch_size)
+    steps = min(steps, args.max_steps) if args.max_steps else steps
+    eval_batch = 4 * args.batch_size
+
+    # ---- models --------------------------------------------------------------------------------------
+    student = ARCHS[args.student]()
+    if args.evaluate:
+        load_strict(student, state_dict_of(read_checkpoint(args.resume), args.resume), args.resume, f"student {args.student}")
+        student.to(device, memory_format=torch.channels_last if args.channels_last else torch.contiguous_format)
+        metrics = evaluate(student, test_x, test_y, eval_batch, amp, args.channels_last)
+        if is_main:
+            print(f"{args.student} from {args.resume}: top1 {metrics['top1']:.2f} top5 {metrics['top5']:.2f} on {len(test_y)} images")
+            out_dir.mkdir(parents=True, exist_ok=True)
+            (out_dir / "eval.json").write_text(json.dumps({"checkpoint": args.resume, "student": args.student,
+                                                           "images": len(test_y), **metrics}, indent=2) + "\n")
+        if distributed:
+            dist.destroy_process_group()
+        return metrics
+
+    teacher = None
+    if use_teacher:
+        teacher = ARCHS[args.teacher]()
+        if args.teacher_ckpt:
+            load_strict(teacher, state_dict_of(read_checkpoint(args.teacher_ckpt), args.teacher_ckpt), args.teacher_ckpt,
+                        f"teacher {args.teacher}")
+        # Frozen and always in eval mode: its batch-norm statistics are the ones it was trained with.
+        teacher.requires_grad_(False).eval()
+    distiller = None
+    if args.distill == "srd":
+        try:
+            distiller = FeatureDistiller(student.feat_dim, teacher.feat_dim, args.projector, args.norm, args.distance, args.alpha)
+        except ValueError as e:
+            fail(f"{e}")
+    model = StudentWithDistiller(student, distiller)
+    if args.sync_bn and distributed:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # student and distiller keep their handles
+    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+    model.to(device, memory_format=memory_format)
+    if teacher is not None:
+        teacher.to(device, memory_format=memory_format)
+
+    # ---- optimisation: SGD on the student and the projector alike, step decay per epoch -----------
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=args.momentum, weight_decay=args.wd)
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, args.lr_decay_epochs, args.lr_decay_rate)
+    scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
+    start_epoch, best, best_epoch = 0, -1.0, 0
+    if args.resume:
+        ckpt = read_checkpoint(args.resume)
+        if not isinstance(ckpt, dict) or not {"student", "optimizer", "scheduler", "epoch", "args"} <= ckpt.keys():
+            fail(f"{args.resume} is not a training checkpoint of {PROG}; use it as --teacher-ckpt, or evaluate it with --evaluate")
+        for key in ("student", "teacher", "distill", "projector", "norm"):
+            if key != "teacher" or use_teacher:
+                if ckpt["args"].get(key) != getattr(args, key):
+                    fail(f"{args.resume} was trained with --{key} {ckpt['args'].get(key)}, not {getattr(args, key)}; pass the same flags to resume")
+        load_strict(student, ckpt["student"], args.resume, f"student {args.student}")
+        if distiller is not None:
+            load_strict(distiller, ckpt["distiller"], args.resume, "distiller")
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        if ckpt.get("scaler"):
+            scaler.load_state_dict(ckpt["scaler"])
+        start_epoch, best, best_epoch = ckpt["epoch"], ckpt["best"], ckpt.get("best_epoch", ckpt["epoch"])
+        if start_epoch >= args.epochs:
+            fail(f"{args.resume} has already trained {start_epoch} epochs; pass --epochs above {start_epoch} to continue")
+
+    compile_ = torch.compile if args.compile else (lambda m: m)
+    train_model = DDP(compile_(model), device_ids=[device.index] if device.type == "cuda" else None) if distributed else compile_(model)
+    eval_student = compile_(student)
+    teacher = compile_(teacher) if teacher is not None else None
+
+    # ---- outputs: the run starts writing only now ----------------------------------------------------
+    n_params = lambda m: sum(p.numel() for p in m.parameters()) if m is not None else 0
+    if is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        record = {**vars(args), "world_size": world, "global_batch": global_batch, "scaled_lr": lr, "steps_per_epoch": steps}
+        (out_dir / "args.json").write_text(json.dumps(record, indent=2) + "\n")
+        if args.resume:  # drop records of epochs after the checkpoint (a run stopped between save and log)
+            path = out_dir / "metrics.jsonl"
+            kept = [l for l in path.read_text().splitlines() if l.strip() and json.loads(l)["epoch"] <= start_epoch] if path.exists() else []
+            path.write_text("".join(l + "\n" for l in kept))
+        print("args: " + ", ".join(f"{k}={v}" for k, v in vars(args).items()))
+        print(f"world size {world} | device {device} | amp {args.amp} | global batch {global_batch} | lr {lr:g} | "
+              f"{steps} steps/epoch | params: student {n_params(student) / 1e6:.2f}M, distiller {n_params(distiller) / 1e6:.3f}M, "
+              f"teacher {n_params(teacher) / 1e6:.2f}M")
+    teacher_top1 = None
+    if teacher is not None:
+        teacher_top1 = evaluate(teacher, test_x, test_y, eval_batch, amp, args.channels_last)["top1"]
+        if is_main:
+            origin = f"from {args.teacher_ckpt}" if args.teacher_ckpt else "RANDOMLY INITIALISED: --dummy without --teacher-ckpt"
+            print(f"teacher {args.teacher} ({origin}): top1 {teacher_top1:.2f}")
+            published = PUBLISHED_TOP1.get(args.teacher)
+            if args.teacher_ckpt and not args.dummy and published and teacher_top1 < published - 3:
+                print(f"warning: the teacher scores {teacher_top1:.2f}, far below the {published} of the public {args.teacher}; "
+                      "check the checkpoint")
+
+    # ---- training ------------------------------------------------------------------------------------
+    total_steps, done_steps, t_loop = (args.epochs - start_epoch) * steps, 0, time.time()
+    run_images, run_train_s, last = 0, 0.0, {}
+    for epoch in range(start_epoch, args.epochs):
+        # Every random draw is a function of (seed, epoch, rank), so a resumed run repeats the same epochs.
+        shared = torch.Generator(device=device).manual_seed(args.seed * 1000 + epoch)  # one permutation for all ranks
+        own = torch.Generator(device=device).manual_seed((args.seed * 1000 + epoch) * 1000 + rank)  # this rank's crops and flips
+        order = torch.randperm(len(train_y), generator=shared, device=device)[rank * per_rank:(rank + 1) * per_rank]
+        train_model.train()
+        sums = torch.zeros(3, device=device)  # ce, kd, feat over the epoch
+        log_sums, log_n, log_t, data_s = torch.zeros(3, device=device), 0, time.time(), 0.0
+        t_epoch = time.time()
+        for step in range(steps):
+            t_data = time.perf_counter()
+            idx = order[step * args.batch_size:(step + 1) * args.batch_size]
+            x, y = normalise(crop_flip(train_x[idx], own), args.channels_last), train_y[idx]
+            data_s += time.perf_counter() - t_data
+            with amp:
+                logits_t, z_t = (None, None)
+                if teacher is not None:
+                    with torch.no_grad():
+                        logits_t, z_t = teacher(x)
+                logits_s, loss_feat = train_model(x, z_t)
+                loss_ce = F.cross_entropy(logits_s.float(), y)
+                loss_kd = kd_loss(logits_s, logits_t, args.temperature) if teacher is not None else None
+                loss = args.ce_weight * loss_ce
+                if loss_kd is not None:
+                    loss = loss + args.kd_weight * loss_kd
+                if loss_feat is not None:
+                    loss = loss + args.feat_weight * loss_feat
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            zero = loss_ce.new_zeros(())
+            terms = torch.stack([loss_ce, zero if loss_kd is None else loss_kd, zero if loss_feat is None else loss_feat]).detach().float()
+            sums += terms
+            log_sums += terms
+            log_n += 1
+            done_steps += 1
+            if (step + 1) % args.log_every == 0 or step + 1 == steps:
+                # The only host-device sync of the loop: loss means since the last line, averaged over ranks.
+                if distributed:
+                    dist.all_reduce(log_sums)
+                    log_sums /= world
+                ce, kd, feat = (log_sums / log_n).tolist()
+                if not all(math.isfinite(v) for v in (ce, kd, feat)):
+                    fail(f"non-finite loss at epoch {epoch + 1} step {step + 1}: ce {ce} kd {kd} feat {feat}; "
+                         f"last.pt still holds epoch {epoch}; lower --lr or use --amp off/bf16", code=3)
+                now = time.time()
+                if is_main:
+                    eta = (now - t_loop) / done_steps * (total_steps - done_steps)
+                    terms_txt = f"ce {ce:.3f}" + (f" kd {kd:.3f}" if teacher is not None else "") + (f" feat {feat:.3f}" if distiller is not None else "")
+                    print(f"epoch {epoch + 1}/{args.epochs} step {step + 1}/{steps} | {terms_txt} | lr {optimizer.param_groups[0]['lr']:.4f} | "
+                          f"{log_n * global_batch / (now - log_t):.0f} img/s | data {1000 * data_s / log_n:.1f} ms/step | "
+                          f"eta {datetime.timedelta(seconds=round(eta))}")
+                log_sums.zero_()
+                log_n, log_t, data_s = 0, now, 0.0
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        train_s = time.time() - t_epoch
+        images = min(steps * args.batch_size, per_rank) * world
+        run_images, run_train_s = run_images + images, run_train_s + train_s
+        if distributed:
+            dist.all_reduce(sums)
+            sums /= world
+        means = (sums / steps).tolist()
+        epoch_lr = optimizer.param_groups[0]["lr"]
+        scheduler.step()
+
+        # ---- evaluation and checkpoint ---------------------------------------------------------------
+        metrics = evaluate(eval_student, test_x, test_y, eval_batch, amp, args.channels_last)
+        is_best = metrics["top1"] > best
+        best, best_epoch = (metrics["top1"], epoch + 1) if is_best else (best, best_epoch)
+        peak_mb = (torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda"
+                   else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+        if is_main:
+            sv = projector_spectrum(distiller) if distiller is not None else None
+            last = {"epoch": epoch + 1, "lr": epoch_lr, "loss_ce": means[0],
+                    "loss_kd": means[1] if teacher is not None else None,
+                    "loss_feat": means[2] if distiller is not None else None, **metrics,
+                    "images_per_s": images / train_s, "epoch_s": time.time() - t_epoch, "peak_mem_mb": peak_mb}
+            if args.distill == "srd":
+                last["projector_sv"] = {"max": sv.max().item(), "min": sv.min().item(), "mean": sv.mean().item()} if sv is not None else None
+            ckpt = {"student": student.state_dict(), "distiller": distiller.state_dict() if distiller is not None else None,
+                    "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+                    "epoch": epoch + 1, "best": best, "best_epoch": best_epoch, "args": vars(args)}
+            for name in ("last.pt",) + (("best.pt",) if is_best else ()):
+                torch.save(ckpt, out_dir / f"{name}.tmp")
+                os.replace(out_dir / f"{name}.tmp", out_dir / name)  # atomic: a crash never leaves half a file
+            with open(out_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(last) + "\n")
+            print(f"epoch {epoch + 1}/{args.epochs} | top1 {metrics['top1']:.2f} top5 {metrics['top5']:.2f} | "
+                  f"best {best:.2f} (epoch {best_epoch}) | {last['epoch_s']:.0f} s | peak {peak_mb:.0f} MB")
+
+    # ---- summary -------------------------------------------------------------------------------------
+    if is_main:
+        summary = {"metric": "top1", "best": best, "best_epoch": best_epoch, "last": last.get("top1"),
+                   "last_top5": last.get("top5"), "teacher": teacher_top1, "student_arch": args.student,
+                   "teacher_arch": args.teacher if teacher is not None else None, "distill": args.distill,
+                   "wall_s": time.time() - t_start, "images_per_s": run_images / max(run_train_s, 1e-9),
+                   "peak_mem_mb": last.get("peak_mem_mb"), "world_size": world,
+                   "versions": {"python": platform.python_version(), "torch": torch.__version__,
+                                "torchvision": torchvision.__version__, "timm": timm.__version__, "cuda": torch.version.cuda}}
+        (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        print(f"done: best top1 {best:.2f} (epoch {best_epoch}), last top1 {summary['last']:.2f}, teacher "
+              f"{'-' if teacher_top1 is None else f'{teacher_top1:.2f}'} | {summary['wall_s'] / 60:.1f} min | {out_dir}")
+    if distributed:
+        dist.destroy_process_group()
+    return last
+
+
+if __name__ == "__main__":
+    main()
