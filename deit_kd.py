@@ -1,0 +1,635 @@
+"""Data-efficient image transformers distilled with a projector (Miles & Mikolajczyk, AAAI 2024, Table 4).
+
+A DeiT student with the paper's convolutional stem learns from a frozen RegNetY-160 (DeiT's own teacher,
+82.6% top-1) on ImageNet with three terms:
+
+    loss = CE(head(cls token), mixed targets)                       # the labels (Mixup/CutMix, smoothing)
+         + kd_weight   * KL(head_conv(conv token) || teacher) * T^2  # the teacher's logits, T = 1
+         + feat_weight * D(BN(mean of patch tokens W_p), BN(z_t))    # the paper's feature term
+
+where ``z_t`` is the teacher's pooled 3024-d feature, ``W_p`` a linear projector 192 -> 3024 (384 -> 3024
+for DeiT-S), BN a batch norm without affine parameters on both sides, and ``D`` the correlation distance
+of the released DeiT code (``--distance corr``; ``--distance logsum`` is the paper's ImageNet form).
+
+Student (``--stem conv``, the paper's): the 16x16 patch embedding becomes three conv-BN-ReLU layers of 64
+channels (7x7 stride 2, 3x3, 3x3) and an 8x8 stride-8 convolution to the embedding width, still 14x14 =
+196 tokens at 224 px. The sequence is ``[cls, conv token, 196 patch tokens]``, the conv token being the mean
+of the patch embeddings; ``head`` reads the cls output, ``head_conv`` the conv-token output, and at
+evaluation the prediction is the average of the two. ``--stem patch`` trains timm's standard
+``deit_*_distilled_patch16_224`` (distillation token and head) with the same losses, for comparison.
+
+Recipe (the official config): 300 epochs, AdamW (weight decay 0.05, none on biases, norms, position
+embedding and tokens), lr 5e-4 x global batch / 512, per-iteration cosine schedule with 20 warm-up epochs
+from 5e-7 to a minimum of 5e-6 (all scaled alike), gradient clipping at 15, bf16. timm augmentation:
+RandAugment rand-m9-mstd0.5-inc1, colour jitter 0.4, bicubic, random erasing 0.25, Mixup 0.8 / CutMix 1.0,
+label smoothing 0.1; evaluation resizes to 256 (bicubic) and center-crops 224. This script also fixes what
+keeps the released code from running (undefined names, the teacher wrapped in DDP, no checkpoints).
+
+Paper (ImageNet top-1):      DeiT-Ti   DeiT-S
+    no distillation            72.2      79.9
+    DeiT, hard distillation    74.5      81.2
+    this recipe                77.2      82.1
+
+Run (ImageFolder ImageNet under DIR/train/<class>/*.JPEG and DIR/val/<class>/*.JPEG; DeiT's teacher from
+``--teacher-ckpt regnety_160-a5fe301d.pth`` or timm's ``regnety_160.deit_in1k`` weights):
+
+    torchrun --nproc_per_node=8 deit_kd.py --data-dir /data/imagenet --teacher-ckpt regnety_160-a5fe301d.pth
+    torchrun --nproc_per_node=8 deit_kd.py --data-dir /data/imagenet --student deit_small --teacher-ckpt ...
+    python deit_kd.py --dummy --img-size 64 --epochs 1 --max-steps 20      # the whole pipeline, no files
+
+A run prints its arguments, the world size, parameter counts and the teacher's top-1 (82.6 for DeiT's
+RegNetY-160), then one line per ``--log-every`` steps (ce, kd, feat, lr, img/s, ETA) and the top-1/top-5
+after every epoch; it writes args.json, metrics.jsonl, last.pt, best.pt and summary.json to --out-dir.
+"""
+import argparse
+import datetime
+import difflib
+import json
+import math
+import os
+import platform
+import random
+import re
+import resource
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import timm
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+from PIL import Image
+from timm.data import Mixup, create_transform
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from timm.models.vision_transformer import VisionTransformer, init_weights_vit_timm, trunc_normal_
+from timm.scheduler import CosineLRScheduler
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
+
+from common import DISTANCES, NORMS, PROJECTORS, FeatureDistiller, projector_spectrum
+
+SCRIPT = Path(__file__).stem
+STUDENTS = {"deit_tiny": dict(embed_dim=192, depth=12, num_heads=3),
+            "deit_small": dict(embed_dim=384, depth=12, num_heads=6)}
+PUBLISHED_TOP1 = {"regnety_160.deit_in1k": 82.6}  # DeiT's teacher; a pretrained one far from this is wrong
+DUMMY_TRAIN, DUMMY_VAL, DUMMY_CLASSES = 12_800, 256, 1000
+
+
+def fail(msg):
+    """Bad input: one line on stderr, exit code 2, before anything is written."""
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(f"{SCRIPT}: error: {msg}", file=sys.stderr)
+    sys.exit(2)
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # argparse's own errors, as one line too
+        fail(f"{message}; see --help")
+
+
+def get_args(argv=None):
+    p = Parser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("data")
+    g.add_argument("--data-dir", type=Path, help="ImageFolder root holding train/<class>/*.JPEG and val/<class>/*.JPEG")
+    g.add_argument("--dummy", action="store_true", help="random ImageNet-shaped images (1000 classes) instead of "
+                   "--data-dir; the teacher is random unless --teacher-ckpt is given")
+    g.add_argument("--img-size", type=int, default=224, help="training and evaluation crop (a multiple of 16; "
+                   "the token grid is img-size/16 squared)")
+    g.add_argument("--crop-pct", type=float, default=0.875, help="evaluation: resize to img-size/crop-pct, center-crop")
+    g.add_argument("--aa", default="rand-m9-mstd0.5-inc1", help="timm RandAugment policy ('none' to disable)")
+    g.add_argument("--color-jitter", type=float, default=0.4, help="colour jitter strength")
+    g.add_argument("--reprob", type=float, default=0.25, help="random erasing probability")
+    g.add_argument("--mixup", type=float, default=0.8, help="Mixup alpha (0 disables)")
+    g.add_argument("--cutmix", type=float, default=1.0, help="CutMix alpha (0 disables)")
+    g.add_argument("--smoothing", type=float, default=0.1, help="label smoothing")
+    g.add_argument("--workers", type=int, default=8, help="data-loading processes per training process")
+    g = p.add_argument_group("models")
+    g.add_argument("--student", default="deit_tiny", choices=sorted(STUDENTS), help="student size")
+    g.add_argument("--stem", default="conv", choices=["conv", "patch"], help="conv: the paper's convolutional "
+                   "stem and conv token; patch: timm's deit_*_distilled_patch16_224 (distillation token)")
+    g.add_argument("--drop-path", type=float, default=0.0, help="stochastic depth of the student (the official "
+                   "config names 0.1 but never applies it; 0 reproduces the released result)")
+    g.add_argument("--teacher", default="regnety_160.deit_in1k", help="any timm model name; give the weight tag "
+                   "(the bare regnety_160 is a different, stronger model)")
+    g.add_argument("--teacher-ckpt", type=Path, help="teacher weights (e.g. DeiT's regnety_160-a5fe301d.pth); "
+                   "default: timm's pretrained weights for --teacher")
+    g = p.add_argument_group("distillation")
+    g.add_argument("--distill", default="srd", choices=["none", "kd", "srd"], help="none: cross-entropy on both "
+                   "heads; kd: + KL on the second head; srd: + the projector feature loss (the paper)")
+    g.add_argument("--feat-weight", type=float, default=1.0, help="weight of the feature loss")
+    g.add_argument("--kd-weight", type=float, default=1.0, help="weight of the KL term")
+    g.add_argument("--temperature", type=float, default=1.0, help="KD temperature T")
+    g.add_argument("--alpha", type=float, default=4.0, help="exponent of the distance")
+    g.add_argument("--norm", default="bn", choices=NORMS, help="normalisation of both features")
+    g.add_argument("--projector", default="linear", choices=PROJECTORS, help="student-to-teacher projector W_p")
+    g.add_argument("--distance", default="corr", choices=DISTANCES, help="corr: the released DeiT code's "
+                   "correlation distance; logsum: the paper's log sum |z_s W_p - z_t|^alpha")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--epochs", type=int, default=300, help="training epochs")
+    g.add_argument("--batch-size", type=int, default=128, help="images per process (DeiT: 8 x 128 = 1024)")
+    g.add_argument("--lr", type=float, default=5e-4, help="AdamW peak lr for a global batch of 512 (scaled linearly)")
+    g.add_argument("--min-lr", type=float, default=5e-6, help="final cosine lr for a global batch of 512")
+    g.add_argument("--warmup-lr", type=float, default=5e-7, help="initial warm-up lr for a global batch of 512")
+    g.add_argument("--warmup-epochs", type=int, default=20, help="linear warm-up epochs")
+    g.add_argument("--wd", type=float, default=0.05, help="weight decay (not on biases, norms, pos-embed, tokens)")
+    g.add_argument("--clip-grad", type=float, default=15.0, help="gradient-norm clipping (0 disables)")
+    g = p.add_argument_group("system")
+    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
+    g.add_argument("--amp", choices=["off", "bf16", "fp16"], help="autocast dtype (default: bf16 on CUDA, off on CPU)")
+    g.add_argument("--channels-last", action="store_true", help="channels-last memory format for the conv layers")
+    g.add_argument("--compile", action="store_true", help="torch.compile the student and the teacher")
+    g.add_argument("--sync-bn", action="store_true", help="synchronise batch norms across processes")
+    g.add_argument("--seed", type=int, default=0, help="random seed")
+    g = p.add_argument_group("outputs")
+    g.add_argument("--log-every", type=int, default=50, help="steps between log lines")
+    g.add_argument("--max-steps", type=int, help="cap on steps per epoch (smoke tests, benchmarks)")
+    g.add_argument("--out-dir", type=Path, help="output folder (default runs/deit_kd-<student>-<distill>)")
+    g.add_argument("--resume", type=Path, help="checkpoint (last.pt) to continue, or to evaluate with --evaluate")
+    g.add_argument("--evaluate", action="store_true", help="evaluate the student of --resume, write eval.json, exit")
+    args = p.parse_args(argv)
+    args.amp = args.amp or ("bf16" if args.device.startswith("cuda") else "off")
+    args.out_dir = args.out_dir or Path("runs") / f"{SCRIPT}-{args.student}-{args.distill}"
+    if args.img_size % 16:
+        fail(f"--img-size {args.img_size} is not a multiple of 16; the stems downsample by 16")
+    if (args.mixup > 0 or args.cutmix > 0) and args.batch_size % 2:
+        fail(f"--batch-size {args.batch_size} is odd; Mixup/CutMix pair images, so pass an even batch size")
+    if args.evaluate and not args.resume:
+        fail("--evaluate needs --resume PATH, the checkpoint to evaluate")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        fail("--device cuda but no GPU is visible; pass --device cpu")
+    return args
+
+
+# ---------------------------------------------------------------------------------------------------
+# Data: ImageFolder ImageNet through timm's DeiT augmentation, or random images of the same shape
+# ---------------------------------------------------------------------------------------------------
+class DummyImages(Dataset):
+    """Random RGB images (a deterministic function of the index) with labels ``index % classes``."""
+
+    def __init__(self, n, size, classes, transform):
+        self.n, self.size, self.classes, self.transform = n, size, classes, transform
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        pixels = torch.randint(0, 256, (self.size, self.size, 3), dtype=torch.uint8,
+                               generator=torch.Generator().manual_seed(i))
+        return self.transform(Image.fromarray(pixels.numpy())), i % self.classes
+
+
+def build_data(args):
+    train_tf = create_transform(args.img_size, is_training=True, color_jitter=args.color_jitter,
+                                auto_augment=None if args.aa == "none" else args.aa, interpolation="bicubic",
+                                re_prob=args.reprob, re_mode="pixel", re_count=1)
+    val_tf = create_transform(args.img_size, interpolation="bicubic", crop_pct=args.crop_pct)
+    if args.dummy:
+        size = int(args.img_size / args.crop_pct)
+        return (DummyImages(DUMMY_TRAIN, size, DUMMY_CLASSES, train_tf),
+                DummyImages(DUMMY_VAL, size, DUMMY_CLASSES, val_tf), DUMMY_CLASSES)
+    layout = ("expected ImageFolder ImageNet: DIR/train/<class>/*.JPEG and DIR/val/<class>/*.JPEG with the same "
+              "class folders (the val images sorted into folders, e.g. with the standard valprep.sh)")
+    if args.data_dir is None:
+        fail(f"pass --data-dir DIR ({layout}) or --dummy")
+    sets = {}
+    for split, tf in (("train", train_tf), ("val", val_tf)):
+        try:
+            sets[split] = torchvision.datasets.ImageFolder(str(args.data_dir / split), transform=tf)
+        except (FileNotFoundError, OSError) as e:
+            fail(f"cannot read {args.data_dir / split} ({str(e).splitlines()[0]}); {layout}")
+    if sets["train"].classes != sets["val"].classes:
+        fail(f"{args.data_dir}/train and {args.data_dir}/val have different class folders; {layout}")
+    return sets["train"], sets["val"], len(sets["train"].classes)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Models: DeiT with the paper's convolutional stem; any timm teacher
+# ---------------------------------------------------------------------------------------------------
+class ConvStem(nn.Module):
+    """Three conv-BN-ReLU layers of 64 channels (7x7 stride 2, 3x3, 3x3), then an 8x8 stride-8 convolution to
+    the embedding width: the same 16x downsampling as the 16x16 patch embedding it replaces."""
+
+    def __init__(self, img_size=224, in_chans=3, embed_dim=192, **_):  # timm passes patch-embed arguments too
+        super().__init__()
+        layers, c = [], in_chans
+        for k, s in ((7, 2), (3, 1), (3, 1)):
+            layers += [nn.Conv2d(c, 64, k, s, k // 2, bias=False), nn.BatchNorm2d(64), nn.ReLU(inplace=True)]
+            c = 64
+        self.conv = nn.Sequential(*layers)
+        self.proj = nn.Conv2d(64, embed_dim, kernel_size=8, stride=8)
+        self.grid_size = (img_size // 16, img_size // 16)
+        self.num_patches = self.grid_size[0] * self.grid_size[1]
+
+    def init_weights(self):  # called by timm's ViT initialisation; He-normal as in the official code
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight)
+
+    def forward(self, x):
+        return self.proj(self.conv(x)).flatten(2).transpose(1, 2)  # (B, N, C) patch embeddings
+
+
+class ConvStemDeiT(VisionTransformer):
+    """DeiT on ``[cls, conv token, patch tokens]``; ``head`` on cls, ``head_conv`` on the conv token.
+
+    Training returns both heads' logits (CE on ``head``, the teacher's KL on ``head_conv``); evaluation
+    returns their average, like timm's distilled DeiT.
+    """
+
+    def __init__(self, **kwargs):
+        super().__init__(embed_layer=ConvStem, **kwargs)
+        self.num_prefix_tokens = 2
+        self.pos_embed = nn.Parameter(trunc_normal_(torch.empty(1, self.patch_embed.num_patches + 2,
+                                                                self.embed_dim), std=0.02))
+        self.head_conv = nn.Linear(self.embed_dim, self.num_classes)
+        init_weights_vit_timm(self.head_conv)
+
+    def _pos_embed(self, x):
+        conv_token = x.mean(1, keepdim=True)  # the mean of the patch embeddings
+        x = torch.cat([self.cls_token.expand(len(x), -1, -1), conv_token, x], dim=1)
+        return self.pos_drop(x + self.pos_embed)
+
+    def forward_head(self, x, pre_logits=False):
+        x, x_conv = self.head_drop(x[:, 0]), self.head_drop(x[:, 1])
+        if pre_logits:
+            return (x + x_conv) / 2
+        y, y_conv = self.head(x), self.head_conv(x_conv)
+        return (y, y_conv) if self.training else (y + y_conv) / 2
+
+
+def create_student(args, num_classes):
+    if args.stem == "patch":
+        student = timm.create_model(f"{args.student}_distilled_patch16_224", num_classes=num_classes,
+                                    img_size=args.img_size, drop_path_rate=args.drop_path)
+        student.set_distilled_training(True)  # training returns (cls logits, distillation-token logits)
+        return student
+    return ConvStemDeiT(img_size=args.img_size, num_classes=num_classes, drop_path_rate=args.drop_path,
+                        **STUDENTS[args.student])
+
+
+def load_weights(model, path, what):
+    """Load ``path`` strictly into ``model`` and return the file's contents (CONVENTIONS §5): a bare state dict
+    or one under ``student``, ``model`` or ``state_dict``; ``module.``/``_orig_mod.`` prefixes stripped."""
+    if not path.is_file():
+        fail(f"{what} checkpoint {path}: no such file")
+    try:
+        state = checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a truncated file, a pickle of objects, not a checkpoint at all
+        fail(f"cannot read {what} checkpoint {path} ({type(e).__name__}); pass a file saved by torch.save")
+    for key in ("student", "model", "state_dict"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+            break
+    state = {re.sub(r"^(module\.|_orig_mod\.)+", "", k): v for k, v in state.items()}
+    own = model.state_dict()
+    missing, unexpected = sorted(own.keys() - state.keys()), sorted(state.keys() - own.keys())
+    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
+              if k in state and state[k].shape != v.shape]
+    if missing or unexpected or shapes:
+        fail(f"{what} checkpoint {path} does not fit {type(model).__name__}: missing {missing[:3]}, unexpected "
+             f"{unexpected[:3]}, shape (file vs model) {shapes[:3]}; check --student/--stem/--teacher/--img-size "
+             "and that the checkpoint has as many classes as the data")
+    model.load_state_dict(state)
+    return checkpoint
+
+
+def create_teacher(args, num_classes):
+    if args.distill == "none":
+        return None
+    if not timm.is_model(args.teacher):
+        close = difflib.get_close_matches(args.teacher, timm.list_models(pretrained=True), n=5)
+        fail(f"unknown teacher {args.teacher!r}; choose a timm model (timm.list_models()), e.g. {', '.join(close)}")
+    if args.teacher_ckpt or args.dummy:
+        teacher = timm.create_model(args.teacher, num_classes=num_classes)
+        if args.teacher_ckpt:
+            load_weights(teacher, args.teacher_ckpt, "teacher")
+        return teacher
+    try:
+        teacher = timm.create_model(args.teacher, pretrained=True)
+    except Exception as e:  # offline, or a name without pretrained weights
+        fail(f"no pretrained weights for teacher {args.teacher} ({type(e).__name__}: {str(e).splitlines()[0][:120]})"
+             "; pass --teacher-ckpt PATH (DeiT's regnety_160-a5fe301d.pth) or allow the download")
+    if teacher.num_classes != num_classes:
+        fail(f"teacher {args.teacher} has {teacher.num_classes} classes but the data has {num_classes}; "
+             "pass a --teacher-ckpt trained on these classes")
+    return teacher
+
+
+class StudentDistiller(nn.Module):
+    """The student and the feature distiller in one module, so that DDP keeps the projector identical on
+    every rank. Returns the cls-head logits, the second head's logits and the unweighted feature loss."""
+
+    def __init__(self, student, distiller):
+        super().__init__()
+        self.student, self.distiller = student, distiller
+
+    def forward(self, images, z_t=None):
+        tokens = self.student.forward_features(images)
+        y_cls, y_aux = self.student.forward_head(tokens)
+        if self.distiller is None:
+            return y_cls, y_aux, None
+        z_s = tokens[:, self.student.num_prefix_tokens:].mean(1)  # mean of the patch-token outputs
+        return y_cls, y_aux, self.distiller(z_s, z_t)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Evaluation: exact top-1/top-5 over the whole validation set, shards all-reduced
+# ---------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def evaluate(model, loader, device, autocast, channels_last):
+    was_training = model.training
+    model.eval()
+    counts = torch.zeros(3, device=device, dtype=torch.float64)  # top-1 hits, top-5 hits, images
+    for images, labels in loader:
+        images = images.to(device, non_blocking=True,
+                           memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+        labels = labels.to(device, non_blocking=True)
+        with autocast:
+            logits = model(images)
+        top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
+        hits = top5 == labels[:, None]
+        counts += torch.stack([hits[:, 0].sum(), hits.any(1).sum(), torch.tensor(len(labels), device=device)])
+    if dist.is_initialized():
+        dist.all_reduce(counts)
+    model.train(was_training)
+    return {"top1": 100 * counts[0].item() / counts[2].item(), "top5": 100 * counts[1].item() / counts[2].item(),
+            "images": int(counts[2].item())}
+
+
+def save_atomic(obj, path):
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def peak_mem_mb(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def main(argv=None):
+    args = get_args(argv)
+    wall0 = time.time()
+    # ---- set-up: one code path for one process and for torchrun ----------------------------------
+    rank, local_rank, world = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("LOCAL_RANK", 0), ("WORLD_SIZE", 1)))
+    distributed, is_main = "RANK" in os.environ, rank == 0
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    amp_dtype = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.amp]
+    autocast = torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
+    torch.manual_seed(args.seed + rank)
+    global_batch = args.batch_size * world
+    scale = global_batch / 512  # DeiT's linear scaling rule, applied to every lr of the schedule
+    lr, min_lr, warmup_lr = args.lr * scale, args.min_lr * scale, args.warmup_lr * scale
+    channels = torch.channels_last if args.channels_last else torch.contiguous_format
+
+    # ---- data, models and checkpoints: all validated before anything is written -----------------
+    train_set, val_set, num_classes = build_data(args)
+    teacher = create_teacher(args, num_classes)
+    student = create_student(args, num_classes)
+    distiller = None
+    if args.distill == "srd":
+        distiller = FeatureDistiller(student.embed_dim, teacher.num_features, args.projector, args.norm,
+                                     args.distance, args.alpha)
+    model = StudentDistiller(student, distiller)
+    resume = None
+    if args.evaluate:
+        load_weights(student, args.resume, "student")
+    elif args.resume:
+        resume = load_weights(student, args.resume, "resumed")
+        if not all(k in resume for k in ("optimizer", "scheduler", "epoch")):
+            fail(f"--resume {args.resume} holds weights but no training state; pass a last.pt written by {SCRIPT}")
+        if (resume["distiller"] is None) != (distiller is None):
+            fail(f"--resume {args.resume} was trained with another --distill; resume with the same flags")
+        if distiller is not None:
+            distiller.load_state_dict(resume["distiller"])
+    elif (args.out_dir / "args.json").exists() or (args.out_dir / "last.pt").exists():
+        fail(f"--out-dir {args.out_dir} already holds a run; pass --resume {args.out_dir}/last.pt to continue it, "
+             "or choose another --out-dir")
+    if distributed:  # every rank has validated its input by the time this rendezvous completes
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+
+    val_loader = DataLoader(Subset(val_set, range(rank, len(val_set), world)), batch_size=args.batch_size,
+                            num_workers=args.workers, pin_memory=device.type == "cuda")
+    if args.evaluate:
+        student.to(device, memory_format=channels)
+        metrics = evaluate(student, val_loader, device, autocast, args.channels_last)
+        if is_main:
+            print(f"{args.resume}: top1 {metrics['top1']:.2f} top5 {metrics['top5']:.2f} on {metrics['images']} images")
+            args.out_dir.mkdir(parents=True, exist_ok=True)
+            (args.out_dir / "eval.json").write_text(json.dumps({**metrics, "checkpoint": str(args.resume)}, indent=1))
+        if distributed:
+            dist.destroy_process_group()
+        return metrics
+
+    sampler = DistributedSampler(train_set, num_replicas=world, rank=rank, shuffle=True, seed=args.seed,
+                                 drop_last=True)
+    loader_rng = torch.Generator()  # re-seeded every epoch: worker seeds are a function of (seed, epoch)
+    train_loader = DataLoader(train_set, batch_size=args.batch_size, sampler=sampler, num_workers=args.workers,
+                              pin_memory=device.type == "cuda", drop_last=True, generator=loader_rng)
+    steps = min(len(train_loader), args.max_steps or len(train_loader))
+    if steps == 0:
+        fail(f"{len(train_set)} training images are fewer than one global batch of {global_batch}; lower --batch-size")
+
+    if is_main:
+        args.out_dir.mkdir(parents=True, exist_ok=True)
+        (args.out_dir / "args.json").write_text(json.dumps(vars(args), indent=1, default=str))
+        print(f"args: {json.dumps(vars(args), default=str)}")
+        print(f"world size {world} | device {device} | amp {args.amp} | global batch {global_batch} | lr {lr:.3g}, "
+              f"min {min_lr:.3g}, warm-up from {warmup_lr:.3g} over {args.warmup_epochs} epochs | {steps} steps/epoch")
+        n_params = lambda m: sum(p.numel() for p in m.parameters()) if m is not None else 0  # noqa: E731
+        print(f"parameters: student {n_params(student) / 1e6:.2f}M ({args.stem} stem), distiller "
+              f"{n_params(distiller) / 1e6:.2f}M, teacher {n_params(teacher) / 1e6:.2f}M ({args.teacher})")
+
+    # ---- teacher: frozen, eval mode, no_grad; its accuracy first ----------------------------------
+    teacher_top1 = None
+    if teacher is not None:
+        teacher.requires_grad_(False).eval().to(device, memory_format=channels)
+        if args.dummy and not args.teacher_ckpt and is_main:
+            print(f"teacher {args.teacher} is randomly initialised (--dummy without --teacher-ckpt)")
+        metrics = evaluate(teacher, val_loader, device, autocast, args.channels_last)
+        teacher_top1 = metrics["top1"]
+        if is_main:
+            print(f"teacher {args.teacher}: top1 {metrics['top1']:.2f} top5 {metrics['top5']:.2f} "
+                  f"on {metrics['images']} images")
+            published = PUBLISHED_TOP1.get(args.teacher)
+            if published and not args.dummy and num_classes == 1000 and abs(teacher_top1 - published) > 1.5:
+                print(f"warning: teacher {args.teacher} scores {teacher_top1:.2f}% top-1, far from its published "
+                      f"{published}%: check --teacher-ckpt and the validation data")
+
+    def teach(images):  # z_t: the pooled feature (3024-d for RegNetY-160); y_t: the logits
+        features = teacher.forward_features(images)
+        return teacher.forward_head(features, pre_logits=True), teacher.forward_head(features)
+
+    # ---- student + distiller, optimiser, schedule -------------------------------------------------
+    if args.sync_bn and distributed:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model.to(device, memory_format=channels)
+    student, distiller = model.student, model.distiller  # unwrapped handles, for state dicts
+    no_decay = {f"student.{n}" for n in student.no_weight_decay()}  # position embedding, tokens
+    decay = [p for n, p in model.named_parameters() if p.ndim > 1 and n not in no_decay]
+    rest = [p for n, p in model.named_parameters() if p.ndim <= 1 or n in no_decay]  # + biases and norms
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.wd}, {"params": rest, "weight_decay": 0.0}],
+                                  lr=lr, betas=(0.9, 0.999), eps=1e-8)
+    warmup = args.warmup_epochs * steps
+    scheduler = CosineLRScheduler(optimizer, t_initial=max(1, args.epochs * steps - warmup), lr_min=min_lr,
+                                  warmup_t=warmup, warmup_lr_init=warmup_lr, warmup_prefix=True, t_in_epochs=False)
+    scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
+    mixup = None
+    if args.mixup > 0 or args.cutmix > 0:
+        mixup = Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, label_smoothing=args.smoothing,
+                      num_classes=num_classes)
+    criterion = SoftTargetCrossEntropy() if mixup else LabelSmoothingCrossEntropy(args.smoothing)
+    start_epoch, best, best_epoch = 0, -1.0, -1
+    if resume is not None:
+        optimizer.load_state_dict(resume["optimizer"])
+        scheduler.load_state_dict(resume["scheduler"])
+        scaler.load_state_dict(resume["scaler"])
+        start_epoch, best, best_epoch = resume["epoch"], resume["best"], resume.get("best_epoch", -1)
+        if is_main:
+            print(f"resumed {args.resume} after epoch {start_epoch}, best top1 {best:.2f}")
+            with open(args.out_dir / "metrics.jsonl", "a+") as f:  # drop records of epochs about to be redone
+                f.seek(0)
+                kept = [line for line in f if line.strip() and json.loads(line)["epoch"] <= start_epoch]
+                f.truncate(0)
+                f.writelines(kept)
+    if args.compile:
+        model, teach = torch.compile(model), torch.compile(teach)
+    if distributed:
+        model = DDP(model, device_ids=[local_rank] if device.type == "cuda" else None)
+
+    # ---- training ------------------------------------------------------------------------------
+    terms = ["ce"] + ["kd"] * (teacher is not None) + ["feat"] * (distiller is not None)
+    run_images, run_time = 0, 0.0
+    last = None
+    for epoch in range(start_epoch, args.epochs):
+        # Every random draw is a function of (seed, epoch, rank): resuming continues exactly.
+        epoch_seed = args.seed * 1000 + epoch
+        random.seed(epoch_seed + rank)
+        np.random.seed(epoch_seed + rank)  # Mixup / CutMix
+        torch.manual_seed(epoch_seed + rank)  # augmentation with --workers 0, drop path
+        loader_rng.manual_seed(epoch_seed)
+        sampler.set_epoch(epoch)
+        model.train()
+        loss_sum = torch.zeros(3, device=device)  # ce, kd, feat summed over this epoch's steps
+        logged, logged_step, t_log, data_time = torch.zeros(3, device=device), 0, time.time(), 0.0
+        t_epoch = t_data = time.time()
+        for step, (images, targets) in enumerate(train_loader):
+            if step == steps:
+                break
+            data_time += time.time() - t_data
+            images = images.to(device, non_blocking=True, memory_format=channels)
+            targets = targets.to(device, non_blocking=True)
+            if mixup:
+                images, targets = mixup(images, targets)
+            with autocast:
+                z_t = y_t = None
+                if teacher is not None:
+                    with torch.no_grad():
+                        z_t, y_t = teach(images)
+                y_cls, y_aux, loss_feat = model(images, z_t)
+                if teacher is None:  # no teacher: both heads learn the labels, as both vote at evaluation
+                    loss_ce = (criterion(y_cls, targets) + criterion(y_aux, targets)) / 2
+                else:
+                    loss_ce = criterion(y_cls, targets)
+                loss = loss_ce
+                loss_kd = torch.zeros((), device=device)
+                if teacher is not None:  # KL(p_t || p_s) on the second head, T^2 keeps gradients T-independent
+                    T = args.temperature
+                    loss_kd = F.kl_div(F.log_softmax(y_aux.float() / T, 1), F.log_softmax(y_t.float() / T, 1),
+                                       reduction="batchmean", log_target=True) * T * T
+                    loss = loss + args.kd_weight * loss_kd
+                if loss_feat is not None:
+                    loss = loss + args.feat_weight * loss_feat
+                else:
+                    loss_feat = torch.zeros((), device=device)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            if args.clip_grad:
+                scaler.unscale_(optimizer)
+                nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step_update(epoch * steps + step + 1)
+            loss_sum += torch.stack([loss_ce, loss_kd, loss_feat]).detach().float()
+
+            if (step + 1) % args.log_every == 0 or step + 1 == steps:  # the only host-device syncs
+                total = loss_sum.clone()
+                if distributed:
+                    dist.all_reduce(total)
+                    total /= world
+                mean = ((total - logged) / (step + 1 - logged_step)).tolist()
+                values = " ".join(f"{name} {v:.3f}" for name, v in zip(("ce", "kd", "feat"), mean) if name in terms)
+                if not math.isfinite(sum(total.tolist())):
+                    if is_main:
+                        print(f"{SCRIPT}: non-finite loss at epoch {epoch + 1} step {step + 1}: {values}; lower "
+                              f"--lr or try --amp off; last.pt holds epoch {epoch}", file=sys.stderr)
+                    sys.exit(3)
+                now = time.time()
+                done = (epoch - start_epoch) * steps + step + 1
+                run_elapsed = run_time + now - t_epoch
+                eta = run_elapsed / done * ((args.epochs - start_epoch) * steps - done)
+                if is_main:
+                    print(f"epoch {epoch + 1}/{args.epochs} step {step + 1}/{steps} | {values} | "
+                          f"lr {optimizer.param_groups[0]['lr']:.2e} | "
+                          f"{(step + 1 - logged_step) * global_batch / (now - t_log):.0f} img/s | "
+                          f"data {1000 * data_time / (step + 1 - logged_step):.1f} ms/step | "
+                          f"eta {datetime.timedelta(seconds=round(eta))}", flush=True)
+                logged, logged_step, t_log, data_time = total, step + 1, now, 0.0
+            t_data = time.time()
+        epoch_s = time.time() - t_epoch
+        run_images, run_time = run_images + steps * global_batch, run_time + epoch_s
+
+        # ---- evaluation, records, checkpoints -----------------------------------------------------
+        if distributed:  # the conv stem's BN statistics: evaluate and save rank 0's, as DDP does
+            for buffer in student.buffers():
+                dist.broadcast(buffer, 0)
+        last = evaluate(student, val_loader, device, autocast, args.channels_last)
+        if last["top1"] > best:
+            best, best_epoch = last["top1"], epoch + 1
+        if is_main:
+            sv = projector_spectrum(distiller) if distiller is not None else None
+            record = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"],
+                      **{f"loss_{n}": (v / steps if n in terms else None)
+                         for n, v in zip(("ce", "kd", "feat"), logged.tolist())},
+                      "top1": last["top1"], "top5": last["top5"], "images_per_s": steps * global_batch / epoch_s,
+                      "epoch_s": epoch_s, "peak_mem_mb": peak_mem_mb(device),
+                      "projector_sv": None if sv is None else {"max": sv.max().item(), "min": sv.min().item(),
+                                                               "mean": sv.mean().item()}}
+            with open(args.out_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+            print(f"epoch {epoch + 1}/{args.epochs} | top1 {last['top1']:.2f} top5 {last['top5']:.2f} | best "
+                  f"{best:.2f} (epoch {best_epoch}) | {epoch_s:.0f} s | peak mem {record['peak_mem_mb']:.0f} MB",
+                  flush=True)
+            checkpoint = {"student": student.state_dict(), "distiller": None if distiller is None else
+                          distiller.state_dict(), "optimizer": optimizer.state_dict(),
+                          "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch + 1,
+                          "best": best, "best_epoch": best_epoch, "args": json.loads(json.dumps(vars(args), default=str))}
+            save_atomic(checkpoint, args.out_dir / "last.pt")
+            if best_epoch == epoch + 1:
+                save_atomic(checkpoint, args.out_dir / "best.pt")
+
+    if is_main:
+        summary = {"metric": "top1", "best": best, "best_epoch": best_epoch, "last": last and last["top1"],
+                   "last_top5": last and last["top5"], "teacher": teacher_top1, "wall_s": time.time() - wall0,
+                   "images_per_s": run_images / run_time if run_time else None, "peak_mem_mb": peak_mem_mb(device),
+                   "world_size": world, "versions": {"python": platform.python_version(), "torch": torch.__version__,
+                                                     "torchvision": torchvision.__version__, "timm": timm.__version__,
+                                                     "cuda": torch.version.cuda}}
+        (args.out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+        print(f"done: best top1 {best:.2f} (epoch {best_epoch}), last {summary['last']}, teacher {teacher_top1}")
+    if distributed:
+        dist.destroy_process_group()
+    return summary if is_main else None
+
+
+if __name__ == "__main__":
+    main()
