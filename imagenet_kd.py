@@ -1,0 +1,617 @@
+"""ImageNet: distil a torchvision ResNet-34 into a ResNet-18 trained from scratch, with the recipe of
+"Understanding the Role of the Projector in Knowledge Distillation" (Miles & Mikolajczyk, AAAI 2024).
+
+    loss = CE(y_s, y) + 1.0 * KL(softmax(y_t) || softmax(y_s)) + 2.0 * log sum |BN(z_s W_p) - BN(z_t)|^4
+
+``z_s``, ``z_t`` are the pooled penultimate features (the input of each model's final classifier,
+512-d for both ResNets), ``W_p`` a linear projector trained with the student, BN a batch norm without
+affine parameters on both sides. The protocol is the official code's: 100 epochs, SGD with momentum 0.9,
+lr 0.1 per 256 images of global batch, weight decay 1e-4, lr x0.1 at epochs 30, 60 and 90, global
+batch 256. Expected top-1: ResNet-18 alone 69.76, teacher 73.31, paper 71.63, authors' re-run 71.87,
+torchdistill 71.92.
+
+One GPU, 8 GPUs, two machines of 8 GPUs (``--batch-size`` is per process; by default the global batch
+stays 256 and the lr follows it linearly)::
+
+    python imagenet_kd.py --data-dir /data/imagenet
+    torchrun --nproc_per_node=8 imagenet_kd.py --data-dir /data/imagenet
+    torchrun --nnodes=2 --nproc_per_node=8 --rdzv-backend=c10d --rdzv-endpoint=HOST:29500 \\
+        imagenet_kd.py --data-dir /data/imagenet
+
+``--data-dir`` is ImageNet in the ImageFolder layout (``train/<wnid>/*.JPEG``, ``val/<wnid>/*.JPEG``);
+the teacher's weights come from torchvision (``ResNet34_Weights.IMAGENET1K_V1``, downloaded once into
+the torch hub cache) or ``--teacher-ckpt``. ``--dummy`` runs everything on random images (no files, a
+random teacher): the speed benchmark without JPEG decoding. Any torchvision pair works, e.g.
+``--teacher resnet50 --student mobilenet_v2``.
+
+A run prints the teacher's top-1 first (73.3 for the default teacher), then one line per
+``--log-every`` steps::
+
+    epoch 1/100 step 100/5004 | ce 6.712 kd 0.052 feat 7.391 | lr 0.1000 | 2310 img/s | data 0.4 ms/step | eta 2 days, 1:02:03
+
+and the validation top-1/top-5 after every epoch. It writes ``args.json``, ``metrics.jsonl``,
+``last.pt``, ``best.pt`` and ``summary.json`` into ``--out-dir``; ``--resume OUT/last.pt`` continues
+exactly where a run stopped.
+"""
+import argparse
+import json
+import os
+import platform
+import re
+import resource
+import sys
+import time
+from contextlib import nullcontext
+from datetime import timedelta
+from pathlib import Path
+
+import numpy as np
+import timm
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
+from torchvision import datasets, models
+from torchvision.transforms import v2
+
+from common import DISTANCES, NORMS, PROJECTORS, FeatureDistiller, projector_spectrum
+
+SCRIPT = Path(__file__).stem
+ARCHS = models.list_models(module=models)
+HEADS = ("fc", "classifier", "heads", "head")  # the final classifier block of torchvision's models
+MEAN = (0.485, 0.456, 0.406)  # ImageNet statistics, as torchvision's pretrained weights expect
+STD = (0.229, 0.224, 0.225)
+DUMMY_TRAIN, DUMMY_VAL, DUMMY_CLASSES = 1_281_167, 1000, 1000  # ImageNet's train length and classes
+LAYOUT = ("<data-dir>/train/<class>/*.JPEG and <data-dir>/val/<class>/*.JPEG (the ImageFolder layout; "
+          "sort the 50,000 validation images into class folders, e.g. with the valprep.sh script of "
+          "pytorch/examples/imagenet)")
+
+
+def fail(msg):
+    """Bad input: one line on stderr, exit 2, before anything is written (rank 0 speaks for all)."""
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(f"{SCRIPT}: error: {msg}", file=sys.stderr)
+    sys.exit(2)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("data")
+    g.add_argument("--data-dir", type=Path, default=Path("data/imagenet"), help=f"ImageNet root: {LAYOUT}")
+    g.add_argument("--dummy", action="store_true",
+                   help="random images of the right size and 1000 classes instead of --data-dir; with no "
+                        "--teacher-ckpt the teacher is random (a speed benchmark without JPEG decoding)")
+    g.add_argument("--img-size", type=int, default=224,
+                   help="training crop; validation resizes to img-size*256/224 and centre-crops img-size")
+    g = p.add_argument_group("models")
+    g.add_argument("--student", default="resnet18", help="torchvision classification model, trained from scratch")
+    g.add_argument("--teacher", default="resnet34", help="torchvision classification model, frozen")
+    g.add_argument("--teacher-ckpt", type=Path, help="teacher weights (a state dict, or one under 'model', "
+                   "'state_dict' or 'student'); default: torchvision's pretrained --teacher-weights")
+    g.add_argument("--teacher-weights", default="DEFAULT",
+                   help="tag of torchvision's weight enum for the teacher, e.g. IMAGENET1K_V1")
+    g = p.add_argument_group("distillation")
+    g.add_argument("--distill", choices=("none", "kd", "srd"), default="srd",
+                   help="none: CE only; kd: CE + KL; srd: CE + KL + feature loss (the paper)")
+    g.add_argument("--feat-weight", type=float, default=2.0, help="weight of the feature loss")
+    g.add_argument("--kd-weight", type=float, default=1.0, help="weight of the KL term")
+    g.add_argument("--temperature", type=float, default=1.0, help="KD temperature T (the KL term is scaled by T^2)")
+    g.add_argument("--alpha", type=float, default=4.0, help="exponent of the log-sum distance")
+    g.add_argument("--norm", choices=NORMS, default="bn", help="normalisation of both features")
+    g.add_argument("--projector", choices=PROJECTORS, default="linear", help="projector W_p on the student feature")
+    g.add_argument("--distance", choices=DISTANCES, default="logsum",
+                   help="logsum: the paper's soft maximum; corr: cross-correlation (first public release)")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--epochs", type=int, default=100, help="training epochs")
+    g.add_argument("--batch-size", type=int, help="images per process (default: 256 / number of processes)")
+    g.add_argument("--lr", type=float, default=0.1, help="SGD lr per 256 images of global batch (scaled linearly)")
+    g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
+    g.add_argument("--wd", type=float, default=1e-4, help="weight decay")
+    g.add_argument("--lr-milestones", type=int, nargs="+", default=[30, 60, 90], help="epochs where lr drops x0.1")
+    g = p.add_argument_group("system")
+    g.add_argument("--amp", choices=("off", "bf16", "fp16"), help="autocast dtype (default: bf16 on CUDA, off on CPU)")
+    g.add_argument("--channels-last", action="store_true", help="NHWC memory format (faster convolutions on GPUs)")
+    g.add_argument("--compile", action="store_true", help="torch.compile the student, distiller and teacher")
+    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
+    g.add_argument("--sync-bn", action="store_true", help="batch-norm statistics over the global batch (DDP, CUDA)")
+    g.add_argument("--workers", type=int, help="data-loading processes per process (default: CPUs per process, at most 12)")
+    g.add_argument("--seed", type=int, default=0, help="seed of initialisation, shuffling and augmentation")
+    g.add_argument("--log-every", type=int, default=100, help="steps between log lines")
+    g.add_argument("--max-steps", type=int, help="cap on steps per epoch (smoke tests, benchmarks)")
+    g = p.add_argument_group("outputs")
+    g.add_argument("--out-dir", type=Path,
+                   help="default: the folder of --resume, else runs/imagenet_kd-<student>-<distill>")
+    g.add_argument("--resume", type=Path, help="checkpoint (OUT/last.pt) to continue, or to evaluate with --evaluate")
+    g.add_argument("--evaluate", action="store_true", help="evaluate the --resume checkpoint's student and exit")
+    return p.parse_args(argv)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Data: ImageFolder decoded and augmented by loader workers as uint8; normalised on the device.
+# ---------------------------------------------------------------------------------------------------
+def seed_of(*parts):
+    """A 32-bit seed that is a function of ``parts`` (seed, epoch, rank or index) and nothing else."""
+    return int(np.random.SeedSequence(parts).generate_state(1)[0])
+
+
+class EpochSampler(DistributedSampler):
+    """DistributedSampler (this rank's shard of a per-epoch permutation) that yields (epoch, index)."""
+
+    def __iter__(self):
+        return ((self.epoch, i) for i in super().__iter__())
+
+
+class Augmented(Dataset):
+    """Draws the random augmentation of image ``index`` in epoch ``epoch`` from a generator seeded by
+    (seed, epoch, index): independent of workers, persistent workers and world size, so a resumed run
+    sees exactly the images the uninterrupted run would have."""
+
+    def __init__(self, dataset, seed):
+        self.dataset, self.seed = dataset, seed
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, item):
+        epoch, index = item
+        with torch.random.fork_rng(devices=[]):  # transforms v2 draw from torch's global CPU generator
+            torch.manual_seed(seed_of(self.seed, epoch, index))
+            return self.dataset[index]
+
+
+class DummyImages(Dataset):
+    """Random uint8 images with labels ``index % classes``; image ``index`` is the same every epoch."""
+
+    def __init__(self, length, size, classes=DUMMY_CLASSES):
+        self.length, self.size, self.classes = length, size, classes
+
+    def __len__(self):
+        return self.length
+
+    def __getitem__(self, index):
+        g = torch.Generator().manual_seed(index)
+        return torch.randint(0, 256, (3, self.size, self.size), dtype=torch.uint8, generator=g), index % self.classes
+
+
+def image_folders(args):
+    """train/val ImageFolders, or a clear error showing the expected layout."""
+    root, folders = args.data_dir, {}
+    resize = round(args.img_size * 256 / 224)
+    transforms = {  # PIL decodes (it copes with ImageNet's few CMYK and greyscale JPEGs) and resizes
+        "train": v2.Compose([v2.RandomResizedCrop(args.img_size), v2.RandomHorizontalFlip(), v2.PILToTensor()]),
+        "val": v2.Compose([v2.Resize(resize), v2.CenterCrop(args.img_size), v2.PILToTensor()])}
+    for split, transform in transforms.items():
+        folder = root / split
+        if not folder.is_dir():
+            fail(f"{folder} is not a directory; expected {LAYOUT}")
+        if any(f.suffix.lower() in (".jpeg", ".jpg", ".png") for f in folder.iterdir()):
+            fail(f"{folder} holds images directly instead of one folder per class; expected {LAYOUT}")
+        try:
+            folders[split] = datasets.ImageFolder(folder, transform=transform)
+        except (FileNotFoundError, OSError) as e:
+            reason = str(e).split(". Supported")[0]
+            fail(f"{folder} is not a class-per-folder image dataset ({reason[:150]}{'...' * (len(reason) > 150)}); "
+                 f"expected {LAYOUT}")
+    if folders["train"].classes != folders["val"].classes:
+        missing = sorted(set(folders["train"].classes) ^ set(folders["val"].classes))[:5]
+        fail(f"train/ and val/ under {root} have different class folders (e.g. {', '.join(missing)}); "
+             "both need one folder per class, with the same names")
+    return folders["train"], folders["val"]
+
+
+class Prepare:
+    """uint8 NCHW batch on the host -> normalised float on the device: a quarter of the bytes of
+    float32 to copy, and the normalisation runs on the accelerator instead of in the loader workers."""
+
+    def __init__(self, device, channels_last):
+        self.device, self.channels_last = device, channels_last
+        self.mean = torch.tensor(MEAN, device=device).view(1, 3, 1, 1) * 255
+        self.std = torch.tensor(STD, device=device).view(1, 3, 1, 1) * 255
+
+    def __call__(self, images, labels):
+        images = (images.to(self.device, non_blocking=True).float() - self.mean) / self.std
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        return images, labels.to(self.device, non_blocking=True)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Models: torchvision classifiers that also return the input of their final classifier.
+# ---------------------------------------------------------------------------------------------------
+def head_name(model):
+    return next(name for name in HEADS if isinstance(getattr(model, name, None), nn.Module))
+
+
+class WithFeatures(nn.Module):
+    """``model(x) -> (logits, z)``: z is the input of the model's final classifier block (``fc`` for
+    ResNets, ``classifier`` for MobileNet/EfficientNet, ``heads`` for ViT ...): the pooled penultimate
+    feature, before any dropout. A forward pre-hook catches it, so the model and its state-dict keys
+    stay torchvision's own: a saved student loads into a plain ``torchvision.models.resnet18()``."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+        getattr(model, head_name(model)).register_forward_pre_hook(self._keep)
+
+    def _keep(self, module, inputs):
+        self._z = inputs[0]
+
+    def forward(self, x):
+        logits = self.model(x)
+        z, self._z = self._z, None
+        return logits, z.mean((2, 3)) if z.dim() == 4 else z.flatten(1)  # ConvNeXt/SqueezeNet pass maps
+
+
+def feature_dim(net, img_size):
+    """The feature width, read from a dry forward (never hard-coded)."""
+    was_training = net.training
+    net.eval()
+    with torch.no_grad():
+        dim = net(torch.zeros(1, 3, img_size, img_size))[1].shape[1]
+    net.train(was_training)
+    return dim
+
+
+def n_params(module):
+    return sum(p.numel() for p in module.parameters()) if module is not None else 0
+
+
+class StudentWithDistiller(nn.Module):
+    """The student and the distiller in one module: DDP averages the projector's gradients with the
+    student's, so W_p is identical on every rank."""
+
+    def __init__(self, student, distiller):
+        super().__init__()
+        self.student, self.distiller = WithFeatures(student), distiller
+
+    def forward(self, images, z_t=None):
+        logits, z_s = self.student(images)
+        return logits, (self.distiller(z_s, z_t) if self.distiller is not None else None)
+
+
+def build(name, classes, role):
+    if name not in ARCHS:
+        fail(f"unknown {role} architecture {name!r}; choose from {', '.join(ARCHS)}")
+    return models.get_model(name, num_classes=classes)
+
+
+def read_checkpoint(path, what):
+    if not path.is_file():
+        fail(f"{what} {path} does not exist; pass the path of a saved checkpoint")
+    try:  # checkpoints are untrusted input: tensors and plain containers only
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        fail(f"cannot read {what} {path} ({type(e).__name__}: {str(e).splitlines()[0]}); pass a torch.save'd state dict")
+
+
+def load_weights(model, state, path, what):
+    """Strict load of a bare state dict, or one under 'model', 'state_dict' or 'student'."""
+    if isinstance(state, dict):
+        state = next((state[k] for k in ("model", "state_dict", "student") if isinstance(state.get(k), dict)), state)
+    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
+        fail(f"{what} {path} holds no state dict (looked at the top level and under 'model', 'state_dict', 'student')")
+    state = {re.sub(r"^((module|_orig_mod)\.)+", "", k): v for k, v in state.items()}
+    own = model.state_dict()
+    missing, unexpected = sorted(own.keys() - state.keys()), sorted(state.keys() - own.keys())
+    resized = [k for k in own.keys() & state.keys() if own[k].shape != state[k].shape]
+    head = [k for k in sorted(resized) if k.split(".")[0] == head_name(model)]
+    if head:
+        fail(f"{what} {path} was trained for {state[head[-1]].shape[0]} classes but the data has "
+             f"{own[head[-1]].shape[0]}; pass a checkpoint trained on this dataset")
+    if missing or unexpected or resized:
+        fail(f"{what} {path} does not fit {type(model).__name__}: missing {missing[:3]}, unexpected "
+             f"{unexpected[:3]}, other shapes {resized[:3]}; check --student/--teacher")
+    model.load_state_dict(state)
+
+
+def pretrained_teacher(model, args):
+    """torchvision's weights for the teacher: (tag, published top-1)."""
+    try:
+        weights = models.get_model_weights(args.teacher)[args.teacher_weights]
+    except (KeyError, ValueError):
+        fail(f"torchvision has no weights {args.teacher_weights!r} for {args.teacher}; pass --teacher-ckpt "
+             f"or one of {', '.join(w.name for w in models.get_model_weights(args.teacher))}")
+    try:
+        state = weights.get_state_dict(progress=int(os.environ.get("RANK", 0)) == 0, check_hash=True)
+    except Exception as e:
+        fail(f"cannot download the teacher's weights {weights} ({type(e).__name__}: {str(e).splitlines()[0]}); "
+             "pass --teacher-ckpt PATH, or run once with network access to fill the torch hub cache")
+    load_weights(model, state, str(weights), "teacher weights")
+    return str(weights), weights.meta["_metrics"]["ImageNet-1K"]["acc@1"]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Evaluation: exact under DDP (every validation image counted once, counts all-reduced).
+# ---------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def evaluate(model, loader, prepare, autocast):
+    was_training = model.training
+    model.eval()
+    hits, n = torch.zeros(2, device=prepare.device, dtype=torch.float64), 0  # top-1 and top-5 hits, images
+    for images, labels in loader:
+        n += len(labels)
+        images, labels = prepare(images, labels)
+        with autocast:
+            logits = model(images)
+        correct = logits.topk(min(5, logits.shape[1]), dim=1).indices == labels[:, None]
+        hits += torch.stack([correct[:, 0].sum(), correct.any(1).sum()])
+    counts = torch.cat([hits, hits.new_tensor([n])])
+    if dist.is_initialized():
+        dist.all_reduce(counts)
+    model.train(was_training)
+    top1, top5, n = counts.tolist()
+    return {"top1": 100 * top1 / max(n, 1), "top5": 100 * top5 / max(n, 1)}
+
+
+def save(obj, path):
+    """Atomic: a reader never sees half a file, a crash never destroys the previous one."""
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def peak_memory_mb(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    t_start = time.time()
+
+    # ---- set-up: one code path for one process and for torchrun (which sets RANK) -----------------
+    distributed = "RANK" in os.environ
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    is_main = rank == 0
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        fail("--device cuda but CUDA is not available; pass --device cpu")
+    device = torch.device(f"cuda:{local_rank}" if args.device.startswith("cuda") and distributed else args.device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    if args.sync_bn and world > 1 and device.type != "cuda":
+        fail("--sync-bn needs CUDA (SyncBatchNorm has no CPU kernel); drop it on CPU")
+    if args.evaluate and args.resume is None:
+        fail("--evaluate needs --resume PATH, the checkpoint whose student to evaluate")
+    args.amp = args.amp or ("bf16" if device.type == "cuda" else "off")
+    args.batch_size = args.batch_size or max(1, 256 // world)
+    args.workers = args.workers if args.workers is not None else min(12, (os.cpu_count() or 1) // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
+    global_batch = args.batch_size * world
+    lr = args.lr * global_batch / 256  # linear scaling rule (Goyal et al.)
+    amp_dtype = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.amp]
+    autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext()
+    prepare = Prepare(device, args.channels_last)
+    out_dir = args.out_dir or (args.resume.parent if args.resume else Path("runs") / f"{SCRIPT}-{args.student}-{args.distill}")
+    if distributed:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda" else None)
+
+    # ---- data -------------------------------------------------------------------------------------
+    if args.dummy:
+        train_set, val_set = DummyImages(DUMMY_TRAIN, args.img_size), DummyImages(DUMMY_VAL, args.img_size)
+        classes = DUMMY_CLASSES
+    else:
+        train_set, val_set = image_folders(args)
+        classes = len(train_set.classes)
+    sampler = EpochSampler(train_set, num_replicas=world, rank=rank, shuffle=True, seed=args.seed, drop_last=True)
+    loader_kw = dict(num_workers=args.workers, pin_memory=device.type == "cuda", persistent_workers=args.workers > 0)
+    train_loader = DataLoader(Augmented(train_set, args.seed), args.batch_size, sampler=sampler, drop_last=True, **loader_kw)
+    # Each rank evaluates images rank, rank + world, ...: no padding, no duplicate, no image dropped.
+    val_loader = DataLoader(Subset(val_set, range(rank, len(val_set), world)), args.batch_size, **loader_kw)
+    steps = min(len(train_loader), args.max_steps or len(train_loader))
+    if steps == 0:
+        fail(f"the training set ({len(train_set)} images) is smaller than one global batch of {global_batch}; "
+             "lower --batch-size")
+
+    # ---- models: the same initialisation on every rank (the frozen teacher is not DDP-synchronised) ---
+    # The student (and with --resume its checkpoint, validated before anything is written; --evaluate
+    # stops here), then the teacher, then the distiller sized by both.
+    torch.manual_seed(args.seed)
+    student = build(args.student, classes, "student")
+    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+    ckpt = read_checkpoint(args.resume, "--resume checkpoint") if args.resume else None
+    if ckpt is not None:
+        load_weights(student, ckpt, args.resume, "--resume checkpoint")
+    if args.evaluate:
+        metrics = evaluate(student.to(device, memory_format=memory_format), val_loader, prepare, autocast)
+        if is_main:
+            print(f"{args.resume}: top1 {metrics['top1']:.2f} top5 {metrics['top5']:.2f} on {len(val_set)} images")
+            out_dir.mkdir(parents=True, exist_ok=True)
+            (out_dir / "eval.json").write_text(json.dumps({**metrics, "checkpoint": str(args.resume), "images": len(val_set)}, indent=2))
+        if distributed:
+            dist.destroy_process_group()
+        return metrics
+
+    use_teacher, srd = args.distill != "none", args.distill == "srd"
+    teacher, teacher_tag, published = None, None, None
+    if use_teacher:
+        teacher = build(args.teacher, classes, "teacher")
+        if args.teacher_ckpt:
+            load_weights(teacher, read_checkpoint(args.teacher_ckpt, "teacher checkpoint"), args.teacher_ckpt, "teacher checkpoint")
+            teacher_tag = str(args.teacher_ckpt)
+        elif args.dummy:
+            teacher_tag = "random (--dummy without --teacher-ckpt)"
+        else:
+            if classes != 1000:
+                fail(f"torchvision's pretrained {args.teacher} has 1000 classes but {args.data_dir} has {classes}; "
+                     "pass --teacher-ckpt trained on this dataset")
+            if distributed and local_rank != 0:
+                dist.barrier()  # local rank 0 fills the hub cache first; the others then read it
+            teacher_tag, published = pretrained_teacher(teacher, args)
+            if distributed and local_rank == 0:
+                dist.barrier()
+        teacher.requires_grad_(False).eval()  # frozen; eval mode: BN running statistics, no dropout
+    teacher_net = WithFeatures(teacher) if use_teacher else None
+    model = StudentWithDistiller(student, None)  # unwrapped handles: model, student, distiller
+    distiller = None
+    if srd:  # W_p maps the student's feature width to the teacher's
+        distiller = model.distiller = FeatureDistiller(
+            feature_dim(model.student, args.img_size), feature_dim(teacher_net, args.img_size),
+            args.projector, args.norm, args.distance, args.alpha)
+
+    if ckpt is None and ((out_dir / "args.json").exists() or (out_dir / "last.pt").exists()):
+        fail(f"{out_dir} already holds a run; pass --resume {out_dir}/last.pt to continue it, or choose another --out-dir")
+
+    model.to(device, memory_format=memory_format)
+    if use_teacher:
+        teacher.to(device, memory_format=memory_format)
+    if args.sync_bn:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # also the distiller's BN: global-batch statistics
+    # Weight decay on every parameter (torchvision's reference recipe); the projector W_p trains with the student.
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=args.momentum, weight_decay=args.wd)
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, args.lr_milestones, gamma=0.1)
+    scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
+    start_epoch, best, best_epoch = 0, None, None
+    if ckpt is not None:
+        try:
+            if distiller is not None:
+                distiller.load_state_dict(ckpt["distiller"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+            scheduler.load_state_dict(ckpt["scheduler"])
+            scaler.load_state_dict(ckpt["scaler"])
+            start_epoch, best, best_epoch = ckpt["epoch"], ckpt["best"], ckpt.get("best_epoch")
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:
+            fail(f"{args.resume} is not a checkpoint of this run ({type(e).__name__}: {str(e).splitlines()[0]}); "
+                 "resume with the flags it was trained with")
+        if start_epoch >= args.epochs:
+            fail(f"{args.resume} has already trained {start_epoch} epochs; pass --epochs above {start_epoch}")
+
+    net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None, gradient_as_bucket_view=True) if distributed else model
+    if args.compile:
+        net = torch.compile(net)
+        teacher_net = torch.compile(teacher_net) if use_teacher else None
+
+    if is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "args.json").write_text(json.dumps({k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}, indent=2))
+        print(f"args: {json.dumps(vars(args), default=str)}")
+        print(f"world size {world} | device {device} | amp {args.amp} | global batch {global_batch} | lr {lr:g} | "
+              f"{steps} steps/epoch | {args.workers} workers/process | {classes} classes")
+        print(f"params: student {n_params(student) / 1e6:.2f}M | distiller {n_params(distiller) / 1e6:.3f}M | "
+              f"teacher {n_params(teacher) / 1e6:.2f}M")
+    teacher_metrics = None
+    if use_teacher:
+        teacher_metrics = evaluate(teacher, val_loader, prepare, autocast)
+        if is_main:
+            print(f"teacher {args.teacher} ({teacher_tag}): top1 {teacher_metrics['top1']:.2f} top5 {teacher_metrics['top5']:.2f}")
+            if published is not None and abs(teacher_metrics["top1"] - published) > 1.0:
+                print(f"warning: the teacher scores {teacher_metrics['top1']:.2f} top-1, torchvision publishes {published:.2f}: "
+                      "check --data-dir (the full validation set, class folders sorted by wnid) and --img-size")
+
+    # ---- training ---------------------------------------------------------------------------------
+    zero = torch.zeros((), device=device)
+    terms = ("ce", "kd", "feat")
+    used = (True, use_teacher, srd)
+    t_loop, steps_done, total_steps = time.time(), 0, steps * (args.epochs - start_epoch)
+    train_images, train_time = 0, 0.0
+    for epoch in range(start_epoch, args.epochs):
+        torch.manual_seed(seed_of(args.seed, epoch, rank))  # dropout and the like: a function of (seed, epoch, rank)
+        sampler.set_epoch(epoch)
+        epoch_lr = optimizer.param_groups[0]["lr"]
+        interval, epoch_sums = torch.zeros(3, device=device), torch.zeros(3, dtype=torch.float64)
+        t_epoch = t_log = t_ready = time.time()
+        data_time, last_log = 0.0, 0
+        for step, (images, labels) in enumerate(train_loader, 1):
+            data_time += time.time() - t_ready
+            images, labels = prepare(images, labels)
+            with autocast:
+                logits_t = z_t = None
+                if use_teacher:
+                    with torch.no_grad():
+                        logits_t, z_t = teacher_net(images)
+                logits_s, loss_feat = net(images, z_t)
+                loss_ce = F.cross_entropy(logits_s, labels)
+                # KL(p_t || p_s) at temperature T, times T^2 so its gradients keep their scale as T changes.
+                loss_kd = (F.kl_div(F.log_softmax(logits_s.float() / args.temperature, 1),
+                                    F.log_softmax(logits_t.float() / args.temperature, 1),
+                                    reduction="batchmean", log_target=True) * args.temperature ** 2
+                           if use_teacher else zero)
+                loss_feat = loss_feat if srd else zero
+                loss = loss_ce + args.kd_weight * loss_kd + args.feat_weight * loss_feat
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            interval += torch.stack([loss_ce, loss_kd, loss_feat]).detach().float()
+            steps_done += 1
+
+            if step % args.log_every == 0 or step == steps:  # the only host-device syncs of the loop
+                if dist.is_initialized():
+                    dist.all_reduce(interval)
+                means = (interval / ((step - last_log) * world)).tolist()
+                epoch_sums += interval.double().cpu()
+                interval.zero_()
+                losses = " ".join(f"{n} {v:.3f}" for n, v, u in zip(terms, means, used) if u)
+                if not all(np.isfinite(means)):
+                    if is_main:
+                        print(f"{SCRIPT}: non-finite loss at epoch {epoch + 1} step {step}: {losses}; "
+                              f"{out_dir}/last.pt holds the last finished epoch", file=sys.stderr)
+                    if distributed:
+                        dist.destroy_process_group()
+                    sys.exit(3)
+                now = time.time()
+                if is_main:
+                    eta = (now - t_loop) / steps_done * (total_steps - steps_done)
+                    print(f"epoch {epoch + 1}/{args.epochs} step {step}/{steps} | {losses} | lr {epoch_lr:.4g} | "
+                          f"{(step - last_log) * global_batch / (now - t_log):.0f} img/s | "
+                          f"data {1000 * data_time / (step - last_log):.1f} ms/step | eta {timedelta(seconds=round(eta))}", flush=True)
+                t_log, data_time, last_log = now, 0.0, step
+            if step == steps:
+                break
+            t_ready = time.time()
+        scheduler.step()
+        epoch_train_s = time.time() - t_epoch
+        train_images, train_time = train_images + steps * global_batch, train_time + epoch_train_s
+
+        # ---- evaluation, records, checkpoints ------------------------------------------------------
+        metrics = evaluate(student, val_loader, prepare, autocast)
+        if best is None or metrics["top1"] > best:
+            best, best_epoch = metrics["top1"], epoch + 1
+        means = (epoch_sums / (steps * world)).tolist()
+        spectrum = projector_spectrum(distiller) if srd else None
+        record = {"epoch": epoch + 1, "lr": epoch_lr,
+                  **{f"loss_{n}": (v if u else None) for n, v, u in zip(terms, means, used)},
+                  **metrics, "images_per_s": steps * global_batch / epoch_train_s,
+                  "epoch_s": time.time() - t_epoch, "peak_mem_mb": peak_memory_mb(device)}
+        if srd:
+            record["projector_sv"] = (None if spectrum is None else
+                                      {"max": spectrum.max().item(), "min": spectrum.min().item(), "mean": spectrum.mean().item()})
+        if is_main:
+            print(f"epoch {epoch + 1}/{args.epochs} | top1 {metrics['top1']:.2f} top5 {metrics['top5']:.2f} | "
+                  f"best {best:.2f} (epoch {best_epoch}) | {record['epoch_s']:.1f} s | peak mem {record['peak_mem_mb']:.0f} MB", flush=True)
+            with open(out_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+            checkpoint = {"student": student.state_dict(), "distiller": distiller.state_dict() if srd else None,
+                          "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                          "scaler": scaler.state_dict(), "epoch": epoch + 1, "best": best, "best_epoch": best_epoch,
+                          "args": json.loads(json.dumps(vars(args), default=str))}
+            save(checkpoint, out_dir / "last.pt")
+            if best_epoch == epoch + 1:
+                save(checkpoint, out_dir / "best.pt")
+
+    # ---- summary ----------------------------------------------------------------------------------
+    if is_main and start_epoch < args.epochs:
+        summary = {"metric": "top1", "best": best, "best_epoch": best_epoch, "last": metrics["top1"],
+                   "last_top5": metrics["top5"], "teacher": teacher_metrics["top1"] if use_teacher else None,
+                   "teacher_weights": teacher_tag, "teacher_published": published,
+                   "wall_s": time.time() - t_start, "images_per_s": train_images / train_time,
+                   "peak_mem_mb": peak_memory_mb(device), "world_size": world,
+                   "versions": {"python": platform.python_version(), "torch": torch.__version__,
+                                "torchvision": torchvision.__version__, "timm": timm.__version__,
+                                "cuda": torch.version.cuda}}
+        (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        teacher_top1 = f", teacher {summary['teacher']:.2f}" if use_teacher else ""
+        print(f"done: best top1 {best:.2f} (epoch {best_epoch}), last {metrics['top1']:.2f}{teacher_top1}; "
+              f"outputs in {out_dir}")
+    if distributed:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
