@@ -159,6 +159,8 @@ def get_args(argv=None):
         fail(f"--batch-size {args.batch_size} is odd; Mixup/CutMix pair images, so pass an even batch size")
     if args.evaluate and not args.resume:
         fail("--evaluate needs --resume PATH, the checkpoint to evaluate")
+    if args.sync_bn and not args.device.startswith("cuda"):
+        fail("--sync-bn needs CUDA (SyncBatchNorm has no CPU kernels); drop it on CPU")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         fail("--device cuda but no GPU is visible; pass --device cpu")
     return args
@@ -200,9 +202,9 @@ def build_data(args):
         try:
             sets[split] = torchvision.datasets.ImageFolder(str(args.data_dir / split), transform=tf)
         except (FileNotFoundError, OSError) as e:
-            fail(f"cannot read {args.data_dir / split} ({str(e).splitlines()[0]}); {layout}")
+            fail(f"--data-dir {args.data_dir}: cannot read {split}/ ({str(e).splitlines()[0]}); {layout}")
     if sets["train"].classes != sets["val"].classes:
-        fail(f"{args.data_dir}/train and {args.data_dir}/val have different class folders; {layout}")
+        fail(f"--data-dir {args.data_dir}: train/ and val/ have different class folders; {layout}")
     return sets["train"], sets["val"], len(sets["train"].classes)
 
 
