@@ -36,15 +36,14 @@ import resource
 import sys
 import time
 from functools import partial
+from importlib.metadata import version
 from pathlib import Path
 
 import numpy as np
-import timm
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-import torchvision
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from common import DISTANCES, NORMS, PROJECTORS, FeatureDistiller, projector_spectrum
@@ -453,7 +452,7 @@ def crop_flip(x, generator):
 @torch.no_grad()
 def evaluate(model, images, labels, batch_size, amp, channels_last):
     """Top-1/top-5 (%) on the whole set: each rank scores its own contiguous shard (no sample dropped or
-    counted twice), then the counts are summed across ranks."""
+    counted twice), then the counts are summed across ranks; `images` is the number scored."""
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     n = len(labels)
     was_training = model.training
@@ -468,7 +467,8 @@ def evaluate(model, images, labels, batch_size, amp, channels_last):
     if dist.is_initialized():
         dist.all_reduce(counts)
     model.train(was_training)
-    return {"top1": (100 * counts[0] / counts[2]).item(), "top5": (100 * counts[1] / counts[2]).item()}
+    top1, top5, n = counts.tolist()
+    return {"top1": 100 * top1 / n, "top5": 100 * top5 / n, "images": int(n)}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -494,51 +494,59 @@ def kd_loss(logits_s, logits_t, T):
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.error = lambda message: fail(f"{message}; see --help")  # one line on stderr, exit 2 (CONVENTIONS §6)
-    archs = ", ".join(ARCHS)
     g = p.add_argument_group("data")
-    g.add_argument("--data-dir", default="data/cifar100", help=f"dataset root, laid out as {LAYOUT}; downloaded there when missing")
-    g.add_argument("--dummy", action="store_true", help=f"random images and labels ({DUMMY_SIZES[0]} train, {DUMMY_SIZES[1]} test) "
-                   "and a random teacher unless --teacher-ckpt: tries the pipeline with no files; a speed benchmark")
+    g.add_argument("--data-dir", default="data/cifar100",
+                   help=f"dataset root, laid out as {LAYOUT}; the release is downloaded there when missing")
+    g.add_argument("--dummy", action="store_true",
+                   help=f"random images and labels ({DUMMY_SIZES[0]} train, {DUMMY_SIZES[1]} test) and a random teacher "
+                   "unless --teacher-ckpt: tries the whole pipeline without files; doubles as a speed benchmark")
     g = p.add_argument_group("models")
-    g.add_argument("--student", default="resnet8x4", choices=ARCHS, metavar="ARCH", help=f"student architecture, one of: {archs}")
+    g.add_argument("--student", default="resnet8x4", choices=ARCHS, metavar="ARCH",
+                   help=f"student architecture, one of: {', '.join(ARCHS)}")
     g.add_argument("--teacher", default="resnet32x4", choices=ARCHS, metavar="ARCH", help="teacher architecture (same choices)")
-    g.add_argument("--teacher-ckpt", help="teacher weights: our best.pt/last.pt, or a RepDistiller/mdistiller ckpt_epoch_240.pth")
+    g.add_argument("--teacher-ckpt", metavar="PATH",
+                   help="teacher weights: a best.pt of this script, or RepDistiller's/mdistiller's ckpt_epoch_240.pth")
     g = p.add_argument_group("distillation")
     g.add_argument("--distill", default="srd", choices=("none", "kd", "srd"),
-                   help="none: cross-entropy only (a baseline student, or a teacher); kd: CE + KL; srd: CE + KL + feature loss (the paper)")
-    g.add_argument("--ce-weight", type=float, default=1.0, help="weight of the cross-entropy (0.1 in the classic KD baseline)")
-    g.add_argument("--kd-weight", type=float, default=1.0, help="weight of the KL term (0.9 in the classic KD baseline)")
-    g.add_argument("--temperature", type=float, default=1.0, help="KD temperature T (4 in the classic KD baseline)")
+                   help="none: cross-entropy only (a baseline student, or a teacher); kd: CE + KL; "
+                   "srd: CE + KL + the feature loss (the paper)")
+    g.add_argument("--ce-weight", type=float, default=1.0, help="weight of the cross-entropy (classic KD: 0.1)")
+    g.add_argument("--kd-weight", type=float, default=1.0, help="weight of the KL term (classic KD: 0.9)")
+    g.add_argument("--temperature", type=float, default=1.0, help="KD temperature T (classic KD: 4)")
     g.add_argument("--feat-weight", type=float, default=2.0, help="weight of the feature loss (srd)")
     g.add_argument("--alpha", type=float, default=4.0, help="exponent of the soft maximum log sum |d|^alpha")
-    g.add_argument("--norm", default="bn", choices=NORMS, help="feature normalisation of both sides (paper: bn, no affine)")
-    g.add_argument("--projector", default="linear", choices=PROJECTORS, help="projector on the student feature (paper: linear)")
-    g.add_argument("--distance", default="logsum", choices=DISTANCES, help="feature distance (paper: logsum)")
+    g.add_argument("--norm", default="bn", choices=NORMS, help="normalisation of both features (paper: bn, no affine)")
+    g.add_argument("--projector", default="linear", choices=PROJECTORS, help="projector W_p on the student feature")
+    g.add_argument("--distance", default="logsum", choices=DISTANCES, help="feature distance")
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int, default=240, help="training epochs")
-    g.add_argument("--batch-size", type=int, default=64, help="images per process per step")
+    g.add_argument("--batch-size", type=int, default=64, help="images per process and step")
     g.add_argument("--lr", type=float, help="SGD learning rate for a global batch of 64, scaled linearly with the global "
-                   "batch (default 0.05; 0.01 for MobileNetV2, ShuffleV1, ShuffleV2)")
-    g.add_argument("--lr-decay-epochs", type=int, nargs="+", default=[150, 180, 210], help="epochs where the lr is multiplied by --lr-decay-rate")
-    g.add_argument("--lr-decay-rate", type=float, default=0.1, help="lr decay factor")
+                   "batch (default 0.05; 0.01 for MobileNetV2, ShuffleV1 and ShuffleV2)")
+    g.add_argument("--lr-decay-epochs", type=int, nargs="+", default=[150, 180, 210],
+                   help="epochs at which the lr is multiplied by --lr-decay-rate")
+    g.add_argument("--lr-decay-rate", type=float, default=0.1, help="step decay factor")
     g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
-    g.add_argument("--wd", type=float, default=5e-4, help="weight decay (student and projector)")
-    g.add_argument("--max-steps", type=int, help="cap on steps per epoch (smoke tests, benchmarks)")
+    g.add_argument("--wd", type=float, default=5e-4, help="weight decay of the student and the projector")
+    g.add_argument("--max-steps", type=int, help="cap on the steps of each epoch (smoke tests, benchmarks)")
     g = p.add_argument_group("system")
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
     g.add_argument("--amp", choices=("off", "bf16", "fp16"), help="mixed precision (default: bf16 on CUDA, off on CPU)")
-    g.add_argument("--channels-last", action="store_true", help="NHWC memory layout (faster convolutions on tensor cores)")
+    g.add_argument("--channels-last", action="store_true", help="NHWC memory layout (faster convolutions on GPUs)")
     g.add_argument("--compile", action="store_true", help="torch.compile the student (with the distiller) and the teacher")
     g.add_argument("--sync-bn", action="store_true", help="batch-norm statistics over the global batch under torchrun")
-    g.add_argument("--workers", type=int, default=0, help="accepted for a common interface; unused, the data set lives on the device")
-    g.add_argument("--seed", type=int, default=0, help="random seed (process r uses seed + r; data order depends on seed and epoch)")
-    g.add_argument("--log-every", type=int, default=100, help="steps between log lines (the only host-device syncs)")
+    g.add_argument("--workers", type=int, default=0,
+                   help="accepted for the interface the four scripts share; unused: the data set lives on the device")
+    g.add_argument("--seed", type=int, default=0, help="random seed; every random draw depends on (seed, epoch, rank)")
+    g.add_argument("--log-every", type=int, default=100, help="steps between log lines, the loop's only host-device syncs")
     g = p.add_argument_group("outputs")
-    g.add_argument("--out-dir", help="output folder (default runs/cifar100_kd-<student>-<distill>, or the folder of --resume)")
-    g.add_argument("--resume", metavar="PATH", help="continue the run of this checkpoint (last.pt); with --evaluate, the weights to score")
-    g.add_argument("--evaluate", action="store_true", help="evaluate the student of --resume on the test set, write eval.json and exit")
+    g.add_argument("--out-dir", help="output folder (default: runs/cifar100_kd-<student>-<distill>, or the folder of --resume)")
+    g.add_argument("--resume", metavar="PATH", help="continue the run of this checkpoint (its last.pt); "
+                   "with --evaluate, the weights to score (any format --teacher-ckpt takes)")
+    g.add_argument("--evaluate", action="store_true", help="score the student of --resume on the test set, write eval.json, exit")
     args = p.parse_args(argv)
     if args.amp is None:
         args.amp = "bf16" if args.device.startswith("cuda") else "off"
@@ -549,70 +557,84 @@ def parse_args(argv):
     return args
 
 
+def save_atomic(obj, path):
+    """Rank 0 writes a temp file in the same folder, then renames it: a crash never leaves half a checkpoint."""
+    torch.save(obj, path.with_suffix(".tmp"))
+    os.replace(path.with_suffix(".tmp"), path)
+
+
+def peak_memory_mb(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # the process's max RSS (KiB on Linux)
+
+
 def main(argv=None):
     args = parse_args(argv)
     t_start = time.time()
 
-    # ---- set-up: one code path, torchrun's RANK means DDP ------------------------------------------
+    # ---- set-up: one code path; torchrun's RANK means DDP --------------------------------------------
     distributed = "RANK" in os.environ
     rank, world = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if distributed else (0, 1)
     is_main = rank == 0
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         fail("--device cuda but no GPU is visible; pass --device cpu")
-    device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if args.device.startswith("cuda") and distributed else args.device)
-    if device.type == "cuda":
+    if args.device.startswith("cuda"):
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]) if distributed else torch.device(args.device).index or 0)
         torch.cuda.set_device(device)
         torch.backends.cudnn.benchmark = True
+    else:
+        device = torch.device(args.device)
     if distributed:
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     torch.manual_seed(args.seed + rank)
     amp_dtype = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.amp]
     amp = torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
+    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
     global_batch = args.batch_size * world
     lr = args.lr * global_batch / 64  # linear scaling from the protocol's batch of 64
 
-    # ---- bad input is refused before anything is written ------------------------------------------
+    # ---- bad input is refused before anything is written ---------------------------------------------
     out_dir = Path(args.out_dir)
+    use_teacher = args.distill != "none" and not args.evaluate
     if args.evaluate and not args.resume:
-        fail("--evaluate needs --resume PATH, the checkpoint whose student to evaluate")
+        fail("--evaluate needs --resume PATH, the checkpoint whose student to score")
     if args.resume and not Path(args.resume).is_file():
         fail(f"--resume {args.resume}: no such file; pass the last.pt of the run to continue")
-    if not args.evaluate and not args.resume and ((out_dir / "args.json").exists() or (out_dir / "last.pt").exists()):
+    if not (args.evaluate or args.resume) and ((out_dir / "args.json").exists() or (out_dir / "last.pt").exists()):
         fail(f"{out_dir} already holds a run; pass --resume {out_dir}/last.pt to continue it, or choose another --out-dir")
-    use_teacher = args.distill != "none" and not args.evaluate
-    if use_teacher and not args.teacher_ckpt and not args.dummy:
-        fail(f"--distill {args.distill} needs teacher weights: pass --teacher-ckpt (train one with --student {args.teacher} "
-             "--distill none, or use a RepDistiller/mdistiller ckpt_epoch_240.pth)")
+    if use_teacher and not (args.teacher_ckpt or args.dummy):
+        fail(f"--distill {args.distill} needs teacher weights: pass --teacher-ckpt (train a teacher with --student "
+             f"{args.teacher} --distill none, or use RepDistiller's/mdistiller's {args.teacher}_vanilla/ckpt_epoch_240.pth)")
     if use_teacher and args.teacher_ckpt and not Path(args.teacher_ckpt).is_file():
         fail(f"--teacher-ckpt {args.teacher_ckpt}: no such file")
-    if args.batch_size < 2 or args.epochs < 1:
-        fail("--batch-size must be at least 2 (batch norm) and --epochs at least 1")
+    if args.batch_size < 2 or args.epochs < 1 or args.log_every < 1:
+        fail("--batch-size must be at least 2 (batch norm), --epochs and --log-every at least 1")
 
-    # ---- data ----------------------------------------------------------------------------------------
+    # ---- data: the whole set on the device -----------------------------------------------------------
     if args.dummy:
-        g = torch.Generator().manual_seed(args.seed)  # the same set on every rank
-        n_train, n_test = DUMMY_SIZES
-        train_x, test_x = (torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g) for n in (n_train, n_test))
-        train_y, test_y = (torch.randint(0, NUM_CLASSES, (n,), generator=g) for n in (n_train, n_test))
+        g = torch.Generator().manual_seed(args.seed)  # the same images on every rank
+        train_x, test_x = (torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g) for n in DUMMY_SIZES)
+        train_y, test_y = (torch.randint(0, NUM_CLASSES, (n,), generator=g) for n in DUMMY_SIZES)
     else:
         train_x, train_y, test_x, test_y = load_cifar100(args.data_dir, is_main)
-    train_x, train_y, test_x, test_y = (t.to(device, non_blocking=True) for t in (train_x, train_y, test_x, test_y))
-    per_rank = len(train_y) // world  # each rank's slice of the shared permutation
+    train_x, train_y, test_x, test_y = (t.to(device) for t in (train_x, train_y, test_x, test_y))
+    per_rank = len(train_y) // world  # each rank trains on its own slice of one shared permutation
     steps = math.ceil(per_rank / args.batch_size)
     steps = min(steps, args.max_steps) if args.max_steps else steps
     eval_batch = 4 * args.batch_size
 
-    # ---- models --------------------------------------------------------------------------------------
+    # ---- models ----------------------------------------------------------------------------------------
     student = ARCHS[args.student]()
     if args.evaluate:
         load_strict(student, state_dict_of(read_checkpoint(args.resume), args.resume), args.resume, f"student {args.student}")
-        student.to(device, memory_format=torch.channels_last if args.channels_last else torch.contiguous_format)
-        metrics = evaluate(student, test_x, test_y, eval_batch, amp, args.channels_last)
+        metrics = evaluate(student.to(device, memory_format=memory_format), test_x, test_y, eval_batch, amp, args.channels_last)
         if is_main:
-            print(f"{args.student} from {args.resume}: top1 {metrics['top1']:.2f} top5 {metrics['top5']:.2f} on {len(test_y)} images")
+            print(f"{args.student} from {args.resume}: top1 {metrics['top1']:.2f} top5 {metrics['top5']:.2f} "
+                  f"on {metrics['images']} images")
             out_dir.mkdir(parents=True, exist_ok=True)
-            (out_dir / "eval.json").write_text(json.dumps({"checkpoint": args.resume, "student": args.student,
-                                                           "images": len(test_y), **metrics}, indent=2) + "\n")
+            record = {"checkpoint": str(args.resume), "student": args.student, **metrics}
+            (out_dir / "eval.json").write_text(json.dumps(record, indent=2) + "\n")
         if distributed:
             dist.destroy_process_group()
         return metrics
@@ -621,184 +643,174 @@ def main(argv=None):
     if use_teacher:
         teacher = ARCHS[args.teacher]()
         if args.teacher_ckpt:
-            load_strict(teacher, state_dict_of(read_checkpoint(args.teacher_ckpt), args.teacher_ckpt), args.teacher_ckpt,
-                        f"teacher {args.teacher}")
-        # Frozen and always in eval mode: its batch-norm statistics are the ones it was trained with.
-        teacher.requires_grad_(False).eval()
+            state = state_dict_of(read_checkpoint(args.teacher_ckpt), args.teacher_ckpt)
+            load_strict(teacher, state, args.teacher_ckpt, f"teacher {args.teacher}")
+        # Frozen, and in eval mode for good: it keeps the batch-norm statistics it was trained with.
+        teacher.requires_grad_(False).eval().to(device, memory_format=memory_format)
     distiller = None
-    if args.distill == "srd":
+    if args.distill == "srd":  # W_p maps z_s (student width) to the teacher's width; widths come from the models
         try:
             distiller = FeatureDistiller(student.feat_dim, teacher.feat_dim, args.projector, args.norm, args.distance, args.alpha)
-        except ValueError as e:
+        except ValueError as e:  # e.g. --projector none with different widths
             fail(f"{e}")
     model = StudentWithDistiller(student, distiller)
     if args.sync_bn and distributed:
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # student and distiller keep their handles
-    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # swaps modules inside: the handles stay valid
     model.to(device, memory_format=memory_format)
-    if teacher is not None:
-        teacher.to(device, memory_format=memory_format)
 
-    # ---- optimisation: SGD on the student and the projector alike, step decay per epoch -----------
+    # ---- optimisation: SGD on the student and the projector alike, step decay per epoch ---------------
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=args.momentum, weight_decay=args.wd)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, args.lr_decay_epochs, args.lr_decay_rate)
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
     start_epoch, best, best_epoch = 0, -1.0, 0
     if args.resume:
         ckpt = read_checkpoint(args.resume)
-        if not isinstance(ckpt, dict) or not {"student", "optimizer", "scheduler", "epoch", "args"} <= ckpt.keys():
-            fail(f"{args.resume} is not a training checkpoint of {PROG}; use it as --teacher-ckpt, or evaluate it with --evaluate")
-        for key in ("student", "teacher", "distill", "projector", "norm"):
-            if key != "teacher" or use_teacher:
-                if ckpt["args"].get(key) != getattr(args, key):
-                    fail(f"{args.resume} was trained with --{key} {ckpt['args'].get(key)}, not {getattr(args, key)}; pass the same flags to resume")
+        if not isinstance(ckpt, dict) or not {"student", "distiller", "optimizer", "scheduler", "epoch", "args"} <= ckpt.keys():
+            fail(f"{args.resume} is not a training checkpoint of {PROG}; use it as --teacher-ckpt or score it with --evaluate")
+        for key in ("student", "distill", "projector", "norm") + (("teacher",) if use_teacher else ()):
+            if ckpt["args"].get(key) != getattr(args, key):
+                fail(f"{args.resume} was trained with --{key} {ckpt['args'].get(key)}, not {getattr(args, key)}; "
+                     "pass the flags of that run to resume it")
         load_strict(student, ckpt["student"], args.resume, f"student {args.student}")
         if distiller is not None:
             load_strict(distiller, ckpt["distiller"], args.resume, "distiller")
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
-        if ckpt.get("scaler"):
-            scaler.load_state_dict(ckpt["scaler"])
-        start_epoch, best, best_epoch = ckpt["epoch"], ckpt["best"], ckpt.get("best_epoch", ckpt["epoch"])
+        scaler.load_state_dict(ckpt["scaler"] or {})
+        start_epoch, best, best_epoch = ckpt["epoch"], ckpt["best"], ckpt["best_epoch"]
         if start_epoch >= args.epochs:
-            fail(f"{args.resume} has already trained {start_epoch} epochs; pass --epochs above {start_epoch} to continue")
+            fail(f"{args.resume} has trained {start_epoch} epochs already; pass --epochs above {start_epoch} to continue")
+    compiled = torch.compile if args.compile else (lambda m: m)
+    train_model = compiled(model)
+    if distributed:
+        train_model = DDP(train_model, device_ids=[device.index] if device.type == "cuda" else None)
+    eval_student = compiled(student)
+    teacher = compiled(teacher) if teacher is not None else None
 
-    compile_ = torch.compile if args.compile else (lambda m: m)
-    train_model = DDP(compile_(model), device_ids=[device.index] if device.type == "cuda" else None) if distributed else compile_(model)
-    eval_student = compile_(student)
-    teacher = compile_(teacher) if teacher is not None else None
-
-    # ---- outputs: the run starts writing only now ----------------------------------------------------
-    n_params = lambda m: sum(p.numel() for p in m.parameters()) if m is not None else 0
+    # ---- outputs: the run writes from here on ----------------------------------------------------------
+    n_params = lambda m: sum(p.numel() for p in m.parameters()) / 1e6 if m is not None else 0.0
     if is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
-        record = {**vars(args), "world_size": world, "global_batch": global_batch, "scaled_lr": lr, "steps_per_epoch": steps}
-        (out_dir / "args.json").write_text(json.dumps(record, indent=2) + "\n")
-        if args.resume:  # drop records of epochs after the checkpoint (a run stopped between save and log)
-            path = out_dir / "metrics.jsonl"
-            kept = [l for l in path.read_text().splitlines() if l.strip() and json.loads(l)["epoch"] <= start_epoch] if path.exists() else []
-            path.write_text("".join(l + "\n" for l in kept))
+        derived = {"world_size": world, "global_batch": global_batch, "scaled_lr": lr, "steps_per_epoch": steps}
+        (out_dir / "args.json").write_text(json.dumps({**vars(args), **derived}, indent=2) + "\n")
+        metrics_path = out_dir / "metrics.jsonl"
+        if args.resume and metrics_path.exists():  # forget epochs logged after the checkpoint was written
+            lines = [l for l in metrics_path.read_text().splitlines() if l.strip() and json.loads(l)["epoch"] <= start_epoch]
+            metrics_path.write_text("".join(l + "\n" for l in lines))
         print("args: " + ", ".join(f"{k}={v}" for k, v in vars(args).items()))
         print(f"world size {world} | device {device} | amp {args.amp} | global batch {global_batch} | lr {lr:g} | "
-              f"{steps} steps/epoch | params: student {n_params(student) / 1e6:.2f}M, distiller {n_params(distiller) / 1e6:.3f}M, "
-              f"teacher {n_params(teacher) / 1e6:.2f}M")
+              f"{steps} steps/epoch | params: student {n_params(student):.2f}M, distiller {n_params(distiller):.3f}M, "
+              f"teacher {n_params(teacher):.2f}M")
     teacher_top1 = None
     if teacher is not None:
         teacher_top1 = evaluate(teacher, test_x, test_y, eval_batch, amp, args.channels_last)["top1"]
+        published = PUBLISHED_TOP1.get(args.teacher)
         if is_main:
             origin = f"from {args.teacher_ckpt}" if args.teacher_ckpt else "RANDOMLY INITIALISED: --dummy without --teacher-ckpt"
             print(f"teacher {args.teacher} ({origin}): top1 {teacher_top1:.2f}")
-            published = PUBLISHED_TOP1.get(args.teacher)
-            if args.teacher_ckpt and not args.dummy and published and teacher_top1 < published - 3:
-                print(f"warning: the teacher scores {teacher_top1:.2f}, far below the {published} of the public {args.teacher}; "
-                      "check the checkpoint")
+            if published and not args.dummy and teacher_top1 < published - 3:
+                print(f"warning: the teacher scores {teacher_top1:.2f}, far below the {published} of the public "
+                      f"{args.teacher}; check the checkpoint and --teacher")
 
-    # ---- training ------------------------------------------------------------------------------------
+    # ---- training ----------------------------------------------------------------------------------------
     total_steps, done_steps, t_loop = (args.epochs - start_epoch) * steps, 0, time.time()
     run_images, run_train_s, last = 0, 0.0, {}
     for epoch in range(start_epoch, args.epochs):
-        # Every random draw is a function of (seed, epoch, rank), so a resumed run repeats the same epochs.
-        shared = torch.Generator(device=device).manual_seed(args.seed * 1000 + epoch)  # one permutation for all ranks
-        own = torch.Generator(device=device).manual_seed((args.seed * 1000 + epoch) * 1000 + rank)  # this rank's crops and flips
+        # Every random draw is a function of (seed, epoch, rank): a resumed run repeats the epochs it missed.
+        shared = torch.Generator(device=device).manual_seed(args.seed * 1000 + epoch)  # one permutation for all
+        own = torch.Generator(device=device).manual_seed((args.seed * 1000 + epoch) * 1000 + rank)  # crops, flips
         order = torch.randperm(len(train_y), generator=shared, device=device)[rank * per_rank:(rank + 1) * per_rank]
         train_model.train()
-        sums = torch.zeros(3, device=device)  # ce, kd, feat over the epoch
-        log_sums, log_n, log_t, data_s = torch.zeros(3, device=device), 0, time.time(), 0.0
-        t_epoch = time.time()
+        epoch_sums = torch.zeros(3, device=device)  # ce, kd, feat: summed on the device, read at log steps only
+        log_sums, log_steps, t_log, data_s, t_epoch = torch.zeros(3, device=device), 0, time.time(), 0.0, time.time()
         for step in range(steps):
             t_data = time.perf_counter()
             idx = order[step * args.batch_size:(step + 1) * args.batch_size]
             x, y = normalise(crop_flip(train_x[idx], own), args.channels_last), train_y[idx]
             data_s += time.perf_counter() - t_data
             with amp:
-                logits_t, z_t = (None, None)
+                logits_t = z_t = None
                 if teacher is not None:
                     with torch.no_grad():
                         logits_t, z_t = teacher(x)
                 logits_s, loss_feat = train_model(x, z_t)
                 loss_ce = F.cross_entropy(logits_s.float(), y)
-                loss_kd = kd_loss(logits_s, logits_t, args.temperature) if teacher is not None else None
-                loss = args.ce_weight * loss_ce
-                if loss_kd is not None:
-                    loss = loss + args.kd_weight * loss_kd
-                if loss_feat is not None:
-                    loss = loss + args.feat_weight * loss_feat
+                loss_kd = kd_loss(logits_s, logits_t, args.temperature) if teacher is not None else torch.zeros_like(loss_ce)
+                loss_feat = torch.zeros_like(loss_ce) if loss_feat is None else loss_feat
+                loss = args.ce_weight * loss_ce + args.kd_weight * loss_kd + args.feat_weight * loss_feat
             scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
-            zero = loss_ce.new_zeros(())
-            terms = torch.stack([loss_ce, zero if loss_kd is None else loss_kd, zero if loss_feat is None else loss_feat]).detach().float()
-            sums += terms
+            terms = torch.stack([loss_ce, loss_kd, loss_feat]).detach()
+            epoch_sums += terms
             log_sums += terms
-            log_n += 1
+            log_steps += 1
             done_steps += 1
             if (step + 1) % args.log_every == 0 or step + 1 == steps:
-                # The only host-device sync of the loop: loss means since the last line, averaged over ranks.
+                # The loop's only host-device sync: loss means since the last line, averaged over the ranks,
+                # so that every rank takes the same decision on a non-finite loss.
                 if distributed:
                     dist.all_reduce(log_sums)
-                    log_sums /= world
-                ce, kd, feat = (log_sums / log_n).tolist()
-                if not all(math.isfinite(v) for v in (ce, kd, feat)):
-                    fail(f"non-finite loss at epoch {epoch + 1} step {step + 1}: ce {ce} kd {kd} feat {feat}; "
-                         f"last.pt still holds epoch {epoch}; lower --lr or use --amp off/bf16", code=3)
+                ce, kd, feat = (log_sums / (log_steps * world)).tolist()
+                if not all(map(math.isfinite, (ce, kd, feat))):
+                    fail(f"non-finite loss at epoch {epoch + 1} step {step + 1}: ce {ce} kd {kd} feat {feat}; last.pt "
+                         f"still holds epoch {epoch}; lower --lr, or resume with --amp bf16/off", code=3)
                 now = time.time()
                 if is_main:
                     eta = (now - t_loop) / done_steps * (total_steps - done_steps)
-                    terms_txt = f"ce {ce:.3f}" + (f" kd {kd:.3f}" if teacher is not None else "") + (f" feat {feat:.3f}" if distiller is not None else "")
-                    print(f"epoch {epoch + 1}/{args.epochs} step {step + 1}/{steps} | {terms_txt} | lr {optimizer.param_groups[0]['lr']:.4f} | "
-                          f"{log_n * global_batch / (now - log_t):.0f} img/s | data {1000 * data_s / log_n:.1f} ms/step | "
-                          f"eta {datetime.timedelta(seconds=round(eta))}")
+                    losses = f"ce {ce:.3f}" + (f" kd {kd:.3f}" if teacher is not None else "") + (f" feat {feat:.3f}" if distiller is not None else "")
+                    print(f"epoch {epoch + 1}/{args.epochs} step {step + 1}/{steps} | {losses} | "
+                          f"lr {optimizer.param_groups[0]['lr']:.4f} | {log_steps * global_batch / (now - t_log):.0f} img/s | "
+                          f"data {1000 * data_s / log_steps:.1f} ms/step | eta {datetime.timedelta(seconds=round(eta))}")
                 log_sums.zero_()
-                log_n, log_t, data_s = 0, now, 0.0
+                log_steps, t_log, data_s = 0, now, 0.0
         if device.type == "cuda":
             torch.cuda.synchronize()
         train_s = time.time() - t_epoch
         images = min(steps * args.batch_size, per_rank) * world
         run_images, run_train_s = run_images + images, run_train_s + train_s
         if distributed:
-            dist.all_reduce(sums)
-            sums /= world
-        means = (sums / steps).tolist()
+            dist.all_reduce(epoch_sums)
+        loss_means = (epoch_sums / (steps * world)).tolist()
         epoch_lr = optimizer.param_groups[0]["lr"]
         scheduler.step()
 
-        # ---- evaluation and checkpoint ---------------------------------------------------------------
+        # ---- evaluation on the full test set, checkpoint, one record ----------------------------------------
         metrics = evaluate(eval_student, test_x, test_y, eval_batch, amp, args.channels_last)
-        is_best = metrics["top1"] > best
-        best, best_epoch = (metrics["top1"], epoch + 1) if is_best else (best, best_epoch)
-        peak_mb = (torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda"
-                   else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+        del metrics["images"]
+        if metrics["top1"] > best:
+            best, best_epoch = metrics["top1"], epoch + 1
         if is_main:
-            sv = projector_spectrum(distiller) if distiller is not None else None
-            last = {"epoch": epoch + 1, "lr": epoch_lr, "loss_ce": means[0],
-                    "loss_kd": means[1] if teacher is not None else None,
-                    "loss_feat": means[2] if distiller is not None else None, **metrics,
-                    "images_per_s": images / train_s, "epoch_s": time.time() - t_epoch, "peak_mem_mb": peak_mb}
-            if args.distill == "srd":
-                last["projector_sv"] = {"max": sv.max().item(), "min": sv.min().item(), "mean": sv.mean().item()} if sv is not None else None
+            last = {"epoch": epoch + 1, "lr": epoch_lr, "loss_ce": loss_means[0],
+                    "loss_kd": loss_means[1] if teacher is not None else None,
+                    "loss_feat": loss_means[2] if distiller is not None else None, **metrics,
+                    "images_per_s": images / train_s, "epoch_s": time.time() - t_epoch, "peak_mem_mb": peak_memory_mb(device)}
+            if args.distill == "srd":  # the paper's spectral view of W_p
+                sv = projector_spectrum(distiller)
+                last["projector_sv"] = None if sv is None else {"max": sv.max().item(), "min": sv.min().item(),
+                                                                "mean": sv.mean().item()}
             ckpt = {"student": student.state_dict(), "distiller": distiller.state_dict() if distiller is not None else None,
                     "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
                     "epoch": epoch + 1, "best": best, "best_epoch": best_epoch, "args": vars(args)}
-            for name in ("last.pt",) + (("best.pt",) if is_best else ()):
-                torch.save(ckpt, out_dir / f"{name}.tmp")
-                os.replace(out_dir / f"{name}.tmp", out_dir / name)  # atomic: a crash never leaves half a file
+            save_atomic(ckpt, out_dir / "last.pt")
+            if best_epoch == epoch + 1:
+                save_atomic(ckpt, out_dir / "best.pt")
             with open(out_dir / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(last) + "\n")
-            print(f"epoch {epoch + 1}/{args.epochs} | top1 {metrics['top1']:.2f} top5 {metrics['top5']:.2f} | "
-                  f"best {best:.2f} (epoch {best_epoch}) | {last['epoch_s']:.0f} s | peak {peak_mb:.0f} MB")
+            print(f"epoch {epoch + 1}/{args.epochs} | top1 {metrics['top1']:.2f} top5 {metrics['top5']:.2f} | best {best:.2f} "
+                  f"(epoch {best_epoch}) | {last['epoch_s']:.0f} s | peak {last['peak_mem_mb']:.0f} MB")
 
-    # ---- summary -------------------------------------------------------------------------------------
+    # ---- summary: best AND last accuracy, labelled (papers on this benchmark quote either) ------------------
     if is_main:
-        summary = {"metric": "top1", "best": best, "best_epoch": best_epoch, "last": last.get("top1"),
-                   "last_top5": last.get("top5"), "teacher": teacher_top1, "student_arch": args.student,
-                   "teacher_arch": args.teacher if teacher is not None else None, "distill": args.distill,
-                   "wall_s": time.time() - t_start, "images_per_s": run_images / max(run_train_s, 1e-9),
-                   "peak_mem_mb": last.get("peak_mem_mb"), "world_size": world,
+        summary = {"metric": "top1", "best": best, "best_epoch": best_epoch, "last": last["top1"], "last_top5": last["top5"],
+                   "teacher": teacher_top1, "student_arch": args.student, "teacher_arch": args.teacher if teacher is not None else None,
+                   "distill": args.distill, "wall_s": time.time() - t_start, "images_per_s": run_images / run_train_s,
+                   "peak_mem_mb": peak_memory_mb(device), "world_size": world,
                    "versions": {"python": platform.python_version(), "torch": torch.__version__,
-                                "torchvision": torchvision.__version__, "timm": timm.__version__, "cuda": torch.version.cuda}}
+                                "torchvision": version("torchvision"), "timm": version("timm"), "cuda": torch.version.cuda}}
         (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        print(f"done: best top1 {best:.2f} (epoch {best_epoch}), last top1 {summary['last']:.2f}, teacher "
+        print(f"done: best top1 {best:.2f} (epoch {best_epoch}), last top1 {last['top1']:.2f}, teacher "
               f"{'-' if teacher_top1 is None else f'{teacher_top1:.2f}'} | {summary['wall_s'] / 60:.1f} min | {out_dir}")
     if distributed:
         dist.destroy_process_group()
