@@ -34,6 +34,7 @@ and the validation top-1/top-5 after every epoch. It writes ``args.json``, ``met
 exactly where a run stopped.
 """
 import argparse
+import importlib.metadata
 import json
 import os
 import platform
@@ -46,7 +47,6 @@ from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
-import timm
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -405,7 +405,7 @@ def main(argv=None):
     # Each rank evaluates images rank, rank + world, ...: no padding, no duplicate, no image dropped.
     val_loader = DataLoader(Subset(val_set, range(rank, len(val_set), world)), args.batch_size, **loader_kw)
     steps = min(len(train_loader), args.max_steps or len(train_loader))
-    if steps == 0:
+    if steps == 0 and not args.evaluate:
         fail(f"the training set ({len(train_set)} images) is smaller than one global batch of {global_batch}; "
              "lower --batch-size")
 
@@ -603,7 +603,7 @@ def main(argv=None):
                    "wall_s": time.time() - t_start, "images_per_s": train_images / train_time,
                    "peak_mem_mb": peak_memory_mb(device), "world_size": world,
                    "versions": {"python": platform.python_version(), "torch": torch.__version__,
-                                "torchvision": torchvision.__version__, "timm": timm.__version__,
+                                "torchvision": torchvision.__version__, "timm": importlib.metadata.version("timm"),
                                 "cuda": torch.version.cuda}}
         (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         teacher_top1 = f", teacher {summary['teacher']:.2f}" if use_teacher else ""
