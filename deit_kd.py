@@ -159,6 +159,9 @@ def get_args(argv=None):
         fail(f"--batch-size {args.batch_size} is odd; Mixup/CutMix pair images, so pass an even batch size")
     if args.evaluate and not args.resume:
         fail("--evaluate needs --resume PATH, the checkpoint to evaluate")
+    for flag, path in (("--resume", args.resume), ("--teacher-ckpt", args.teacher_ckpt)):
+        if path and not path.is_file():
+            fail(f"{flag} {path}: no such file")
     if args.sync_bn and not args.device.startswith("cuda"):
         fail("--sync-bn needs CUDA (SyncBatchNorm has no CPU kernels); drop it on CPU")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
@@ -276,8 +279,6 @@ def create_student(args, num_classes):
 def load_weights(model, path, what):
     """Load ``path`` strictly into ``model`` and return the file's contents (CONVENTIONS §5): a bare state dict
     or one under ``student``, ``model`` or ``state_dict``; ``module.``/``_orig_mod.`` prefixes stripped."""
-    if not path.is_file():
-        fail(f"{what} checkpoint {path}: no such file")
     try:
         state = checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a truncated file, a pickle of objects, not a checkpoint at all
@@ -521,8 +522,8 @@ def main(argv=None):
         loader_rng.manual_seed(epoch_seed)
         sampler.set_epoch(epoch)
         model.train()
-        loss_sum = torch.zeros(3, device=device)  # ce, kd, feat summed over this epoch's steps
-        logged, logged_step, t_log, data_time = torch.zeros(3, device=device), 0, time.time(), 0.0
+        loss_sum = torch.zeros(4, device=device)  # ce, kd, feat and the weighted total, summed over the epoch
+        logged, logged_step, t_log, data_time = torch.zeros(4, device=device), 0, time.time(), 0.0
         t_epoch = t_data = time.time()
         for step, (images, targets) in enumerate(train_loader):
             if step == steps:
@@ -561,7 +562,7 @@ def main(argv=None):
             scaler.step(optimizer)
             scaler.update()
             scheduler.step_update(epoch * steps + step + 1)
-            loss_sum += torch.stack([loss_ce, loss_kd, loss_feat]).detach().float()
+            loss_sum += torch.stack([loss_ce, loss_kd, loss_feat, loss]).detach().float()
 
             if (step + 1) % args.log_every == 0 or step + 1 == steps:  # the only host-device syncs
                 total = loss_sum.clone()
@@ -570,9 +571,10 @@ def main(argv=None):
                     total /= world
                 mean = ((total - logged) / (step + 1 - logged_step)).tolist()
                 values = " ".join(f"{name} {v:.3f}" for name, v in zip(("ce", "kd", "feat"), mean) if name in terms)
-                if not math.isfinite(sum(total.tolist())):
+                if not math.isfinite(sum(mean)):
                     if is_main:
-                        print(f"{SCRIPT}: non-finite loss at epoch {epoch + 1} step {step + 1}: {values}; lower "
+                        print(f"{SCRIPT}: non-finite loss at epoch {epoch + 1} step {step + 1}: {values} total "
+                              f"{mean[3]:.3f}; lower "
                               f"--lr or try --amp off; last.pt holds epoch {epoch}", file=sys.stderr)
                     sys.exit(3)
                 now = time.time()
