@@ -27,7 +27,7 @@ random teacher): the speed benchmark without JPEG decoding. Any torchvision pair
 A run prints the teacher's top-1 first (73.3 for the default teacher), then one line per
 ``--log-every`` steps::
 
-    epoch 1/100 step 100/5004 | ce 6.712 kd 0.052 feat 7.391 | lr 0.1000 | 2310 img/s | data 0.4 ms/step | eta 2 days, 1:02:03
+    epoch 1/100 step 100/5004 | ce 6.712 kd 0.052 feat 7.391 | lr 0.1 | 2310 img/s | data 0.4 ms/step | eta 2 days, 1:02:03
 
 and the validation top-1/top-5 after every epoch. It writes ``args.json``, ``metrics.jsonl``,
 ``last.pt``, ``best.pt`` and ``summary.json`` into ``--out-dir``; ``--resume OUT/last.pt`` continues
@@ -114,11 +114,13 @@ def parse_args(argv=None):
     g.add_argument("--lr-milestones", type=int, nargs="+", default=[30, 60, 90], help="epochs where lr drops x0.1")
     g = p.add_argument_group("system")
     g.add_argument("--amp", choices=("off", "bf16", "fp16"), help="autocast dtype (default: bf16 on CUDA, off on CPU)")
-    g.add_argument("--channels-last", action="store_true", help="NHWC memory format (faster convolutions on GPUs)")
+    g.add_argument("--channels-last", action=argparse.BooleanOptionalAction,
+                   help="NHWC memory format, faster convolutions on tensor cores (default: on with CUDA, off on CPU)")
     g.add_argument("--compile", action="store_true", help="torch.compile the student, distiller and teacher")
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
     g.add_argument("--sync-bn", action="store_true", help="batch-norm statistics over the global batch (DDP, CUDA)")
-    g.add_argument("--workers", type=int, help="data-loading processes per process (default: CPUs per process, at most 12)")
+    g.add_argument("--workers", type=int,
+                   help="data-loading processes per training process (default: CPUs per training process, at most 12)")
     g.add_argument("--seed", type=int, default=0, help="seed of initialisation, shuffling and augmentation")
     g.add_argument("--log-every", type=int, default=100, help="steps between log lines")
     g.add_argument("--max-steps", type=int, help="cap on steps per epoch (smoke tests, benchmarks)")
@@ -285,7 +287,8 @@ def read_checkpoint(path, what):
     try:  # checkpoints are untrusted input: tensors and plain containers only
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        fail(f"cannot read {what} {path} ({type(e).__name__}: {str(e).splitlines()[0]}); pass a torch.save'd state dict")
+        fail(f"cannot read {what} {path} ({type(e).__name__}: {str(e).splitlines()[0]}); "
+             "pass a torch.save'd state dict")
 
 
 def load_weights(model, state, path, what):
@@ -293,7 +296,8 @@ def load_weights(model, state, path, what):
     if isinstance(state, dict):
         state = next((state[k] for k in ("model", "state_dict", "student") if isinstance(state.get(k), dict)), state)
     if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
-        fail(f"{what} {path} holds no state dict (looked at the top level and under 'model', 'state_dict', 'student')")
+        fail(f"{what} {path} holds no state dict (looked at the top level and under 'model', 'state_dict', "
+             "'student'); pass a torch.save'd state dict")
     state = {re.sub(r"^((module|_orig_mod)\.)+", "", k): v for k, v in state.items()}
     own = model.state_dict()
     missing, unexpected = sorted(own.keys() - state.keys()), sorted(state.keys() - own.keys())
@@ -381,16 +385,21 @@ def main(argv=None):
     if args.evaluate and args.resume is None:
         fail("--evaluate needs --resume PATH, the checkpoint whose student to evaluate")
     args.amp = args.amp or ("bf16" if device.type == "cuda" else "off")
+    args.channels_last = device.type == "cuda" if args.channels_last is None else args.channels_last
     args.batch_size = args.batch_size or max(1, 256 // world)
-    args.workers = args.workers if args.workers is not None else min(12, (os.cpu_count() or 1) // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
+    if args.workers is None:  # the machine's CPUs shared by its training processes
+        args.workers = min(12, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+    args_json = json.loads(json.dumps(vars(args), default=str))  # resolved; plain types for weights_only loads
     global_batch = args.batch_size * world
     lr = args.lr * global_batch / 256  # linear scaling rule (Goyal et al.)
     amp_dtype = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.amp]
     autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext()
     prepare = Prepare(device, args.channels_last)
-    out_dir = args.out_dir or (args.resume.parent if args.resume else Path("runs") / f"{SCRIPT}-{args.student}-{args.distill}")
+    out_dir = args.out_dir or (args.resume.parent if args.resume else
+                               Path("runs") / f"{SCRIPT}-{args.student}-{args.distill}")
     if distributed:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda" else None)
+        cuda = device.type == "cuda"
+        dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
 
     # ---- data -------------------------------------------------------------------------------------
     if args.dummy:
@@ -401,7 +410,8 @@ def main(argv=None):
         classes = len(train_set.classes)
     sampler = EpochSampler(train_set, num_replicas=world, rank=rank, shuffle=True, seed=args.seed, drop_last=True)
     loader_kw = dict(num_workers=args.workers, pin_memory=device.type == "cuda", persistent_workers=args.workers > 0)
-    train_loader = DataLoader(Augmented(train_set, args.seed), args.batch_size, sampler=sampler, drop_last=True, **loader_kw)
+    train_loader = DataLoader(Augmented(train_set, args.seed), args.batch_size, sampler=sampler, drop_last=True,
+                              **loader_kw)
     # Each rank evaluates images rank, rank + world, ...: no padding, no duplicate, no image dropped.
     val_loader = DataLoader(Subset(val_set, range(rank, len(val_set), world)), args.batch_size, **loader_kw)
     steps = min(len(train_loader), args.max_steps or len(train_loader))
@@ -423,7 +433,8 @@ def main(argv=None):
         if is_main:
             print(f"{args.resume}: top1 {metrics['top1']:.2f} top5 {metrics['top5']:.2f} on {len(val_set)} images")
             out_dir.mkdir(parents=True, exist_ok=True)
-            (out_dir / "eval.json").write_text(json.dumps({**metrics, "checkpoint": str(args.resume), "images": len(val_set)}, indent=2))
+            record = {**metrics, "checkpoint": str(args.resume), "images": len(val_set)}
+            (out_dir / "eval.json").write_text(json.dumps(record, indent=2))
         if distributed:
             dist.destroy_process_group()
         return metrics
@@ -433,7 +444,8 @@ def main(argv=None):
     if use_teacher:
         teacher = build(args.teacher, classes, "teacher")
         if args.teacher_ckpt:
-            load_weights(teacher, read_checkpoint(args.teacher_ckpt, "teacher checkpoint"), args.teacher_ckpt, "teacher checkpoint")
+            state = read_checkpoint(args.teacher_ckpt, "teacher checkpoint")
+            load_weights(teacher, state, args.teacher_ckpt, "teacher checkpoint")
             teacher_tag = str(args.teacher_ckpt)
         elif args.dummy:
             teacher_tag = "random (--dummy without --teacher-ckpt)"
@@ -456,7 +468,8 @@ def main(argv=None):
             args.projector, args.norm, args.distance, args.alpha)
 
     if ckpt is None and ((out_dir / "args.json").exists() or (out_dir / "last.pt").exists()):
-        fail(f"{out_dir} already holds a run; pass --resume {out_dir}/last.pt to continue it, or choose another --out-dir")
+        fail(f"{out_dir} already holds a run; pass --resume {out_dir}/last.pt to continue it, "
+             "or choose another --out-dir")
 
     model.to(device, memory_format=memory_format)
     if use_teacher:
@@ -482,15 +495,17 @@ def main(argv=None):
         if start_epoch >= args.epochs:
             fail(f"{args.resume} has already trained {start_epoch} epochs; pass --epochs above {start_epoch}")
 
-    net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None, gradient_as_bucket_view=True) if distributed else model
+    net = model
+    if distributed:
+        net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None, gradient_as_bucket_view=True)
     if args.compile:
         net = torch.compile(net)
         teacher_net = torch.compile(teacher_net) if use_teacher else None
 
     if is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "args.json").write_text(json.dumps({k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}, indent=2))
-        print(f"args: {json.dumps(vars(args), default=str)}")
+        (out_dir / "args.json").write_text(json.dumps(args_json, indent=2))
+        print(f"args: {json.dumps(args_json)}")
         print(f"world size {world} | device {device} | amp {args.amp} | global batch {global_batch} | lr {lr:g} | "
               f"{steps} steps/epoch | {args.workers} workers/process | {classes} classes")
         print(f"params: student {n_params(student) / 1e6:.2f}M | distiller {n_params(distiller) / 1e6:.3f}M | "
@@ -499,10 +514,11 @@ def main(argv=None):
     if use_teacher:
         teacher_metrics = evaluate(teacher, val_loader, prepare, autocast)
         if is_main:
-            print(f"teacher {args.teacher} ({teacher_tag}): top1 {teacher_metrics['top1']:.2f} top5 {teacher_metrics['top5']:.2f}")
-            if published is not None and abs(teacher_metrics["top1"] - published) > 1.0:
-                print(f"warning: the teacher scores {teacher_metrics['top1']:.2f} top-1, torchvision publishes {published:.2f}: "
-                      "check --data-dir (the full validation set, class folders sorted by wnid) and --img-size")
+            top1, top5 = teacher_metrics["top1"], teacher_metrics["top5"]
+            print(f"teacher {args.teacher} ({teacher_tag}): top1 {top1:.2f} top5 {top5:.2f}")
+            if published is not None and abs(top1 - published) > 1.0:
+                print(f"warning: the teacher scores {top1:.2f} top-1 where torchvision publishes {published:.2f}: check "
+                      "--data-dir (the full validation set, class folders named by wnid) and --img-size 224")
 
     # ---- training ---------------------------------------------------------------------------------
     zero = torch.zeros((), device=device)
@@ -560,7 +576,8 @@ def main(argv=None):
                     eta = (now - t_loop) / steps_done * (total_steps - steps_done)
                     print(f"epoch {epoch + 1}/{args.epochs} step {step}/{steps} | {losses} | lr {epoch_lr:.4g} | "
                           f"{(step - last_log) * global_batch / (now - t_log):.0f} img/s | "
-                          f"data {1000 * data_time / (step - last_log):.1f} ms/step | eta {timedelta(seconds=round(eta))}", flush=True)
+                          f"data {1000 * data_time / (step - last_log):.1f} ms/step | "
+                          f"eta {timedelta(seconds=round(eta))}", flush=True)
                 t_log, data_time, last_log = now, 0.0, step
             if step == steps:
                 break
@@ -574,23 +591,25 @@ def main(argv=None):
         if best is None or metrics["top1"] > best:
             best, best_epoch = metrics["top1"], epoch + 1
         means = (epoch_sums / (steps * world)).tolist()
-        spectrum = projector_spectrum(distiller) if srd else None
+
         record = {"epoch": epoch + 1, "lr": epoch_lr,
                   **{f"loss_{n}": (v if u else None) for n, v, u in zip(terms, means, used)},
                   **metrics, "images_per_s": steps * global_batch / epoch_train_s,
                   "epoch_s": time.time() - t_epoch, "peak_mem_mb": peak_memory_mb(device)}
-        if srd:
-            record["projector_sv"] = (None if spectrum is None else
-                                      {"max": spectrum.max().item(), "min": spectrum.min().item(), "mean": spectrum.mean().item()})
+        if srd:  # the paper's spectral view of W_p (None unless the projector is linear)
+            sv = projector_spectrum(distiller)
+            record["projector_sv"] = sv if sv is None else {"max": sv.max().item(), "min": sv.min().item(),
+                                                            "mean": sv.mean().item()}
         if is_main:
             print(f"epoch {epoch + 1}/{args.epochs} | top1 {metrics['top1']:.2f} top5 {metrics['top5']:.2f} | "
-                  f"best {best:.2f} (epoch {best_epoch}) | {record['epoch_s']:.1f} s | peak mem {record['peak_mem_mb']:.0f} MB", flush=True)
+                  f"best {best:.2f} (epoch {best_epoch}) | {record['epoch_s']:.1f} s | "
+                  f"peak mem {record['peak_mem_mb']:.0f} MB", flush=True)
             with open(out_dir / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
             checkpoint = {"student": student.state_dict(), "distiller": distiller.state_dict() if srd else None,
                           "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                           "scaler": scaler.state_dict(), "epoch": epoch + 1, "best": best, "best_epoch": best_epoch,
-                          "args": json.loads(json.dumps(vars(args), default=str))}
+                          "args": args_json}
             save(checkpoint, out_dir / "last.pt")
             if best_epoch == epoch + 1:
                 save(checkpoint, out_dir / "best.pt")
