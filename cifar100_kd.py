@@ -80,6 +80,11 @@ def conv1x1(cin, cout, stride=1, groups=1):
     return nn.Conv2d(cin, cout, 1, stride, groups=groups, bias=False)
 
 
+def stage(block, cin, cout, n, stride, *extra):
+    """n blocks; the first one changes the width and the resolution."""
+    return nn.Sequential(*[block(cin if j == 0 else cout, cout, stride if j == 0 else 1, *extra) for j in range(n)])
+
+
 def init_weights(model, linear_std=None):
     """The reference code's initialisation: He-normal (fan-out) convolutions, optionally N(0, std) heads."""
     for m in model.modules():
@@ -111,8 +116,7 @@ class CifarResNet(nn.Module):
         n = (depth - 2) // 6
         self.conv1, self.bn1 = conv3x3(3, widths[0]), nn.BatchNorm2d(widths[0])
         for i, (cin, cout, stride) in enumerate(zip(widths[:3], widths[1:], (1, 2, 2)), 1):
-            self.add_module(f"layer{i}", nn.Sequential(*[BasicBlock(cin if j == 0 else cout, cout, stride if j == 0 else 1)
-                                                         for j in range(n)]))
+            self.add_module(f"layer{i}", stage(BasicBlock, cin, cout, n, stride))
         self.fc = nn.Linear(widths[3], num_classes)
         self.feat_dim = widths[3]
         init_weights(self)
@@ -124,13 +128,14 @@ class CifarResNet(nn.Module):
 
 
 class Bottleneck(nn.Module):  # ResNet50 (RepDistiller's resnetv2.py)
-    def __init__(self, cin, planes, stride):
+    def __init__(self, cin, cout, stride):
         super().__init__()
+        planes = cout // 4
         self.conv1, self.bn1 = conv1x1(cin, planes), nn.BatchNorm2d(planes)
         self.conv2, self.bn2 = conv3x3(planes, planes, stride), nn.BatchNorm2d(planes)
-        self.conv3, self.bn3 = conv1x1(planes, 4 * planes), nn.BatchNorm2d(4 * planes)
-        self.shortcut = (nn.Sequential(conv1x1(cin, 4 * planes, stride), nn.BatchNorm2d(4 * planes))
-                         if stride != 1 or cin != 4 * planes else nn.Sequential())
+        self.conv3, self.bn3 = conv1x1(planes, cout), nn.BatchNorm2d(cout)
+        self.shortcut = (nn.Sequential(conv1x1(cin, cout, stride), nn.BatchNorm2d(cout))
+                         if stride != 1 or cin != cout else nn.Sequential())
 
     def forward(self, x):
         out = F.relu(self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x))))))
@@ -142,10 +147,9 @@ class ResNet50(nn.Module):
         super().__init__()
         self.conv1, self.bn1 = conv3x3(3, 64), nn.BatchNorm2d(64)
         cin = 64
-        for i, (planes, n, stride) in enumerate(zip((64, 128, 256, 512), (3, 4, 6, 3), (1, 2, 2, 2)), 1):
-            self.add_module(f"layer{i}", nn.Sequential(*[Bottleneck(cin if j == 0 else 4 * planes, planes, stride if j == 0 else 1)
-                                                         for j in range(n)]))
-            cin = 4 * planes
+        for i, (cout, n, stride) in enumerate(zip((256, 512, 1024, 2048), (3, 4, 6, 3), (1, 2, 2, 2)), 1):
+            self.add_module(f"layer{i}", stage(Bottleneck, cin, cout, n, stride))
+            cin = cout
         self.linear = nn.Linear(cin, num_classes)
         self.feat_dim = cin
         init_weights(self)
@@ -175,8 +179,7 @@ class WideResNet(nn.Module):
         n, widths = (depth - 4) // 6, (16, 16 * widen, 32 * widen, 64 * widen)
         self.conv1 = conv3x3(3, 16)
         for i, (cin, cout, stride) in enumerate(zip(widths[:3], widths[1:], (1, 2, 2)), 1):
-            layer = nn.Sequential(*[WideBlock(cin if j == 0 else cout, cout, stride if j == 0 else 1) for j in range(n)])
-            self.add_module(f"block{i}", nn.ModuleDict({"layer": layer}))
+            self.add_module(f"block{i}", nn.ModuleDict({"layer": stage(WideBlock, cin, cout, n, stride)}))
         self.bn1 = nn.BatchNorm2d(widths[3])
         self.fc = nn.Linear(widths[3], num_classes)
         self.feat_dim = widths[3]
@@ -211,7 +214,8 @@ class VGG(nn.Module):  # vgg8 ... vgg19, the batch-norm variants, one global ave
 
 
 def conv_bn_relu(cin, cout, k, stride):
-    return nn.Sequential(nn.Conv2d(cin, cout, k, stride, k // 2, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+    return nn.Sequential(nn.Conv2d(cin, cout, k, stride, k // 2, bias=False), nn.BatchNorm2d(cout),
+                         nn.ReLU(inplace=True))
 
 
 class InvertedResidual(nn.Module):  # MobileNetV2, the half-width variant of the benchmark
@@ -235,10 +239,8 @@ class MobileNetV2(nn.Module):
         self.blocks = nn.ModuleList()
         for expand, c, n, stride in ((1, 16, 1, 1), (t, 24, 2, 1), (t, 32, 3, 2), (t, 64, 4, 2), (t, 96, 3, 1),
                                      (t, 160, 3, 2), (t, 320, 1, 1)):
-            cout = int(c * width)
-            self.blocks.append(nn.Sequential(*[InvertedResidual(cin if j == 0 else cout, cout, stride if j == 0 else 1, expand)
-                                               for j in range(n)]))
-            cin = cout
+            self.blocks.append(stage(InvertedResidual, cin, int(c * width), n, stride, expand))
+            cin = int(c * width)
         self.conv2 = conv_bn_relu(cin, 1280, 1, 1)
         self.classifier = nn.Sequential(nn.Linear(1280, num_classes))
         self.feat_dim = 1280
@@ -279,7 +281,8 @@ class ShuffleNetV1(nn.Module):
         cin = 24
         for i, (cout, n) in enumerate(zip(widths, depths), 1):
             # The first block of a stage concatenates its input, so it only computes cout - cin channels.
-            blocks = [ShuffleV1Block(cin, cout - cin, 2, groups)] + [ShuffleV1Block(cout, cout, 1, groups) for _ in range(n - 1)]
+            blocks = [ShuffleV1Block(cin, cout - cin, 2, groups)]
+            blocks += [ShuffleV1Block(cout, cout, 1, groups) for _ in range(n - 1)]
             self.add_module(f"layer{i}", nn.Sequential(*blocks))
             cin = cout
         self.linear = nn.Linear(cin, num_classes)
@@ -327,7 +330,8 @@ class ShuffleNetV2(nn.Module):
         self.conv1, self.bn1 = conv1x1(3, 24), nn.BatchNorm2d(24)
         cin = 24
         for i, (cout, n) in enumerate(zip(widths, depths), 1):
-            self.add_module(f"layer{i}", nn.Sequential(ShuffleV2Down(cin, cout), *[ShuffleV2Block(cout) for _ in range(n)]))
+            blocks = [ShuffleV2Down(cin, cout)] + [ShuffleV2Block(cout) for _ in range(n)]
+            self.add_module(f"layer{i}", nn.Sequential(*blocks))
             cin = cout
         self.conv2, self.bn2 = conv1x1(cin, widths[3]), nn.BatchNorm2d(widths[3])
         self.linear = nn.Linear(widths[3], num_classes)
@@ -383,7 +387,8 @@ def load_strict(module, state, path, what):
     own = module.state_dict()
     missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]  # absent in old files
     unexpected = [k for k in state if k not in own]
-    wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own if k in state and state[k].shape != own[k].shape]
+    wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
+             for k in own if k in state and state[k].shape != own[k].shape]
     if missing or unexpected or wrong:
         few = lambda keys: ", ".join(keys[:3]) + (f" (+{len(keys) - 3})" if len(keys) > 3 else "") if keys else "none"
         fail(f"{path} does not fit the {what}: missing {few(missing)}; unexpected {few(unexpected)}; "
@@ -425,12 +430,19 @@ def load_cifar100(data_dir, is_main):
     return splits
 
 
-def normalise(x, channels_last):
-    """uint8 (B, 3, 32, 32) -> float, standardised with the CIFAR-100 channel statistics."""
-    mean = torch.tensor(MEAN, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(STD, device=x.device).view(1, 3, 1, 1)
-    x = (x.float() / 255 - mean) / std
-    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+class Normalise(nn.Module):
+    """uint8 images (B, 3, 32, 32) -> float inputs standardised with the CIFAR-100 channel statistics.
+
+    The statistics live on the device as buffers: building them per batch would copy host to device."""
+
+    def __init__(self, channels_last=False):
+        super().__init__()
+        self.register_buffer("mean", 255 * torch.tensor(MEAN).view(1, 3, 1, 1))
+        self.register_buffer("std", 255 * torch.tensor(STD).view(1, 3, 1, 1))
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+
+    def forward(self, x):
+        return ((x.float() - self.mean) / self.std).contiguous(memory_format=self.memory_format)
 
 
 def crop_flip(x, generator):
@@ -450,20 +462,22 @@ def crop_flip(x, generator):
 
 
 @torch.no_grad()
-def evaluate(model, images, labels, batch_size, amp, channels_last):
+def evaluate(model, images, labels, normalise, batch_size, amp):
     """Top-1/top-5 (%) on the whole set: each rank scores its own contiguous shard (no sample dropped or
     counted twice), then the counts are summed across ranks; `images` is the number scored."""
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     n = len(labels)
     was_training = model.training
     model.eval()
-    counts = torch.zeros(3, device=labels.device, dtype=torch.float64)  # top-1 hits, top-5 hits, samples
-    for i in range(rank * n // world, (rank + 1) * n // world, batch_size):
-        stop = min(i + batch_size, (rank + 1) * n // world)
+    start, stop = rank * n // world, (rank + 1) * n // world
+    counts = torch.zeros(3, device=labels.device, dtype=torch.float64)  # top-1 hits, top-5 hits, images
+    counts[2] = stop - start
+    for i in range(start, stop, batch_size):
+        j = min(i + batch_size, stop)
         with amp:
-            logits = model(normalise(images[i:stop], channels_last))[0]
-        hits = logits.topk(5, 1).indices == labels[i:stop, None]
-        counts += torch.stack([hits[:, 0].sum(), hits.any(1).sum(), torch.tensor(stop - i, device=counts.device)])
+            logits = model(normalise(images[i:j]))[0]
+        hits = logits.topk(5, 1).indices == labels[i:j, None]
+        counts[:2] += torch.stack([hits[:, 0].sum(), hits.any(1).sum()])
     if dist.is_initialized():
         dist.all_reduce(counts)
     model.train(was_training)
@@ -501,12 +515,13 @@ def parse_args(argv):
     g.add_argument("--data-dir", default="data/cifar100",
                    help=f"dataset root, laid out as {LAYOUT}; the release is downloaded there when missing")
     g.add_argument("--dummy", action="store_true",
-                   help=f"random images and labels ({DUMMY_SIZES[0]} train, {DUMMY_SIZES[1]} test) and a random teacher "
-                   "unless --teacher-ckpt: tries the whole pipeline without files; doubles as a speed benchmark")
+                   help=f"random images and labels ({DUMMY_SIZES[0]} train, {DUMMY_SIZES[1]} test) and a random "
+                   "teacher unless --teacher-ckpt: the whole pipeline without files; doubles as a speed benchmark")
     g = p.add_argument_group("models")
     g.add_argument("--student", default="resnet8x4", choices=ARCHS, metavar="ARCH",
                    help=f"student architecture, one of: {', '.join(ARCHS)}")
-    g.add_argument("--teacher", default="resnet32x4", choices=ARCHS, metavar="ARCH", help="teacher architecture (same choices)")
+    g.add_argument("--teacher", default="resnet32x4", choices=ARCHS, metavar="ARCH",
+                   help="teacher architecture (same choices)")
     g.add_argument("--teacher-ckpt", metavar="PATH",
                    help="teacher weights: a best.pt of this script, or RepDistiller's/mdistiller's ckpt_epoch_240.pth")
     g = p.add_argument_group("distillation")
@@ -524,8 +539,8 @@ def parse_args(argv):
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int, default=240, help="training epochs")
     g.add_argument("--batch-size", type=int, default=64, help="images per process and step")
-    g.add_argument("--lr", type=float, help="SGD learning rate for a global batch of 64, scaled linearly with the global "
-                   "batch (default 0.05; 0.01 for MobileNetV2, ShuffleV1 and ShuffleV2)")
+    g.add_argument("--lr", type=float, help="SGD learning rate for a global batch of 64, scaled linearly with the "
+                   "global batch (default 0.05; 0.01 for MobileNetV2, ShuffleV1 and ShuffleV2)")
     g.add_argument("--lr-decay-epochs", type=int, nargs="+", default=[150, 180, 210],
                    help="epochs at which the lr is multiplied by --lr-decay-rate")
     g.add_argument("--lr-decay-rate", type=float, default=0.1, help="step decay factor")
@@ -536,17 +551,21 @@ def parse_args(argv):
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
     g.add_argument("--amp", choices=("off", "bf16", "fp16"), help="mixed precision (default: bf16 on CUDA, off on CPU)")
     g.add_argument("--channels-last", action="store_true", help="NHWC memory layout (faster convolutions on GPUs)")
-    g.add_argument("--compile", action="store_true", help="torch.compile the student (with the distiller) and the teacher")
+    g.add_argument("--compile", action="store_true",
+                   help="torch.compile the student (with the distiller) and the teacher")
     g.add_argument("--sync-bn", action="store_true", help="batch-norm statistics over the global batch under torchrun")
     g.add_argument("--workers", type=int, default=0,
                    help="accepted for the interface the four scripts share; unused: the data set lives on the device")
     g.add_argument("--seed", type=int, default=0, help="random seed; every random draw depends on (seed, epoch, rank)")
-    g.add_argument("--log-every", type=int, default=100, help="steps between log lines, the loop's only host-device syncs")
+    g.add_argument("--log-every", type=int, default=100,
+                   help="steps between log lines, the loop's only host-device syncs")
     g = p.add_argument_group("outputs")
-    g.add_argument("--out-dir", help="output folder (default: runs/cifar100_kd-<student>-<distill>, or the folder of --resume)")
+    g.add_argument("--out-dir",
+                   help="output folder (default: runs/cifar100_kd-<student>-<distill>, or the folder of --resume)")
     g.add_argument("--resume", metavar="PATH", help="continue the run of this checkpoint (its last.pt); "
                    "with --evaluate, the weights to score (any format --teacher-ckpt takes)")
-    g.add_argument("--evaluate", action="store_true", help="score the student of --resume on the test set, write eval.json, exit")
+    g.add_argument("--evaluate", action="store_true",
+                   help="score the student of --resume on the test set, write eval.json and exit")
     args = p.parse_args(argv)
     if args.amp is None:
         args.amp = "bf16" if args.device.startswith("cuda") else "off"
@@ -580,7 +599,8 @@ def main(argv=None):
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         fail("--device cuda but no GPU is visible; pass --device cpu")
     if args.device.startswith("cuda"):
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]) if distributed else torch.device(args.device).index or 0)
+        index = int(os.environ["LOCAL_RANK"]) if distributed else torch.device(args.device).index or 0
+        device = torch.device("cuda", index)
         torch.cuda.set_device(device)
         torch.backends.cudnn.benchmark = True
     else:
@@ -602,10 +622,11 @@ def main(argv=None):
     if args.resume and not Path(args.resume).is_file():
         fail(f"--resume {args.resume}: no such file; pass the last.pt of the run to continue")
     if not (args.evaluate or args.resume) and ((out_dir / "args.json").exists() or (out_dir / "last.pt").exists()):
-        fail(f"{out_dir} already holds a run; pass --resume {out_dir}/last.pt to continue it, or choose another --out-dir")
+        fail(f"{out_dir} already holds a run; pass --resume {out_dir}/last.pt to continue it, "
+             "or choose another --out-dir")
     if use_teacher and not (args.teacher_ckpt or args.dummy):
         fail(f"--distill {args.distill} needs teacher weights: pass --teacher-ckpt (train a teacher with --student "
-             f"{args.teacher} --distill none, or use RepDistiller's/mdistiller's {args.teacher}_vanilla/ckpt_epoch_240.pth)")
+             f"{args.teacher} --distill none, or use RepDistiller's {args.teacher}_vanilla/ckpt_epoch_240.pth)")
     if use_teacher and args.teacher_ckpt and not Path(args.teacher_ckpt).is_file():
         fail(f"--teacher-ckpt {args.teacher_ckpt}: no such file")
     if args.batch_size < 2 or args.epochs < 1 or args.log_every < 1:
@@ -623,12 +644,14 @@ def main(argv=None):
     steps = math.ceil(per_rank / args.batch_size)
     steps = min(steps, args.max_steps) if args.max_steps else steps
     eval_batch = 4 * args.batch_size
+    normalise = Normalise(args.channels_last).to(device)
 
     # ---- models ----------------------------------------------------------------------------------------
     student = ARCHS[args.student]()
     if args.evaluate:
-        load_strict(student, state_dict_of(read_checkpoint(args.resume), args.resume), args.resume, f"student {args.student}")
-        metrics = evaluate(student.to(device, memory_format=memory_format), test_x, test_y, eval_batch, amp, args.channels_last)
+        state = state_dict_of(read_checkpoint(args.resume), args.resume)
+        load_strict(student, state, args.resume, f"student {args.student}")
+        metrics = evaluate(student.to(device, memory_format=memory_format), test_x, test_y, normalise, eval_batch, amp)
         if is_main:
             print(f"{args.student} from {args.resume}: top1 {metrics['top1']:.2f} top5 {metrics['top5']:.2f} "
                   f"on {metrics['images']} images")
@@ -650,7 +673,8 @@ def main(argv=None):
     distiller = None
     if args.distill == "srd":  # W_p maps z_s (student width) to the teacher's width; widths come from the models
         try:
-            distiller = FeatureDistiller(student.feat_dim, teacher.feat_dim, args.projector, args.norm, args.distance, args.alpha)
+            distiller = FeatureDistiller(student.feat_dim, teacher.feat_dim, args.projector, args.norm, args.distance,
+                                         args.alpha)
         except ValueError as e:  # e.g. --projector none with different widths
             fail(f"{e}")
     model = StudentWithDistiller(student, distiller)
@@ -665,8 +689,10 @@ def main(argv=None):
     start_epoch, best, best_epoch = 0, -1.0, 0
     if args.resume:
         ckpt = read_checkpoint(args.resume)
-        if not isinstance(ckpt, dict) or not {"student", "distiller", "optimizer", "scheduler", "epoch", "args"} <= ckpt.keys():
-            fail(f"{args.resume} is not a training checkpoint of {PROG}; use it as --teacher-ckpt or score it with --evaluate")
+        needed = {"student", "distiller", "optimizer", "scheduler", "scaler", "epoch", "best", "best_epoch", "args"}
+        if not isinstance(ckpt, dict) or not needed <= ckpt.keys():
+            fail(f"{args.resume} is not a training checkpoint of {PROG}; use it as --teacher-ckpt, "
+                 "or score it with --evaluate")
         for key in ("student", "distill", "projector", "norm") + (("teacher",) if use_teacher else ()):
             if ckpt["args"].get(key) != getattr(args, key):
                 fail(f"{args.resume} was trained with --{key} {ckpt['args'].get(key)}, not {getattr(args, key)}; "
@@ -679,7 +705,7 @@ def main(argv=None):
         scaler.load_state_dict(ckpt["scaler"] or {})
         start_epoch, best, best_epoch = ckpt["epoch"], ckpt["best"], ckpt["best_epoch"]
         if start_epoch >= args.epochs:
-            fail(f"{args.resume} has trained {start_epoch} epochs already; pass --epochs above {start_epoch} to continue")
+            fail(f"{args.resume} has trained {start_epoch} epochs already; pass --epochs above {start_epoch}")
     compiled = torch.compile if args.compile else (lambda m: m)
     train_model = compiled(model)
     if distributed:
@@ -695,18 +721,20 @@ def main(argv=None):
         (out_dir / "args.json").write_text(json.dumps({**vars(args), **derived}, indent=2) + "\n")
         metrics_path = out_dir / "metrics.jsonl"
         if args.resume and metrics_path.exists():  # forget epochs logged after the checkpoint was written
-            lines = [l for l in metrics_path.read_text().splitlines() if l.strip() and json.loads(l)["epoch"] <= start_epoch]
-            metrics_path.write_text("".join(l + "\n" for l in lines))
+            kept = [line for line in metrics_path.read_text().splitlines()
+                    if line.strip() and json.loads(line)["epoch"] <= start_epoch]
+            metrics_path.write_text("".join(line + "\n" for line in kept))
         print("args: " + ", ".join(f"{k}={v}" for k, v in vars(args).items()))
         print(f"world size {world} | device {device} | amp {args.amp} | global batch {global_batch} | lr {lr:g} | "
               f"{steps} steps/epoch | params: student {n_params(student):.2f}M, distiller {n_params(distiller):.3f}M, "
               f"teacher {n_params(teacher):.2f}M")
     teacher_top1 = None
     if teacher is not None:
-        teacher_top1 = evaluate(teacher, test_x, test_y, eval_batch, amp, args.channels_last)["top1"]
+        teacher_top1 = evaluate(teacher, test_x, test_y, normalise, eval_batch, amp)["top1"]
         published = PUBLISHED_TOP1.get(args.teacher)
         if is_main:
-            origin = f"from {args.teacher_ckpt}" if args.teacher_ckpt else "RANDOMLY INITIALISED: --dummy without --teacher-ckpt"
+            origin = (f"from {args.teacher_ckpt}" if args.teacher_ckpt
+                      else "RANDOMLY INITIALISED: --dummy without --teacher-ckpt")
             print(f"teacher {args.teacher} ({origin}): top1 {teacher_top1:.2f}")
             if published and not args.dummy and teacher_top1 < published - 3:
                 print(f"warning: the teacher scores {teacher_top1:.2f}, far below the {published} of the public "
@@ -726,7 +754,7 @@ def main(argv=None):
         for step in range(steps):
             t_data = time.perf_counter()
             idx = order[step * args.batch_size:(step + 1) * args.batch_size]
-            x, y = normalise(crop_flip(train_x[idx], own), args.channels_last), train_y[idx]
+            x, y = normalise(crop_flip(train_x[idx], own)), train_y[idx]
             data_s += time.perf_counter() - t_data
             with amp:
                 logits_t = z_t = None
@@ -735,8 +763,9 @@ def main(argv=None):
                         logits_t, z_t = teacher(x)
                 logits_s, loss_feat = train_model(x, z_t)
                 loss_ce = F.cross_entropy(logits_s.float(), y)
-                loss_kd = kd_loss(logits_s, logits_t, args.temperature) if teacher is not None else torch.zeros_like(loss_ce)
-                loss_feat = torch.zeros_like(loss_ce) if loss_feat is None else loss_feat
+                zero = torch.zeros_like(loss_ce)  # an unused term: 0, so that one expression serves every mode
+                loss_kd = zero if teacher is None else kd_loss(logits_s, logits_t, args.temperature)
+                loss_feat = zero if loss_feat is None else loss_feat
                 loss = args.ce_weight * loss_ce + args.kd_weight * loss_kd + args.feat_weight * loss_feat
             scaler.scale(loss).backward()
             scaler.step(optimizer)
@@ -759,10 +788,13 @@ def main(argv=None):
                 now = time.time()
                 if is_main:
                     eta = (now - t_loop) / done_steps * (total_steps - done_steps)
-                    losses = f"ce {ce:.3f}" + (f" kd {kd:.3f}" if teacher is not None else "") + (f" feat {feat:.3f}" if distiller is not None else "")
+                    losses = f"ce {ce:.3f}" + (f" kd {kd:.3f}" if teacher is not None else "")
+                    losses += f" feat {feat:.3f}" if distiller is not None else ""
                     print(f"epoch {epoch + 1}/{args.epochs} step {step + 1}/{steps} | {losses} | "
-                          f"lr {optimizer.param_groups[0]['lr']:.4f} | {log_steps * global_batch / (now - t_log):.0f} img/s | "
-                          f"data {1000 * data_s / log_steps:.1f} ms/step | eta {datetime.timedelta(seconds=round(eta))}")
+                          f"lr {optimizer.param_groups[0]['lr']:.4f} | "
+                          f"{log_steps * global_batch / (now - t_log):.0f} img/s | "
+                          f"data {1000 * data_s / log_steps:.1f} ms/step | "
+                          f"eta {datetime.timedelta(seconds=round(eta))}")
                 log_sums.zero_()
                 log_steps, t_log, data_s = 0, now, 0.0
         if device.type == "cuda":
@@ -777,7 +809,7 @@ def main(argv=None):
         scheduler.step()
 
         # ---- evaluation on the full test set, checkpoint, one record ----------------------------------------
-        metrics = evaluate(eval_student, test_x, test_y, eval_batch, amp, args.channels_last)
+        metrics = evaluate(eval_student, test_x, test_y, normalise, eval_batch, amp)
         del metrics["images"]
         if metrics["top1"] > best:
             best, best_epoch = metrics["top1"], epoch + 1
@@ -785,33 +817,39 @@ def main(argv=None):
             last = {"epoch": epoch + 1, "lr": epoch_lr, "loss_ce": loss_means[0],
                     "loss_kd": loss_means[1] if teacher is not None else None,
                     "loss_feat": loss_means[2] if distiller is not None else None, **metrics,
-                    "images_per_s": images / train_s, "epoch_s": time.time() - t_epoch, "peak_mem_mb": peak_memory_mb(device)}
+                    "images_per_s": images / train_s, "epoch_s": time.time() - t_epoch,
+                    "peak_mem_mb": peak_memory_mb(device)}
             if args.distill == "srd":  # the paper's spectral view of W_p
                 sv = projector_spectrum(distiller)
                 last["projector_sv"] = None if sv is None else {"max": sv.max().item(), "min": sv.min().item(),
                                                                 "mean": sv.mean().item()}
-            ckpt = {"student": student.state_dict(), "distiller": distiller.state_dict() if distiller is not None else None,
-                    "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-                    "epoch": epoch + 1, "best": best, "best_epoch": best_epoch, "args": vars(args)}
+            ckpt = {"student": student.state_dict(),
+                    "distiller": distiller.state_dict() if distiller is not None else None,
+                    "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                    "scaler": scaler.state_dict(), "epoch": epoch + 1, "best": best, "best_epoch": best_epoch,
+                    "args": vars(args)}
             save_atomic(ckpt, out_dir / "last.pt")
             if best_epoch == epoch + 1:
                 save_atomic(ckpt, out_dir / "best.pt")
             with open(out_dir / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(last) + "\n")
-            print(f"epoch {epoch + 1}/{args.epochs} | top1 {metrics['top1']:.2f} top5 {metrics['top5']:.2f} | best {best:.2f} "
-                  f"(epoch {best_epoch}) | {last['epoch_s']:.0f} s | peak {last['peak_mem_mb']:.0f} MB")
+            print(f"epoch {epoch + 1}/{args.epochs} | top1 {metrics['top1']:.2f} top5 {metrics['top5']:.2f} | "
+                  f"best {best:.2f} (epoch {best_epoch}) | {last['epoch_s']:.0f} s | peak {last['peak_mem_mb']:.0f} MB")
 
     # ---- summary: best AND last accuracy, labelled (papers on this benchmark quote either) ------------------
     if is_main:
-        summary = {"metric": "top1", "best": best, "best_epoch": best_epoch, "last": last["top1"], "last_top5": last["top5"],
-                   "teacher": teacher_top1, "student_arch": args.student, "teacher_arch": args.teacher if teacher is not None else None,
-                   "distill": args.distill, "wall_s": time.time() - t_start, "images_per_s": run_images / run_train_s,
+        summary = {"metric": "top1", "best": best, "best_epoch": best_epoch, "last": last["top1"],
+                   "last_top5": last["top5"], "teacher": teacher_top1, "student_arch": args.student,
+                   "teacher_arch": args.teacher if teacher is not None else None, "distill": args.distill,
+                   "wall_s": time.time() - t_start, "images_per_s": run_images / run_train_s,
                    "peak_mem_mb": peak_memory_mb(device), "world_size": world,
                    "versions": {"python": platform.python_version(), "torch": torch.__version__,
-                                "torchvision": version("torchvision"), "timm": version("timm"), "cuda": torch.version.cuda}}
+                                "torchvision": version("torchvision"), "timm": version("timm"),
+                                "cuda": torch.version.cuda}}
         (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        print(f"done: best top1 {best:.2f} (epoch {best_epoch}), last top1 {last['top1']:.2f}, teacher "
-              f"{'-' if teacher_top1 is None else f'{teacher_top1:.2f}'} | {summary['wall_s'] / 60:.1f} min | {out_dir}")
+        teacher_txt = "-" if teacher_top1 is None else f"{teacher_top1:.2f}"
+        print(f"done: best top1 {best:.2f} (epoch {best_epoch}), last top1 {last['top1']:.2f}, teacher {teacher_txt} | "
+              f"{summary['wall_s'] / 60:.1f} min | {out_dir}")
     if distributed:
         dist.destroy_process_group()
     return last
