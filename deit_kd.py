@@ -396,32 +396,40 @@ def main(argv=None):
 
     # ---- data, models and checkpoints: all validated before anything is written -----------------
     train_set, val_set, num_classes = build_data(args)
-    teacher = create_teacher(args, num_classes)
     student = create_student(args, num_classes)
-    distiller = None
-    if args.distill == "srd":
-        distiller = FeatureDistiller(student.embed_dim, teacher.num_features, args.projector, args.norm,
-                                     args.distance, args.alpha)
-    model = StudentDistiller(student, distiller)
-    resume = None
+    teacher = distiller = resume = None
     if args.evaluate:
         load_weights(student, args.resume, "student")
-    elif args.resume:
-        resume = load_weights(student, args.resume, "resumed")
-        if not all(k in resume for k in ("optimizer", "scheduler", "epoch")):
-            fail(f"--resume {args.resume} holds weights but no training state; pass a last.pt written by {SCRIPT}")
-        if (resume["distiller"] is None) != (distiller is None):
-            fail(f"--resume {args.resume} was trained with another --distill; resume with the same flags")
-        if distiller is not None:
-            distiller.load_state_dict(resume["distiller"])
-    elif (args.out_dir / "args.json").exists() or (args.out_dir / "last.pt").exists():
-        fail(f"--out-dir {args.out_dir} already holds a run; pass --resume {args.out_dir}/last.pt to continue it, "
-             "or choose another --out-dir")
+    else:
+        teacher = create_teacher(args, num_classes)
+        if args.distill == "srd":
+            distiller = FeatureDistiller(student.embed_dim, teacher.num_features, args.projector, args.norm,
+                                         args.distance, args.alpha)
+        if args.resume:
+            resume = load_weights(student, args.resume, "resumed")
+            if not all(k in resume for k in ("optimizer", "scheduler", "scaler", "epoch", "distiller")):
+                fail(f"--resume {args.resume} holds weights but no training state; pass a last.pt written by {SCRIPT}")
+            if (resume["distiller"] is None) != (distiller is None):
+                fail(f"--resume {args.resume} was trained with another --distill; resume with the same flags")
+            if distiller is not None:
+                distiller.load_state_dict(resume["distiller"])
+        elif (args.out_dir / "args.json").exists() or (args.out_dir / "last.pt").exists():
+            fail(f"--out-dir {args.out_dir} already holds a run; pass --resume {args.out_dir}/last.pt to continue "
+                 "it, or choose another --out-dir")
+    # Each rank trains on its shard and evaluates every world-th image: the whole set, each image once.
+    sampler = DistributedSampler(train_set, num_replicas=world, rank=rank, shuffle=True, seed=args.seed,
+                                 drop_last=True)
+    loader_rng = torch.Generator()  # re-seeded every epoch: worker seeds are a function of (seed, epoch)
+    train_loader = DataLoader(train_set, batch_size=args.batch_size, sampler=sampler, num_workers=args.workers,
+                              pin_memory=device.type == "cuda", drop_last=True, generator=loader_rng)
+    val_loader = DataLoader(Subset(val_set, range(rank, len(val_set), world)), batch_size=args.batch_size,
+                            num_workers=args.workers, pin_memory=device.type == "cuda")
+    steps = min(len(train_loader), args.max_steps or len(train_loader))
+    if steps == 0 and not args.evaluate:
+        fail(f"{len(train_set)} training images are fewer than one global batch of {global_batch}; lower --batch-size")
     if distributed:  # every rank has validated its input by the time this rendezvous completes
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
 
-    val_loader = DataLoader(Subset(val_set, range(rank, len(val_set), world)), batch_size=args.batch_size,
-                            num_workers=args.workers, pin_memory=device.type == "cuda")
     if args.evaluate:
         student.to(device, memory_format=channels)
         metrics = evaluate(student, val_loader, device, autocast, args.channels_last)
@@ -433,24 +441,15 @@ def main(argv=None):
             dist.destroy_process_group()
         return metrics
 
-    sampler = DistributedSampler(train_set, num_replicas=world, rank=rank, shuffle=True, seed=args.seed,
-                                 drop_last=True)
-    loader_rng = torch.Generator()  # re-seeded every epoch: worker seeds are a function of (seed, epoch)
-    train_loader = DataLoader(train_set, batch_size=args.batch_size, sampler=sampler, num_workers=args.workers,
-                              pin_memory=device.type == "cuda", drop_last=True, generator=loader_rng)
-    steps = min(len(train_loader), args.max_steps or len(train_loader))
-    if steps == 0:
-        fail(f"{len(train_set)} training images are fewer than one global batch of {global_batch}; lower --batch-size")
-
     if is_main:
         args.out_dir.mkdir(parents=True, exist_ok=True)
         (args.out_dir / "args.json").write_text(json.dumps(vars(args), indent=1, default=str))
         print(f"args: {json.dumps(vars(args), default=str)}")
         print(f"world size {world} | device {device} | amp {args.amp} | global batch {global_batch} | lr {lr:.3g}, "
               f"min {min_lr:.3g}, warm-up from {warmup_lr:.3g} over {args.warmup_epochs} epochs | {steps} steps/epoch")
-        n_params = lambda m: sum(p.numel() for p in m.parameters()) if m is not None else 0  # noqa: E731
-        print(f"parameters: student {n_params(student) / 1e6:.2f}M ({args.stem} stem), distiller "
-              f"{n_params(distiller) / 1e6:.2f}M, teacher {n_params(teacher) / 1e6:.2f}M ({args.teacher})")
+        millions = [sum(p.numel() for p in m.parameters()) / 1e6 if m is not None else 0 for m in (student, distiller, teacher)]
+        print("parameters: student {:.2f}M, distiller {:.2f}M, teacher {:.2f}M".format(*millions),
+              f"({args.stem} stem; teacher {args.teacher if teacher else 'none'})")
 
     # ---- teacher: frozen, eval mode, no_grad; its accuracy first ----------------------------------
     teacher_top1 = None
@@ -473,6 +472,7 @@ def main(argv=None):
         return teacher.forward_head(features, pre_logits=True), teacher.forward_head(features)
 
     # ---- student + distiller, optimiser, schedule -------------------------------------------------
+    model = StudentDistiller(student, distiller)
     if args.sync_bn and distributed:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model.to(device, memory_format=channels)
