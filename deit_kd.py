@@ -339,6 +339,13 @@ class StudentDistiller(nn.Module):
         return y_cls, y_aux, self.distiller(z_s, z_t)
 
 
+def kd_loss(y_s, y_t, T):
+    """Hinton's KD term ``KL(p_t || p_s) * T^2`` (batch mean, float32); ``T^2`` keeps the gradient scale
+    independent of the temperature."""
+    return F.kl_div(F.log_softmax(y_s.float() / T, 1), F.log_softmax(y_t.float() / T, 1), reduction="batchmean",
+                    log_target=True) * T * T
+
+
 # ---------------------------------------------------------------------------------------------------
 # Evaluation: exact top-1/top-5 over the whole validation set, shards all-reduced
 # ---------------------------------------------------------------------------------------------------
@@ -379,7 +386,8 @@ def main(argv=None):
     args = get_args(argv)
     wall0 = time.time()
     # ---- set-up: one code path for one process and for torchrun ----------------------------------
-    rank, local_rank, world = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("LOCAL_RANK", 0), ("WORLD_SIZE", 1)))
+    rank, local_rank, world = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("LOCAL_RANK", 0),
+                                                                     ("WORLD_SIZE", 1)))
     distributed, is_main = "RANK" in os.environ, rank == 0
     device = torch.device(args.device)
     if device.type == "cuda":
@@ -447,7 +455,8 @@ def main(argv=None):
         print(f"args: {json.dumps(vars(args), default=str)}")
         print(f"world size {world} | device {device} | amp {args.amp} | global batch {global_batch} | lr {lr:.3g}, "
               f"min {min_lr:.3g}, warm-up from {warmup_lr:.3g} over {args.warmup_epochs} epochs | {steps} steps/epoch")
-        millions = [sum(p.numel() for p in m.parameters()) / 1e6 if m is not None else 0 for m in (student, distiller, teacher)]
+        millions = [sum(p.numel() for p in m.parameters()) / 1e6 if m is not None else 0
+                    for m in (student, distiller, teacher)]
         print("parameters: student {:.2f}M, distiller {:.2f}M, teacher {:.2f}M".format(*millions),
               f"({args.stem} stem; teacher {args.teacher if teacher else 'none'})")
 
@@ -539,21 +548,13 @@ def main(argv=None):
                     with torch.no_grad():
                         z_t, y_t = teach(images)
                 y_cls, y_aux, loss_feat = model(images, z_t)
-                if teacher is None:  # no teacher: both heads learn the labels, as both vote at evaluation
-                    loss_ce = (criterion(y_cls, targets) + criterion(y_aux, targets)) / 2
-                else:
-                    loss_ce = criterion(y_cls, targets)
-                loss = loss_ce
-                loss_kd = torch.zeros((), device=device)
-                if teacher is not None:  # KL(p_t || p_s) on the second head, T^2 keeps gradients T-independent
-                    T = args.temperature
-                    loss_kd = F.kl_div(F.log_softmax(y_aux.float() / T, 1), F.log_softmax(y_t.float() / T, 1),
-                                       reduction="batchmean", log_target=True) * T * T
-                    loss = loss + args.kd_weight * loss_kd
-                if loss_feat is not None:
-                    loss = loss + args.feat_weight * loss_feat
-                else:
-                    loss_feat = torch.zeros((), device=device)
+                zero = torch.zeros((), device=device)
+                if teacher is None:  # both heads learn the labels, as both vote at evaluation
+                    loss_ce, loss_kd = (criterion(y_cls, targets) + criterion(y_aux, targets)) / 2, zero
+                else:  # the labels on the cls head, the teacher on the second head
+                    loss_ce, loss_kd = criterion(y_cls, targets), kd_loss(y_aux, y_t, args.temperature)
+                loss_feat = zero if loss_feat is None else loss_feat
+                loss = loss_ce + args.kd_weight * loss_kd + args.feat_weight * loss_feat
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             if args.clip_grad:
@@ -574,8 +575,8 @@ def main(argv=None):
                 if not math.isfinite(sum(mean)):
                     if is_main:
                         print(f"{SCRIPT}: non-finite loss at epoch {epoch + 1} step {step + 1}: {values} total "
-                              f"{mean[3]:.3f}; lower "
-                              f"--lr or try --amp off; last.pt holds epoch {epoch}", file=sys.stderr)
+                              f"{mean[3]:.3f}; lower --lr or try --amp off; last.pt holds epoch {epoch}",
+                              file=sys.stderr)
                     sys.exit(3)
                 now = time.time()
                 done = (epoch - start_epoch) * steps + step + 1
@@ -616,7 +617,8 @@ def main(argv=None):
             checkpoint = {"student": student.state_dict(), "distiller": None if distiller is None else
                           distiller.state_dict(), "optimizer": optimizer.state_dict(),
                           "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch + 1,
-                          "best": best, "best_epoch": best_epoch, "args": json.loads(json.dumps(vars(args), default=str))}
+                          "best": best, "best_epoch": best_epoch,
+                          "args": json.loads(json.dumps(vars(args), default=str))}  # plain types: weights_only loads
             save_atomic(checkpoint, args.out_dir / "last.pt")
             if best_epoch == epoch + 1:
                 save_atomic(checkpoint, args.out_dir / "best.pt")
