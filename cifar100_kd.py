@@ -17,6 +17,8 @@ Train a teacher (the public teacher downloads are often dead), then distil a stu
     python cifar100_kd.py --teacher resnet32x4 --student resnet8x4 \\
         --teacher-ckpt runs/cifar100_kd-resnet32x4-none/best.pt --data-dir data/cifar100
     torchrun --nproc_per_node=2 cifar100_kd.py --batch-size 32 ...   # same global batch on 2 GPUs
+    python cifar100_kd.py --distill kd --ce-weight 0.1 --kd-weight 0.9 --temperature 4 ...   # classic KD
+    python cifar100_kd.py --dummy --epochs 1 --max-steps 20   # no data, random teacher: a smoke test
 
 The whole data set lives on the training device as uint8; crop, flip and normalisation happen there,
 per batch, so there is no DataLoader. A run prints its arguments, the teacher's test accuracy (79.4 %
@@ -809,6 +811,9 @@ def main(argv=None):
         scheduler.step()
 
         # ---- evaluation on the full test set, checkpoint, one record ----------------------------------------
+        if distributed:  # every rank scores the model rank 0 saves: its batch-norm statistics, not the local ones
+            for buffer in student.buffers():
+                dist.broadcast(buffer, 0)
         metrics = evaluate(eval_student, test_x, test_y, normalise, eval_batch, amp)
         del metrics["images"]
         if metrics["top1"] > best:
