@@ -64,7 +64,9 @@ ARCHS = models.list_models(module=models)
 HEADS = ("fc", "classifier", "heads", "head")  # the final classifier block of torchvision's models
 MEAN = (0.485, 0.456, 0.406)  # ImageNet statistics, as torchvision's pretrained weights expect
 STD = (0.229, 0.224, 0.225)
-DUMMY_TRAIN, DUMMY_VAL, DUMMY_CLASSES = 1_281_167, 1000, 1000  # ImageNet's train length and classes
+# --dummy: ImageNet's training length and classes; a validation set of a few batches (chance accuracy on
+# random images: evaluating them only exercises the code).
+DUMMY_TRAIN, DUMMY_VAL, DUMMY_CLASSES = 1_281_167, 256, 1000
 LAYOUT = ("<data-dir>/train/<class>/*.JPEG and <data-dir>/val/<class>/*.JPEG (the ImageFolder layout; "
           "sort the 50,000 validation images into class folders, e.g. with the valprep.sh script of "
           "pytorch/examples/imagenet)")
@@ -166,17 +168,19 @@ class Augmented(Dataset):
 
 
 class DummyImages(Dataset):
-    """Random uint8 images with labels ``index % classes``; image ``index`` is the same every epoch."""
+    """``length`` random uint8 images with labels ``index % classes``, drawn from a fixed pool of 64 so that
+    an item costs a copy, not a random draw: the loader never limits a --dummy benchmark."""
 
     def __init__(self, length, size, classes=DUMMY_CLASSES):
-        self.length, self.size, self.classes = length, size, classes
+        self.length, self.classes = length, classes
+        g = torch.Generator().manual_seed(0)
+        self.pool = torch.randint(0, 256, (64, 3, size, size), dtype=torch.uint8, generator=g)
 
     def __len__(self):
         return self.length
 
     def __getitem__(self, index):
-        g = torch.Generator().manual_seed(index)
-        return torch.randint(0, 256, (3, self.size, self.size), dtype=torch.uint8, generator=g), index % self.classes
+        return self.pool[index % len(self.pool)], index % self.classes  # collation copies it
 
 
 def image_folders(args):
