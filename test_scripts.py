@@ -77,3 +77,124 @@ def load_checkpoint(path):
 # ---------------------------------------------------------------------------------------------
 # coco_kd.py
 # <!-- tests: coco -->
+import pytest  # noqa: E402  (coco section: fixtures and parametrised bad-input cases)
+
+COCO_SCRIPT = "coco_kd.py"
+COCO_SMALL = ["--student", "resnet18", "--no-pretrained-backbone", "--min-size", "128", "--max-size", "160",
+              "--workers", "0", "--max-steps", "1", "--log-every", "1"]
+
+
+def coco_write_split(root, split, shapes, seed):
+    """A COCO 2017 split on disk: JPEGs in <root>/<split>/, instances_<split>.json with small, medium
+    and large boxes, a crowd box, and (in train) an image whose only box is a crowd box."""
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(seed)
+    (root / split).mkdir(parents=True)
+    images, annotations = [], []
+    for image_id, (h, w) in enumerate(shapes, 1):
+        name = f"{image_id:012d}.jpg"
+        pixels = torch.randint(0, 256, (h, w, 3), dtype=torch.uint8, generator=g).numpy()
+        Image.fromarray(pixels).save(root / split / name, quality=90)
+        images.append({"id": image_id, "file_name": name, "height": h, "width": w})
+        boxes = [[4, 6, 20, 14, 0], [30, 20, 60, 50, 0], [10, 10, 110, 100, 0], [2, 2, 40, 40, 1]]
+        if image_id == len(shapes) and split == "train2017":
+            boxes = [[2, 2, 40, 40, 1]]  # crowd only: skipped in training
+        for x, y, bw, bh, crowd in boxes:
+            annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": 1 + len(annotations) % 3,
+                                "bbox": [x, y, bw, bh], "area": bw * bh, "iscrowd": crowd})
+    (root / "annotations").mkdir(exist_ok=True)
+    categories = [{"id": i, "name": f"c{i}", "supercategory": "x"} for i in (1, 2, 3)]
+    (root / "annotations" / f"instances_{split}.json").write_text(
+        json.dumps({"images": images, "annotations": annotations, "categories": categories}))
+
+
+@pytest.fixture(scope="module")
+def coco_data(tmp_path_factory):
+    """Tiny COCO folder plus a random ResNet-18 Faster R-CNN teacher saved the way checkpoints are
+    found in the wild (under "model", with DDP's "module." prefix)."""
+    from torch import nn
+    from torchvision.models.detection import FasterRCNN
+    from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
+
+    root = tmp_path_factory.mktemp("coco")
+    coco_write_split(root / "data", "train2017", [(120, 160), (160, 120), (120, 160), (160, 120), (120, 160)], 0)
+    coco_write_split(root / "data", "val2017", [(120, 160), (160, 120)], 1)
+    torch.manual_seed(0)
+    teacher = FasterRCNN(resnet_fpn_backbone(backbone_name="resnet18", weights=None, norm_layer=nn.BatchNorm2d, trainable_layers=5), num_classes=91)
+    torch.save({"model": {f"module.{k}": v for k, v in teacher.state_dict().items()}}, root / "teacher.pt")
+    return root
+
+
+def coco_srd(coco_data, out_dir, *extra):
+    return run_script(COCO_SCRIPT, "--data-dir", coco_data / "data", *COCO_SMALL, "--teacher", "resnet18",
+                      "--teacher-ckpt", coco_data / "teacher.pt", "--teacher-eval-images", "1", "--score-thresh", "0.01",
+                      "--out-dir", out_dir, *extra)
+
+
+def test_coco_train_evaluate_resume(coco_data, tmp_path):
+    """srd on a real COCO folder: outputs, COCOeval metrics, --evaluate, and exact resume."""
+    full = check_ok(coco_srd(coco_data, tmp_path / "full", "--epochs", "2"))
+    assert "4 train / 2 val images" in full.stdout  # the crowd-only image is skipped
+    assert "teacher val: AP" in full.stdout and "on 1 images" in full.stdout
+    records = read_jsonl(tmp_path / "full" / "metrics.jsonl")
+    assert [r["epoch"] for r in records] == [1, 2]
+    for r in records:
+        assert {"lr", "loss_det", "loss_classifier", "loss_box_reg", "loss_objectness", "loss_rpn_box_reg", "loss_kd",
+                "images_per_s", "epoch_s", "peak_mem_mb"} <= r.keys()
+        assert r["eval_images"] == 2 and r["loss_kd"] is None
+        assert all(0.0 <= r[k] <= 1.0 for k in ("AP", "AP50", "AP75", "APs", "APm", "APl")), r
+        assert r["loss_feat"] > 0 and r["loss_det"] > 0
+        assert set(r["projector_sv"]) == {"0", "1", "2", "3", "pool"} and r["projector_sv"]["0"]["max"] > 0
+    summary = json.loads((tmp_path / "full" / "summary.json").read_text())
+    assert summary["metric"] == "AP" and summary["last"] == records[-1]["AP"] and summary["world_size"] == 1
+    assert 0.0 <= summary["teacher"] <= 1.0 and summary["best"] == max(r["AP"] for r in records)
+    ckpt = load_checkpoint(tmp_path / "full" / "last.pt")
+    assert ckpt["epoch"] == 2 and set(ckpt["distiller"]) >= {"0.projector.weight", "pool.norm_t.running_mean"}
+    assert all(not k.startswith("module.") for k in ckpt["student"])
+
+    # --evaluate reproduces the last epoch's metrics from the checkpoint alone
+    check_ok(run_script(COCO_SCRIPT, "--data-dir", coco_data / "data", *COCO_SMALL, "--score-thresh", "0.01",
+                        "--evaluate", "--resume", tmp_path / "full" / "last.pt", "--out-dir", tmp_path / "eval"))
+    evaluated = json.loads((tmp_path / "eval" / "eval.json").read_text())
+    assert {k: evaluated[k] for k in ("AP", "AP50", "APm")} == {k: records[-1][k] for k in ("AP", "AP50", "APm")}
+
+    # 1 epoch + --resume to 2 == 2 epochs in one go
+    check_ok(coco_srd(coco_data, tmp_path / "split", "--epochs", "1"))
+    check_ok(coco_srd(coco_data, tmp_path / "split", "--epochs", "2", "--resume", tmp_path / "split" / "last.pt"))
+    resumed = load_checkpoint(tmp_path / "split" / "last.pt")
+    for part in ("student", "distiller"):
+        for k, v in ckpt[part].items():
+            assert torch.equal(v, resumed[part][k]), (part, k)
+    assert [r["epoch"] for r in read_jsonl(tmp_path / "split" / "metrics.jsonl")] == [1, 2]
+
+
+def test_coco_torchrun_dummy(tmp_path):
+    """Two processes (gloo): the projectors train inside DDP and every val image is counted once."""
+    out = tmp_path / "ddp"
+    check_ok(run_torchrun(COCO_SCRIPT, "--dummy", *COCO_SMALL, "--teacher", "resnet18", "--epochs", "1", "--out-dir", out))
+    (record,) = read_jsonl(out / "metrics.jsonl")
+    assert record["eval_images"] == 7 and 0.0 <= record["AP50"] <= 1.0  # 7 dummy val images over 2 ranks
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["teacher"] is not None
+    assert load_checkpoint(out / "last.pt")["distiller"] is not None
+
+
+@pytest.mark.parametrize("case", ["no-annotations", "no-images", "teacher-layout"])
+def test_coco_bad_input(coco_data, tmp_path, case):
+    data, out = tmp_path / "data", tmp_path / "out"
+    teacher = "mobilenet_v3_large" if case == "teacher-layout" else "resnet18"  # teacher.pt holds a resnet18 layout
+    args = ["--data-dir", data, *COCO_SMALL, "--teacher", teacher, "--teacher-ckpt", coco_data / "teacher.pt", "--out-dir", out]
+    if case == "no-annotations":
+        (data / "train2017").mkdir(parents=True)
+        words = ["missing annotation file", "instances_train2017.json"]
+    elif case == "no-images":
+        coco_write_split(data, "train2017", [(120, 160)], 0)
+        for jpg in (data / "train2017").iterdir():
+            jpg.unlink()
+        words = ["no images found"]
+    else:
+        coco_write_split(data, "train2017", [(120, 160), (120, 160)], 0)
+        coco_write_split(data, "val2017", [(120, 160)], 0)
+        words = ["teacher checkpoint", "does not fit"]
+    check_bad_input(run_script(COCO_SCRIPT, *args), COCO_SCRIPT, out, *words)
