@@ -515,6 +515,8 @@ def main(argv=None):
     args.amp = args.amp or ("bf16" if device_type == "cuda" else "off")
     if args.amp == "fp16" and device_type != "cuda":
         fail("--amp fp16 needs CUDA (its GradScaler); use --amp bf16 or off on CPU")
+    if args.sync_bn and device_type != "cuda":
+        fail("--sync-bn needs CUDA (SyncBatchNorm runs on GPUs only); leave it out on CPU")
     amp_dtype = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.amp]
 
     # ---- distributed set-up: torchrun sets RANK; without it, the same code in one process
