@@ -375,7 +375,7 @@ def fpn_features(backbone, x, amp_dtype):
     """The FPN maps, in float32. Backbone and FPN (nearly all the FLOPs) run under autocast; the RPN
     and RoI heads stay in float32, as bf16's 8-bit mantissa would move box corners near x = 1000 by
     up to 4 px."""
-    with torch.autocast(x.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+    with torch.autocast(x.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
         return OrderedDict((k, v.float()) for k, v in backbone(x).items())
 
 
