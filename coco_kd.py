@@ -686,7 +686,7 @@ def main(argv=None):
                     feat = f" feat {mean[-1]:.3f}" if teacher is not None else ""
                     ips = n_images / (now - t_log)
                     print(f"epoch {epoch + 1}/{args.epochs} step {step}/{steps} | det {sum(mean[:-1]):.3f} ({det})"
-                          f"{feat} | lr {optimizer.param_groups[0]['lr']:.5f} | {ips:.2f} img/s"
+                          f"{feat} | lr {optimizer.param_groups[0]['lr']:.4g} | {ips:.2f} img/s"
                           f" | data {1000 * data_time / log_steps:.1f} ms/step | eta {eta}")
                 epoch_sums, epoch_images = [a + b for a, b in zip(epoch_sums, sums)], epoch_images + n_images
                 log_sums.zero_()
