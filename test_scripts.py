@@ -72,6 +72,189 @@ def load_checkpoint(path):
 # ---------------------------------------------------------------------------------------------
 # deit_kd.py
 # <!-- tests: deit -->
+import pytest  # noqa: E402  (parametrised bad-input cases, module-scoped data)
+
+DEIT_CLASSES = 3
+# 32 px images: a 2x2 token grid; a tiny timm teacher; two steps per epoch.
+DEIT_FAST = ["--img-size", 32, "--batch-size", 4, "--max-steps", 2, "--workers", 0, "--log-every", 1,
+             "--device", "cpu", "--teacher", "resnet10t"]
+
+
+@pytest.fixture(scope="module")
+def deit_data(tmp_path_factory):
+    """A 3-class ImageFolder (PNG files, 40x40, 8 train and 5 val images per class: 15 val images, an odd
+    count for the 2-process run) and a teacher checkpoint saved the way DeiT's is, under ``model``."""
+    import timm
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("deit")
+    gen = torch.Generator().manual_seed(0)
+    for split, n in (("train", 8), ("val", 5)):
+        for c in range(DEIT_CLASSES):
+            (root / "imagenet" / split / f"n0{c}").mkdir(parents=True)
+            for i in range(n):
+                # Class-dependent colour so that the tiny models see some signal.
+                pixels = torch.randint(0, 120, (40, 40, 3), dtype=torch.uint8, generator=gen)
+                pixels[..., c] += 120
+                Image.fromarray(pixels.numpy()).save(root / "imagenet" / split / f"n0{c}" / f"{i}.png")
+    torch.manual_seed(0)
+    torch.save({"model": timm.create_model("resnet10t", num_classes=DEIT_CLASSES).state_dict()}, root / "teacher.pt")
+    torch.save({"model": timm.create_model("resnet10t", num_classes=5).state_dict()}, root / "teacher5.pt")
+    return root
+
+
+def deit_args(data, out, *extra):
+    return ["--data-dir", data / "imagenet", "--teacher-ckpt", data / "teacher.pt", "--out-dir", out, *DEIT_FAST,
+            *extra]
+
+
+def deit_student(stem):
+    """The plain student a user would load a checkpoint into."""
+    import deit_kd  # pytest puts the repository root on sys.path
+    import timm
+
+    if stem == "patch":
+        return timm.create_model("deit_tiny_distilled_patch16_224", img_size=32, num_classes=DEIT_CLASSES)
+    return deit_kd.ConvStemDeiT(img_size=32, num_classes=DEIT_CLASSES, **deit_kd.STUDENTS["deit_tiny"])
+
+
+def deit_main(*args):
+    """``deit_kd.main(args)`` in this process (the notebook API), returned as a CompletedProcess for check_ok
+    and check_bad_input; it saves a Python start-up where the command line itself is not under test."""
+    import contextlib
+    import io
+
+    import deit_kd
+
+    out, err, code = io.StringIO(), io.StringIO(), 0
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            deit_kd.main(list(map(str, args)))
+        except SystemExit as e:
+            code = e.code
+    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
+
+
+def test_deit_conv_stem_srd_trains_evaluates_and_resumes_exactly(deit_data, tmp_path):
+    # Two epochs in one go, and one epoch + --resume to two: the same weights (CPU, same seed).
+    full, part = tmp_path / "full", tmp_path / "part"
+    out = check_ok(run_script("deit_kd.py", *deit_args(deit_data, full, "--epochs", 2))).stdout
+    assert "teacher resnet10t: top1" in out and "on 15 images" in out
+    assert "epoch 2/2 step 2/2 | ce " in out and " kd " in out and " feat " in out and "img/s" in out
+    check_ok(run_script("deit_kd.py", *deit_args(deit_data, part, "--epochs", 1)))
+    # A non-finite loss stops the run (exit 3) naming the epoch, step and terms; last.pt stays as it was.
+    before = (part / "last.pt").read_bytes()
+    bad = deit_main(*deit_args(deit_data, part, "--epochs", 2, "--resume", part / "last.pt", "--feat-weight", "nan"))
+    assert bad.returncode == 3 and "non-finite loss at epoch 2 step 1: ce " in bad.stderr and "total nan" in bad.stderr
+    assert (part / "last.pt").read_bytes() == before
+    out = check_ok(run_script("deit_kd.py", *deit_args(deit_data, part, "--epochs", 2, "--resume", part / "last.pt")))
+    assert "resumed" in out.stdout and "epoch 1/2 step" not in out.stdout
+    a, b = load_checkpoint(full / "last.pt"), load_checkpoint(part / "last.pt")
+    assert a["epoch"] == b["epoch"] == 2
+    for part_name in ("student", "distiller"):
+        assert a[part_name].keys() == b[part_name].keys()
+        for k in a[part_name]:
+            assert torch.equal(a[part_name][k], b[part_name][k]), (part_name, k)
+    assert a["optimizer"]["state"].keys() == b["optimizer"]["state"].keys()
+
+    # The records: two epochs, stable keys, the projector's spectrum; a summary with best and last.
+    records = read_jsonl(part / "metrics.jsonl")
+    assert [r["epoch"] for r in records] == [1, 2]
+    for r in records:
+        assert {"epoch", "lr", "loss_ce", "loss_kd", "loss_feat", "top1", "top5", "images_per_s", "epoch_s",
+                "peak_mem_mb", "projector_sv"} <= r.keys()
+        assert r["loss_kd"] is not None and r["loss_feat"] is not None and r["projector_sv"]["max"] > 0
+    assert [r["top1"] for r in records] == [r["top1"] for r in read_jsonl(full / "metrics.jsonl")]
+    summary = json.loads((part / "summary.json").read_text())
+    assert summary["metric"] == "top1" and summary["last"] == records[-1]["top1"]
+    assert summary["best"] == max(r["top1"] for r in records) and summary["teacher"] is not None
+    assert set(summary["versions"]) == {"python", "torch", "torchvision", "timm", "cuda"}
+    assert set(a) >= {"student", "distiller", "optimizer", "scheduler", "scaler", "epoch", "best", "args"}
+
+    # The student loads strictly into the plain model; --evaluate (no teacher needed; from a notebook here)
+    # reproduces the last epoch's top-1.
+    deit_student("conv").load_state_dict(a["student"])
+    result = check_ok(deit_main("--data-dir", deit_data / "imagenet", "--out-dir", tmp_path / "eval", *DEIT_FAST,
+                                "--evaluate", "--resume", part / "last.pt"))
+    assert "top1" in result.stdout
+    assert json.loads((tmp_path / "eval" / "eval.json").read_text())["top1"] == records[-1]["top1"]
+
+
+def test_deit_patch_stem_without_teacher(deit_data, tmp_path):
+    # timm's distilled DeiT; with no teacher both heads learn the labels (both vote at evaluation).
+    out = check_ok(run_script("deit_kd.py", *deit_args(deit_data, tmp_path, "--epochs", 1, "--stem", "patch",
+                                                       "--distill", "none"))).stdout
+    assert "| ce " in out and " kd " not in out and " feat " not in out and "teacher resnet10t" not in out
+    (record,) = read_jsonl(tmp_path / "metrics.jsonl")
+    assert record["loss_kd"] is None and record["loss_feat"] is None and record["projector_sv"] is None
+    ckpt = load_checkpoint(tmp_path / "best.pt")
+    assert ckpt["distiller"] is None and json.loads((tmp_path / "summary.json").read_text())["teacher"] is None
+    deit_student("patch").load_state_dict(ckpt["student"])  # timm's own key names (dist_token, head_dist)
+
+
+def test_deit_torchrun_two_processes(deit_data, tmp_path):
+    # 15 validation images over 2 ranks: every image counted once, none dropped or repeated.
+    args = deit_args(deit_data, tmp_path, "--epochs", 1, "--distance", "logsum")
+    out = check_ok(run_torchrun("deit_kd.py", *args)).stdout
+    assert out.count("teacher resnet10t: top1") == 1 and "on 15 images" in out and "world size 2" in out
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["world_size"] == 2
+    assert len(read_jsonl(tmp_path / "metrics.jsonl")) == 1
+
+
+def test_deit_dummy(tmp_path):
+    out = check_ok(run_script("deit_kd.py", "--dummy", "--epochs", 1, "--out-dir", tmp_path, *DEIT_FAST,
+                              "--batch-size", 16)).stdout
+    assert "randomly initialised" in out and "on 256 images" in out and " feat " in out
+    (record,) = read_jsonl(tmp_path / "metrics.jsonl")
+    assert record["loss_feat"] is not None and record["projector_sv"]["min"] > 0
+
+
+def test_deit_randaugment_posterize_to_zero_bits():
+    # rand-m9-mstd0.5-inc1 asks for 0 bits when the magnitude clips at 10; current Pillow raises on that.
+    import deit_kd  # noqa: F401  (registers the posterize that keeps DeiT's black image)
+    from PIL import Image
+    from timm.data import auto_augment
+
+    image = Image.new("RGB", (8, 8), (200, 100, 50))
+    assert auto_augment.AugmentOp("PosterizeIncreasing", prob=1.0, magnitude=10)(image).getextrema() == ((0, 0),) * 3
+    assert auto_augment.AugmentOp("PosterizeIncreasing", prob=1.0, magnitude=0)(image).getpixel((0, 0)) == (192, 96, 48)
+
+
+@pytest.mark.parametrize("case", ["no_data", "unknown_teacher", "teacher_classes", "resume_missing", "out_dir_used",
+                                  "odd_batch"])
+def test_deit_bad_input(deit_data, tmp_path, case):
+    out = tmp_path / "out"
+    args = deit_args(deit_data, out, "--epochs", 1)
+    if case == "no_data":
+        result = deit_main("--data-dir", deit_data / "missing", "--out-dir", out, *DEIT_FAST, "--distill", "none")
+        words = ["--data-dir", "train/"]
+    elif case == "unknown_teacher":
+        result, words = deit_main(*args, "--teacher", "resnet10z"), ["unknown teacher", "resnet10t"]
+    elif case == "teacher_classes":
+        result = deit_main(*args, "--teacher-ckpt", deit_data / "teacher5.pt")
+        words = ["does not fit", "fc.weight", "classes"]
+    elif case == "resume_missing":
+        result, words = deit_main(*args, "--resume", tmp_path / "nope.pt"), ["nope.pt", "no such file"]
+    elif case == "odd_batch":
+        result, words = deit_main(*args, "--batch-size", 5), ["--batch-size 5", "even"]
+    else:
+        used = tmp_path / "used"
+        used.mkdir()
+        (used / "args.json").write_text("{}")
+        result = deit_main(*deit_args(deit_data, used, "--epochs", 1))
+        words = ["already holds a run", f"--resume {used}/last.pt"]
+        assert (used / "args.json").read_text() == "{}" and list(used.iterdir()) == [used / "args.json"]
+    check_bad_input(result, "deit_kd.py", out, *words)
+
+
+def test_deit_srd_without_teacher_weights_offline(deit_data, tmp_path):
+    # Real data, --distill srd, no --teacher-ckpt and no network: one line saying to pass --teacher-ckpt.
+    cmd = [sys.executable, ROOT / "deit_kd.py", "--data-dir", deit_data / "imagenet", "--out-dir", tmp_path / "out",
+           *DEIT_FAST[:-1], "resnet10t.a1_in1k"]
+    result = subprocess.run(list(map(str, cmd)), cwd=ROOT, env={**ENV, "HF_HUB_OFFLINE": "1"}, capture_output=True,
+                            text=True, timeout=300)
+    check_bad_input(result, "deit_kd.py", tmp_path / "out", "no pretrained weights", "--teacher-ckpt")
 
 
 # ---------------------------------------------------------------------------------------------
