@@ -615,7 +615,7 @@ def main(argv=None):
         if is_main:
             sv = projector_spectrum(distiller) if distiller is not None else None
             record = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"],
-                      **{f"loss_{n}": (v / steps if n in terms else None)
+                      **{f"loss_{n}": (v / steps if n in terms else None)  # the last log step closes the epoch
                          for n, v in zip(("ce", "kd", "feat"), logged.tolist())},
                       "top1": last["top1"], "top5": last["top5"], "images_per_s": steps * global_batch / epoch_s,
                       "epoch_s": epoch_s, "peak_mem_mb": peak_mem_mb(device),
