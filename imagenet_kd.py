@@ -234,9 +234,10 @@ def head_name(model):
 
 class WithFeatures(nn.Module):
     """``model(x) -> (logits, z)``: z is the input of the model's final classifier block (``fc`` for
-    ResNets, ``classifier`` for MobileNet/EfficientNet, ``heads`` for ViT ...): the pooled penultimate
-    feature, before any dropout. A forward pre-hook catches it, so the model and its state-dict keys
-    stay torchvision's own: a saved student loads into a plain ``torchvision.models.resnet18()``."""
+    ResNets and RegNets, ``classifier`` for MobileNets and EfficientNets, whose dropout sits inside it,
+    ``heads`` for ViTs ...): the pooled penultimate feature. A forward pre-hook catches it, so the model
+    and its state-dict keys stay torchvision's own: a saved student loads into a plain
+    ``torchvision.models.resnet18()``."""
 
     def __init__(self, model):
         super().__init__()
@@ -377,13 +378,17 @@ def main(argv=None):
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     is_main = rank == 0
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        fail("--device cuda but CUDA is not available; pass --device cpu")
-    device = torch.device(f"cuda:{local_rank}" if args.device.startswith("cuda") and distributed else args.device)
-    if device.type == "cuda":
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        fail(f"unknown --device {args.device!r}; pass cuda, cuda:N or cpu")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        fail(f"--device {args.device} but CUDA is not available; pass --device cpu")
+    if device.type == "cuda":  # one process per GPU under torchrun; an explicit index for set_device
+        device = torch.device("cuda", local_rank if distributed else device.index or 0)
         torch.cuda.set_device(device)
-        torch.backends.cudnn.benchmark = True
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick its fastest kernels
+        torch.set_float32_matmul_precision("high")  # TF32 where --amp off leaves float32 matmuls
     if args.sync_bn and world > 1 and device.type != "cuda":
         fail("--sync-bn needs CUDA (SyncBatchNorm has no CPU kernel); drop it on CPU")
     if args.evaluate and args.resume is None:
@@ -514,6 +519,8 @@ def main(argv=None):
               f"{steps} steps/epoch | {args.workers} workers/process | {classes} classes")
         print(f"params: student {n_params(student) / 1e6:.2f}M | distiller {n_params(distiller) / 1e6:.3f}M | "
               f"teacher {n_params(teacher) / 1e6:.2f}M")
+        if ckpt is not None:
+            print(f"resuming {args.resume}: {start_epoch} epochs done, best top1 {best:.2f}")
     teacher_metrics = None
     if use_teacher:
         teacher_metrics = evaluate(teacher, val_loader, prepare, autocast)
@@ -578,8 +585,9 @@ def main(argv=None):
                 now = time.time()
                 if is_main:
                     eta = (now - t_loop) / steps_done * (total_steps - steps_done)
+                    rate = (step - last_log) * global_batch / (now - t_log)
                     print(f"epoch {epoch + 1}/{args.epochs} step {step}/{steps} | {losses} | lr {epoch_lr:.4g} | "
-                          f"{(step - last_log) * global_batch / (now - t_log):.0f} img/s | "
+                          f"{rate:.{0 if rate >= 100 else 1}f} img/s | "
                           f"data {1000 * data_time / (step - last_log):.1f} ms/step | "
                           f"eta {timedelta(seconds=round(eta))}", flush=True)
                 t_log, data_time, last_log = now, 0.0, step

@@ -67,6 +67,142 @@ def load_checkpoint(path):
 # ---------------------------------------------------------------------------------------------
 # imagenet_kd.py
 # <!-- tests: imagenet -->
+import hashlib  # noqa: E402  (this section's imports)
+import re  # noqa: E402
+
+import pytest  # noqa: E402
+import torchvision  # noqa: E402
+
+IMAGENET = "imagenet_kd.py"
+# 3 classes of 40x48 PNGs: 4 training images each (3 steps of a global batch of 4), 2 + 2 + 1 validation
+# images (an odd count, so a padded or truncated DDP evaluation would show); 32-px crops, ResNet-18s.
+IMAGENET_TINY = ["--img-size", 32, "--teacher", "resnet18", "--batch-size", 4, "--log-every", 1]
+
+
+@pytest.fixture(scope="module")
+def imagenet_data(tmp_path_factory):
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("imagenet")
+    g = torch.Generator().manual_seed(0)
+    for split, counts in (("train", (4, 4, 4)), ("val", (2, 2, 1))):
+        for wnid, count in zip(("n01440764", "n01443537", "n01484850"), counts):
+            (root / split / wnid).mkdir(parents=True)
+            for i in range(count):
+                pixels = torch.randint(0, 256, (40, 48, 3), dtype=torch.uint8, generator=g)
+                Image.fromarray(pixels.numpy()).save(root / split / wnid / f"{wnid}_{i}.png")
+    # A teacher the way users get one: a state dict from another DDP run, under "model", with "module.".
+    torch.manual_seed(1)
+    teacher = torchvision.models.resnet18(num_classes=3).state_dict()
+    torch.save({"model": {f"module.{k}": v for k, v in teacher.items()}}, root / "teacher.pt")
+    torch.save(torchvision.models.resnet18(num_classes=5).state_dict(), root / "teacher5.pt")
+    return root
+
+
+def imagenet_args(data, out_dir, *extra):
+    return ["--data-dir", data, "--teacher-ckpt", data / "teacher.pt", *IMAGENET_TINY, "--out-dir", out_dir, *extra]
+
+
+def test_imagenet_train_nonfinite_and_exact_resume(imagenet_data, tmp_path):
+    full, part = tmp_path / "full", tmp_path / "part"
+    out = check_ok(run_script(IMAGENET, *imagenet_args(imagenet_data, full, "--epochs", 2, "--workers", 1))).stdout
+    assert re.search(r"teacher resnet18 \(.*teacher\.pt\): top1 [\d.]+ top5 [\d.]+", out), out
+    assert re.search(r"epoch 2/2 step 3/3 \| ce [\d.]+ kd [\d.]+ feat [\d.]+ \| lr [\d.e-]+ \| [\d.]+ img/s \| "
+                     r"data [\d.]+ ms/step \| eta \d+:\d\d:\d\d", out), out
+    records = read_jsonl(full / "metrics.jsonl")
+    assert [r["epoch"] for r in records] == [1, 2]
+    for r in records:
+        assert {"lr", "loss_ce", "loss_kd", "loss_feat", "top1", "top5", "images_per_s", "epoch_s", "peak_mem_mb"} <= r.keys()
+        assert all(isinstance(r[k], float) and r[k] == r[k] for k in ("loss_ce", "loss_kd", "loss_feat"))
+        assert r["lr"] == pytest.approx(0.1 * 4 / 256)
+        assert r["top1"] * 5 / 100 == pytest.approx(round(r["top1"] * 5 / 100))  # k right out of 5 images
+        assert r["projector_sv"]["max"] >= r["projector_sv"]["mean"] >= r["projector_sv"]["min"] > 0
+    summary = json.loads((full / "summary.json").read_text())
+    assert summary["metric"] == "top1" and summary["last"] == records[-1]["top1"] and summary["world_size"] == 1
+    assert summary["best"] == max(r["top1"] for r in records) and summary["teacher"] is not None
+    assert {"python", "torch", "torchvision", "timm", "cuda"} <= summary["versions"].keys()
+    ckpt = load_checkpoint(full / "last.pt")
+    assert ckpt["epoch"] == 2 and (full / "best.pt").is_file()
+    torchvision.models.resnet18(num_classes=3).load_state_dict(ckpt["student"])  # torchvision's own keys, strict
+
+    # One epoch, then a resume whose KD temperature makes the loss non-finite: exit 3 naming epoch, step
+    # and terms, last.pt untouched; then the real resume, with another worker count, to the same weights.
+    check_ok(run_script(IMAGENET, *imagenet_args(imagenet_data, part, "--epochs", 1, "--workers", 0)))
+    before = hashlib.sha256((part / "last.pt").read_bytes()).hexdigest()
+    bad = run_script(IMAGENET, *imagenet_args(imagenet_data, part, "--epochs", 2, "--temperature", 1e-40,
+                                              "--resume", part / "last.pt"))
+    assert bad.returncode == 3, bad.stdout[-2000:] + bad.stderr[-2000:]
+    assert re.search(r"non-finite loss at epoch 2 step 1: ce \S+ kd nan feat \S+", bad.stderr), bad.stderr
+    assert hashlib.sha256((part / "last.pt").read_bytes()).hexdigest() == before
+    check_ok(run_script(IMAGENET, *imagenet_args(imagenet_data, part, "--epochs", 2, "--workers", 0,
+                                                  "--resume", part / "last.pt")))
+    resumed = load_checkpoint(part / "last.pt")
+    assert resumed["epoch"] == 2
+    for key in ("student", "distiller"):
+        assert ckpt[key].keys() == resumed[key].keys()
+        for name, value in ckpt[key].items():
+            assert torch.equal(value, resumed[key][name]), f"{key}.{name} differs after resume"
+    assert read_jsonl(part / "metrics.jsonl")[-1]["loss_feat"] == records[-1]["loss_feat"]
+
+
+def test_imagenet_dummy_kd_then_evaluate(tmp_path):
+    out = check_ok(run_script(IMAGENET, "--dummy", "--distill", "kd", "--teacher", "resnet18", "--img-size", 32,
+                              "--batch-size", 8, "--epochs", 1, "--max-steps", 2, "--workers", 0,
+                              "--log-every", 1, "--out-dir", tmp_path)).stdout
+    assert "teacher resnet18 (random" in out and "step 2/2 | ce" in out and " feat " not in out
+    record, = read_jsonl(tmp_path / "metrics.jsonl")
+    assert record["loss_kd"] is not None and record["loss_feat"] is None and "projector_sv" not in record
+    assert load_checkpoint(tmp_path / "last.pt")["distiller"] is None
+    check_ok(run_script(IMAGENET, "--dummy", "--img-size", 32, "--batch-size", 64, "--workers", 0, "--evaluate",
+                        "--resume", tmp_path / "last.pt"))
+    evaluated = json.loads((tmp_path / "eval.json").read_text())
+    assert evaluated["images"] == 256
+    assert (evaluated["top1"], evaluated["top5"]) == pytest.approx((record["top1"], record["top5"]))
+
+
+def test_imagenet_torchrun_two_processes(imagenet_data, tmp_path):
+    out = check_ok(run_torchrun(IMAGENET, *imagenet_args(imagenet_data, tmp_path, "--epochs", 1, "--workers", 1,
+                                                          "--batch-size", 2))).stdout
+    assert "world size 2" in out and "global batch 4" in out and out.count("teacher resnet18") == 1, out
+    record, = read_jsonl(tmp_path / "metrics.jsonl")
+    assert json.loads((tmp_path / "summary.json").read_text())["world_size"] == 2
+    # The 2-rank evaluation counted each of the 5 validation images once: one process agrees with it.
+    check_ok(run_script(IMAGENET, "--data-dir", imagenet_data, "--img-size", 32, "--workers", 0, "--evaluate",
+                        "--resume", tmp_path / "last.pt", "--out-dir", tmp_path / "eval"))
+    evaluated = json.loads((tmp_path / "eval" / "eval.json").read_text())
+    assert evaluated["images"] == 5 and evaluated["top1"] == pytest.approx(record["top1"])
+
+
+def imagenet_bad_layouts(root, data):
+    """Data folders that are wrong in the ways ImageNet downloads are wrong."""
+    (root / "flat" / "train" / "n01").mkdir(parents=True)
+    (root / "flat" / "val").mkdir()
+    for src, dst in ((data / "train" / "n01440764" / "n01440764_0.png", root / "flat" / "train" / "n01" / "a.png"),
+                     (data / "val" / "n01440764" / "n01440764_0.png", root / "flat" / "val" / "ILSVRC2012_val_1.png")):
+        dst.write_bytes(src.read_bytes())
+    return root / "flat"
+
+
+@pytest.mark.parametrize("case", ["missing", "flat-val", "classes", "arch", "resume", "occupied"])
+def test_imagenet_bad_input(imagenet_data, tmp_path, case):
+    out_dir = tmp_path / "out"
+    args, words = {
+        "missing": (["--data-dir", tmp_path / "nowhere"], ["nowhere/train", "not a directory", "<class>"]),
+        "flat-val": (["--data-dir", imagenet_bad_layouts(tmp_path, imagenet_data)], ["val", "folder per class"]),
+        "classes": (["--data-dir", imagenet_data, "--teacher-ckpt", imagenet_data / "teacher5.pt"], ["5 classes", "has 3"]),
+        "arch": (["--data-dir", imagenet_data, "--student", "resnet19"], ["unknown student", "resnet18"]),
+        "resume": (["--data-dir", imagenet_data, "--resume", tmp_path / "no.pt"], ["no.pt", "does not exist"]),
+        "occupied": (["--data-dir", imagenet_data], ["already holds a run", "--resume"]),
+    }[case]
+    if case == "occupied":
+        out_dir.mkdir()
+        (out_dir / "args.json").write_text("{}")
+    result = run_script(IMAGENET, *IMAGENET_TINY, "--teacher-ckpt", imagenet_data / "teacher.pt", *args,
+                        "--out-dir", out_dir)
+    if case == "occupied":  # the one case where the folder is not empty: it must be left as it was
+        assert [p.name for p in out_dir.iterdir()] == ["args.json"] and (out_dir / "args.json").read_text() == "{}"
+        out_dir = tmp_path / "absent"
+    check_bad_input(result, IMAGENET, out_dir, *words)
 
 
 # ---------------------------------------------------------------------------------------------
