@@ -265,11 +265,330 @@ def test_cifar100_non_finite_loss_stops(tmp_path):
 # ---------------------------------------------------------------------------------------------
 # imagenet_kd.py
 # <!-- tests: imagenet -->
+import hashlib  # noqa: E402  (this section's imports)
+import re  # noqa: E402
+
+import pytest  # noqa: E402
+import torchvision  # noqa: E402
+
+IMAGENET = "imagenet_kd.py"
+# 3 classes of 40x48 PNGs: 4 training images each (3 steps of a global batch of 4), 2 + 2 + 1 validation
+# images (an odd count, so a padded or truncated DDP evaluation would show); 32-px crops, ResNet-18s.
+IMAGENET_TINY = ["--img-size", 32, "--teacher", "resnet18", "--batch-size", 4, "--log-every", 1]
+
+
+@pytest.fixture(scope="module")
+def imagenet_data(tmp_path_factory):
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("imagenet")
+    g = torch.Generator().manual_seed(0)
+    for split, counts in (("train", (4, 4, 4)), ("val", (2, 2, 1))):
+        for wnid, count in zip(("n01440764", "n01443537", "n01484850"), counts):
+            (root / split / wnid).mkdir(parents=True)
+            for i in range(count):
+                pixels = torch.randint(0, 256, (40, 48, 3), dtype=torch.uint8, generator=g)
+                Image.fromarray(pixels.numpy()).save(root / split / wnid / f"{wnid}_{i}.png")
+    # A teacher the way users get one: a state dict from another DDP run, under "model", with "module.".
+    torch.manual_seed(1)
+    teacher = torchvision.models.resnet18(num_classes=3).state_dict()
+    torch.save({"model": {f"module.{k}": v for k, v in teacher.items()}}, root / "teacher.pt")
+    torch.save(torchvision.models.resnet18(num_classes=5).state_dict(), root / "teacher5.pt")
+    return root
+
+
+def imagenet_args(data, out_dir, *extra):
+    return ["--data-dir", data, "--teacher-ckpt", data / "teacher.pt", *IMAGENET_TINY, "--out-dir", out_dir, *extra]
+
+
+def test_imagenet_train_nonfinite_and_exact_resume(imagenet_data, tmp_path):
+    full, part = tmp_path / "full", tmp_path / "part"
+    out = check_ok(run_script(IMAGENET, *imagenet_args(imagenet_data, full, "--epochs", 2, "--workers", 1))).stdout
+    assert re.search(r"teacher resnet18 \(.*teacher\.pt\): top1 [\d.]+ top5 [\d.]+", out), out
+    assert re.search(r"epoch 2/2 step 3/3 \| ce [\d.]+ kd [\d.]+ feat [\d.]+ \| lr [\d.e-]+ \| [\d.]+ img/s \| "
+                     r"data [\d.]+ ms/step \| eta \d+:\d\d:\d\d", out), out
+    records = read_jsonl(full / "metrics.jsonl")
+    assert [r["epoch"] for r in records] == [1, 2]
+    for r in records:
+        assert {"lr", "loss_ce", "loss_kd", "loss_feat", "top1", "top5", "images_per_s", "epoch_s", "peak_mem_mb"} <= r.keys()
+        assert all(isinstance(r[k], float) and r[k] == r[k] for k in ("loss_ce", "loss_kd", "loss_feat"))
+        assert r["lr"] == pytest.approx(0.1 * 4 / 256)
+        assert r["top1"] * 5 / 100 == pytest.approx(round(r["top1"] * 5 / 100))  # k right out of 5 images
+        assert r["projector_sv"]["max"] >= r["projector_sv"]["mean"] >= r["projector_sv"]["min"] > 0
+    summary = json.loads((full / "summary.json").read_text())
+    assert summary["metric"] == "top1" and summary["last"] == records[-1]["top1"] and summary["world_size"] == 1
+    assert summary["best"] == max(r["top1"] for r in records) and summary["teacher"] is not None
+    assert {"python", "torch", "torchvision", "timm", "cuda"} <= summary["versions"].keys()
+    ckpt = load_checkpoint(full / "last.pt")
+    assert ckpt["epoch"] == 2 and (full / "best.pt").is_file()
+    torchvision.models.resnet18(num_classes=3).load_state_dict(ckpt["student"])  # torchvision's own keys, strict
+
+    # One epoch, then a resume whose KD temperature makes the loss non-finite: exit 3 naming epoch, step
+    # and terms, last.pt untouched; then the real resume, with another worker count, to the same weights.
+    check_ok(run_script(IMAGENET, *imagenet_args(imagenet_data, part, "--epochs", 1, "--workers", 0)))
+    before = hashlib.sha256((part / "last.pt").read_bytes()).hexdigest()
+    bad = run_script(IMAGENET, *imagenet_args(imagenet_data, part, "--epochs", 2, "--temperature", 1e-40,
+                                              "--resume", part / "last.pt"))
+    assert bad.returncode == 3, bad.stdout[-2000:] + bad.stderr[-2000:]
+    assert re.search(r"non-finite loss at epoch 2 step 1: ce \S+ kd nan feat \S+", bad.stderr), bad.stderr
+    assert hashlib.sha256((part / "last.pt").read_bytes()).hexdigest() == before
+    check_ok(run_script(IMAGENET, *imagenet_args(imagenet_data, part, "--epochs", 2, "--workers", 0,
+                                                  "--resume", part / "last.pt")))
+    resumed = load_checkpoint(part / "last.pt")
+    assert resumed["epoch"] == 2
+    for key in ("student", "distiller"):
+        assert ckpt[key].keys() == resumed[key].keys()
+        for name, value in ckpt[key].items():
+            assert torch.equal(value, resumed[key][name]), f"{key}.{name} differs after resume"
+    assert read_jsonl(part / "metrics.jsonl")[-1]["loss_feat"] == records[-1]["loss_feat"]
+
+
+def test_imagenet_dummy_kd_then_evaluate(tmp_path):
+    out = check_ok(run_script(IMAGENET, "--dummy", "--distill", "kd", "--teacher", "resnet18", "--img-size", 32,
+                              "--batch-size", 8, "--epochs", 1, "--max-steps", 2, "--workers", 0,
+                              "--log-every", 1, "--out-dir", tmp_path)).stdout
+    assert "teacher resnet18 (random" in out and "step 2/2 | ce" in out and " feat " not in out
+    record, = read_jsonl(tmp_path / "metrics.jsonl")
+    assert record["loss_kd"] is not None and record["loss_feat"] is None and "projector_sv" not in record
+    assert load_checkpoint(tmp_path / "last.pt")["distiller"] is None
+    check_ok(run_script(IMAGENET, "--dummy", "--img-size", 32, "--batch-size", 64, "--workers", 0, "--evaluate",
+                        "--resume", tmp_path / "last.pt"))
+    evaluated = json.loads((tmp_path / "eval.json").read_text())
+    assert evaluated["images"] == 256
+    assert (evaluated["top1"], evaluated["top5"]) == pytest.approx((record["top1"], record["top5"]))
+
+
+def test_imagenet_torchrun_two_processes(imagenet_data, tmp_path):
+    out = check_ok(run_torchrun(IMAGENET, *imagenet_args(imagenet_data, tmp_path, "--epochs", 1, "--workers", 1,
+                                                          "--batch-size", 2))).stdout
+    assert "world size 2" in out and "global batch 4" in out and out.count("teacher resnet18") == 1, out
+    record, = read_jsonl(tmp_path / "metrics.jsonl")
+    assert json.loads((tmp_path / "summary.json").read_text())["world_size"] == 2
+    # The 2-rank evaluation counted each of the 5 validation images once: one process agrees with it.
+    check_ok(run_script(IMAGENET, "--data-dir", imagenet_data, "--img-size", 32, "--workers", 0, "--evaluate",
+                        "--resume", tmp_path / "last.pt", "--out-dir", tmp_path / "eval"))
+    evaluated = json.loads((tmp_path / "eval" / "eval.json").read_text())
+    assert evaluated["images"] == 5 and evaluated["top1"] == pytest.approx(record["top1"])
+
+
+def imagenet_bad_layouts(root, data):
+    """Data folders that are wrong in the ways ImageNet downloads are wrong."""
+    (root / "flat" / "train" / "n01").mkdir(parents=True)
+    (root / "flat" / "val").mkdir()
+    for src, dst in ((data / "train" / "n01440764" / "n01440764_0.png", root / "flat" / "train" / "n01" / "a.png"),
+                     (data / "val" / "n01440764" / "n01440764_0.png", root / "flat" / "val" / "ILSVRC2012_val_1.png")):
+        dst.write_bytes(src.read_bytes())
+    return root / "flat"
+
+
+@pytest.mark.parametrize("case", ["missing", "flat-val", "classes", "arch", "resume", "occupied"])
+def test_imagenet_bad_input(imagenet_data, tmp_path, case):
+    out_dir = tmp_path / "out"
+    args, words = {
+        "missing": (["--data-dir", tmp_path / "nowhere"], ["nowhere/train", "not a directory", "<class>"]),
+        "flat-val": (["--data-dir", imagenet_bad_layouts(tmp_path, imagenet_data)], ["val", "folder per class"]),
+        "classes": (["--data-dir", imagenet_data, "--teacher-ckpt", imagenet_data / "teacher5.pt"], ["5 classes", "has 3"]),
+        "arch": (["--data-dir", imagenet_data, "--student", "resnet19"], ["unknown student", "resnet18"]),
+        "resume": (["--data-dir", imagenet_data, "--resume", tmp_path / "no.pt"], ["no.pt", "does not exist"]),
+        "occupied": (["--data-dir", imagenet_data], ["already holds a run", "--resume"]),
+    }[case]
+    if case == "occupied":
+        out_dir.mkdir()
+        (out_dir / "args.json").write_text("{}")
+    result = run_script(IMAGENET, *IMAGENET_TINY, "--teacher-ckpt", imagenet_data / "teacher.pt", *args,
+                        "--out-dir", out_dir)
+    if case == "occupied":  # the one case where the folder is not empty: it must be left as it was
+        assert [p.name for p in out_dir.iterdir()] == ["args.json"] and (out_dir / "args.json").read_text() == "{}"
+        out_dir = tmp_path / "absent"
+    check_bad_input(result, IMAGENET, out_dir, *words)
 
 
 # ---------------------------------------------------------------------------------------------
 # deit_kd.py
 # <!-- tests: deit -->
+import pytest  # noqa: E402  (parametrised bad-input cases, module-scoped data)
+
+DEIT_CLASSES = 3
+# 32 px images: a 2x2 token grid; a tiny timm teacher; two steps per epoch.
+DEIT_FAST = ["--img-size", 32, "--batch-size", 4, "--max-steps", 2, "--workers", 0, "--log-every", 1,
+             "--device", "cpu", "--teacher", "resnet10t"]
+
+
+@pytest.fixture(scope="module")
+def deit_data(tmp_path_factory):
+    """A 3-class ImageFolder (PNG files, 40x40, 8 train and 5 val images per class: 15 val images, an odd
+    count for the 2-process run) and a teacher checkpoint saved the way DeiT's is, under ``model``."""
+    import timm
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("deit")
+    gen = torch.Generator().manual_seed(0)
+    for split, n in (("train", 8), ("val", 5)):
+        for c in range(DEIT_CLASSES):
+            (root / "imagenet" / split / f"n0{c}").mkdir(parents=True)
+            for i in range(n):
+                # Class-dependent colour so that the tiny models see some signal.
+                pixels = torch.randint(0, 120, (40, 40, 3), dtype=torch.uint8, generator=gen)
+                pixels[..., c] += 120
+                Image.fromarray(pixels.numpy()).save(root / "imagenet" / split / f"n0{c}" / f"{i}.png")
+    torch.manual_seed(0)
+    torch.save({"model": timm.create_model("resnet10t", num_classes=DEIT_CLASSES).state_dict()}, root / "teacher.pt")
+    torch.save({"model": timm.create_model("resnet10t", num_classes=5).state_dict()}, root / "teacher5.pt")
+    return root
+
+
+def deit_args(data, out, *extra):
+    return ["--data-dir", data / "imagenet", "--teacher-ckpt", data / "teacher.pt", "--out-dir", out, *DEIT_FAST,
+            *extra]
+
+
+def deit_student(stem):
+    """The plain student a user would load a checkpoint into."""
+    import deit_kd  # pytest puts the repository root on sys.path
+    import timm
+
+    if stem == "patch":
+        return timm.create_model("deit_tiny_distilled_patch16_224", img_size=32, num_classes=DEIT_CLASSES)
+    return deit_kd.ConvStemDeiT(img_size=32, num_classes=DEIT_CLASSES, **deit_kd.STUDENTS["deit_tiny"])
+
+
+def deit_main(*args):
+    """``deit_kd.main(args)`` in this process (the notebook API), returned as a CompletedProcess for check_ok
+    and check_bad_input; it saves a Python start-up where the command line itself is not under test."""
+    import contextlib
+    import io
+
+    import deit_kd
+
+    out, err, code = io.StringIO(), io.StringIO(), 0
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            deit_kd.main(list(map(str, args)))
+        except SystemExit as e:
+            code = e.code
+    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
+
+
+def test_deit_conv_stem_srd_trains_evaluates_and_resumes_exactly(deit_data, tmp_path):
+    # Two epochs in one go, and one epoch + --resume to two: the same weights (CPU, same seed).
+    full, part = tmp_path / "full", tmp_path / "part"
+    out = check_ok(run_script("deit_kd.py", *deit_args(deit_data, full, "--epochs", 2))).stdout
+    assert "teacher resnet10t: top1" in out and "on 15 images" in out
+    assert "epoch 2/2 step 2/2 | ce " in out and " kd " in out and " feat " in out and "img/s" in out
+    check_ok(run_script("deit_kd.py", *deit_args(deit_data, part, "--epochs", 1)))
+    # A non-finite loss stops the run (exit 3) naming the epoch, step and terms; last.pt stays as it was.
+    before = (part / "last.pt").read_bytes()
+    bad = deit_main(*deit_args(deit_data, part, "--epochs", 2, "--resume", part / "last.pt", "--feat-weight", "nan"))
+    assert bad.returncode == 3 and "non-finite loss at epoch 2 step 1: ce " in bad.stderr and "total nan" in bad.stderr
+    assert (part / "last.pt").read_bytes() == before
+    out = check_ok(run_script("deit_kd.py", *deit_args(deit_data, part, "--epochs", 2, "--resume", part / "last.pt")))
+    assert "resumed" in out.stdout and "epoch 1/2 step" not in out.stdout
+    a, b = load_checkpoint(full / "last.pt"), load_checkpoint(part / "last.pt")
+    assert a["epoch"] == b["epoch"] == 2
+    for part_name in ("student", "distiller"):
+        assert a[part_name].keys() == b[part_name].keys()
+        for k in a[part_name]:
+            assert torch.equal(a[part_name][k], b[part_name][k]), (part_name, k)
+    assert a["optimizer"]["state"].keys() == b["optimizer"]["state"].keys()
+
+    # The records: two epochs, stable keys, the projector's spectrum; a summary with best and last.
+    records = read_jsonl(part / "metrics.jsonl")
+    assert [r["epoch"] for r in records] == [1, 2]
+    for r in records:
+        assert {"epoch", "lr", "loss_ce", "loss_kd", "loss_feat", "top1", "top5", "images_per_s", "epoch_s",
+                "peak_mem_mb", "projector_sv"} <= r.keys()
+        assert r["loss_kd"] is not None and r["loss_feat"] is not None and r["projector_sv"]["max"] > 0
+    assert [r["top1"] for r in records] == [r["top1"] for r in read_jsonl(full / "metrics.jsonl")]
+    summary = json.loads((part / "summary.json").read_text())
+    assert summary["metric"] == "top1" and summary["last"] == records[-1]["top1"]
+    assert summary["best"] == max(r["top1"] for r in records) and summary["teacher"] is not None
+    assert set(summary["versions"]) == {"python", "torch", "torchvision", "timm", "cuda"}
+    assert set(a) >= {"student", "distiller", "optimizer", "scheduler", "scaler", "epoch", "best", "args"}
+
+    # The student loads strictly into the plain model; --evaluate (no teacher needed; from a notebook here)
+    # reproduces the last epoch's top-1.
+    deit_student("conv").load_state_dict(a["student"])
+    result = check_ok(deit_main("--data-dir", deit_data / "imagenet", "--out-dir", tmp_path / "eval", *DEIT_FAST,
+                                "--evaluate", "--resume", part / "last.pt"))
+    assert "top1" in result.stdout
+    assert json.loads((tmp_path / "eval" / "eval.json").read_text())["top1"] == records[-1]["top1"]
+
+
+def test_deit_patch_stem_without_teacher(deit_data, tmp_path):
+    # timm's distilled DeiT; with no teacher both heads learn the labels (both vote at evaluation).
+    out = check_ok(run_script("deit_kd.py", *deit_args(deit_data, tmp_path, "--epochs", 1, "--stem", "patch",
+                                                       "--distill", "none"))).stdout
+    assert "| ce " in out and " kd " not in out and " feat " not in out and "teacher resnet10t" not in out
+    (record,) = read_jsonl(tmp_path / "metrics.jsonl")
+    assert record["loss_kd"] is None and record["loss_feat"] is None and record["projector_sv"] is None
+    ckpt = load_checkpoint(tmp_path / "best.pt")
+    assert ckpt["distiller"] is None and json.loads((tmp_path / "summary.json").read_text())["teacher"] is None
+    deit_student("patch").load_state_dict(ckpt["student"])  # timm's own key names (dist_token, head_dist)
+
+
+def test_deit_torchrun_two_processes(deit_data, tmp_path):
+    # 15 validation images over 2 ranks: every image counted once, none dropped or repeated.
+    args = deit_args(deit_data, tmp_path, "--epochs", 1, "--distance", "logsum")
+    out = check_ok(run_torchrun("deit_kd.py", *args)).stdout
+    assert out.count("teacher resnet10t: top1") == 1 and "on 15 images" in out and "world size 2" in out
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["world_size"] == 2
+    assert len(read_jsonl(tmp_path / "metrics.jsonl")) == 1
+
+
+def test_deit_dummy(tmp_path):
+    out = check_ok(run_script("deit_kd.py", "--dummy", "--epochs", 1, "--out-dir", tmp_path, *DEIT_FAST,
+                              "--batch-size", 16)).stdout
+    assert "randomly initialised" in out and "on 256 images" in out and " feat " in out
+    (record,) = read_jsonl(tmp_path / "metrics.jsonl")
+    assert record["loss_feat"] is not None and record["projector_sv"]["min"] > 0
+
+
+def test_deit_randaugment_posterize_to_zero_bits():
+    # rand-m9-mstd0.5-inc1 asks for 0 bits when the magnitude clips at 10; current Pillow raises on that.
+    import deit_kd  # noqa: F401  (registers the posterize that keeps DeiT's black image)
+    from PIL import Image
+    from timm.data import auto_augment
+
+    image = Image.new("RGB", (8, 8), (200, 100, 50))
+    assert auto_augment.AugmentOp("PosterizeIncreasing", prob=1.0, magnitude=10)(image).getextrema() == ((0, 0),) * 3
+    assert auto_augment.AugmentOp("PosterizeIncreasing", prob=1.0, magnitude=0)(image).getpixel((0, 0)) == (192, 96, 48)
+
+
+@pytest.mark.parametrize("case", ["no_data", "unknown_teacher", "teacher_classes", "resume_missing", "out_dir_used",
+                                  "odd_batch"])
+def test_deit_bad_input(deit_data, tmp_path, case):
+    out = tmp_path / "out"
+    args = deit_args(deit_data, out, "--epochs", 1)
+    if case == "no_data":
+        result = deit_main("--data-dir", deit_data / "missing", "--out-dir", out, *DEIT_FAST, "--distill", "none")
+        words = ["--data-dir", "train/"]
+    elif case == "unknown_teacher":
+        result, words = deit_main(*args, "--teacher", "resnet10z"), ["unknown teacher", "resnet10t"]
+    elif case == "teacher_classes":
+        result = deit_main(*args, "--teacher-ckpt", deit_data / "teacher5.pt")
+        words = ["does not fit", "fc.weight", "classes"]
+    elif case == "resume_missing":
+        result, words = deit_main(*args, "--resume", tmp_path / "nope.pt"), ["nope.pt", "no such file"]
+    elif case == "odd_batch":
+        result, words = deit_main(*args, "--batch-size", 5), ["--batch-size 5", "even"]
+    else:
+        used = tmp_path / "used"
+        used.mkdir()
+        (used / "args.json").write_text("{}")
+        result = deit_main(*deit_args(deit_data, used, "--epochs", 1))
+        words = ["already holds a run", f"--resume {used}/last.pt"]
+        assert (used / "args.json").read_text() == "{}" and list(used.iterdir()) == [used / "args.json"]
+    check_bad_input(result, "deit_kd.py", out, *words)
+
+
+def test_deit_srd_without_teacher_weights_offline(deit_data, tmp_path):
+    # Real data, --distill srd, no --teacher-ckpt and no network: one line saying to pass --teacher-ckpt.
+    cmd = [sys.executable, ROOT / "deit_kd.py", "--data-dir", deit_data / "imagenet", "--out-dir", tmp_path / "out",
+           *DEIT_FAST[:-1], "resnet10t.a1_in1k"]
+    result = subprocess.run(list(map(str, cmd)), cwd=ROOT, env={**ENV, "HF_HUB_OFFLINE": "1"}, capture_output=True,
+                            text=True, timeout=300)
+    check_bad_input(result, "deit_kd.py", tmp_path / "out", "no pretrained weights", "--teacher-ckpt")
 
 
 # ---------------------------------------------------------------------------------------------
