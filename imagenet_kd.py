@@ -163,7 +163,7 @@ class Augmented(Dataset):
     def __getitem__(self, item):
         epoch, index = item
         with torch.random.fork_rng(devices=[]):  # transforms v2 draw from torch's global CPU generator
-            torch.manual_seed(seed_of(self.seed, epoch, index))
+            torch.default_generator.manual_seed(seed_of(self.seed, epoch, index))
             return self.dataset[index]
 
 
@@ -254,12 +254,14 @@ class WithFeatures(nn.Module):
 
 
 def feature_dim(net, img_size):
-    """The feature width, read from a dry forward (never hard-coded)."""
-    was_training = net.training
+    """The feature width, read from a dry forward in eval mode (never hard-coded); every submodule's
+    mode is restored, so the frozen teacher stays in eval mode."""
+    modes = [(module, module.training) for module in net.modules()]
     net.eval()
     with torch.no_grad():
         dim = net(torch.zeros(1, 3, img_size, img_size))[1].shape[1]
-    net.train(was_training)
+    for module, training in modes:
+        module.training = training
     return dim
 
 
@@ -468,7 +470,7 @@ def main(argv=None):
             if distributed and local_rank == 0:
                 dist.barrier()
         teacher.requires_grad_(False).eval()  # frozen; eval mode: BN running statistics, no dropout
-    teacher_net = WithFeatures(teacher) if use_teacher else None
+    teacher_net = WithFeatures(teacher).eval() if use_teacher else None
     model = StudentWithDistiller(student, None)  # unwrapped handles: model, student, distiller
     distiller = None
     if srd:  # W_p maps the student's feature width to the teacher's
