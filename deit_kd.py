@@ -1,4 +1,4 @@
-"""Data-efficient image transformers distilled with a projector (Miles & Mikolajczyk, AAAI 2024, Table 4).
+"""Data-efficient image transformers distilled with a projector (Miles & Mikolajczyk, AAAI 2024).
 
 A DeiT student with the paper's convolutional stem learns from a frozen RegNetY-160 (DeiT's own teacher,
 82.6% top-1) on ImageNet with three terms:
