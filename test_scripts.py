@@ -2,14 +2,20 @@
 each test writes in the real on-disk format, on ``--dummy`` data, resumed, under a 2-process
 ``torchrun`` on CPU (gloo), and on bad input. Nothing is downloaded.
 """
+import hashlib
 import json
 import os
+import pickle
+import re
 import socket
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+import pytest
 import torch
+import torchvision
 
 ROOT = Path(__file__).resolve().parent
 # One thread per process: the tests run on small CPUs, and torchrun starts two processes.
@@ -61,12 +67,6 @@ def load_checkpoint(path):
 
 # ---------------------------------------------------------------------------------------------
 # cifar100_kd.py
-# <!-- tests: cifar100 -->
-import pickle  # noqa: E402  (this section's imports)
-
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-
 CIFAR100 = "cifar100_kd.py"
 # Width of the pooled penultimate feature (the classifier's input) of each architecture.
 CIFAR100_FEAT_DIMS = {
@@ -264,13 +264,6 @@ def test_cifar100_non_finite_loss_stops(tmp_path):
 
 # ---------------------------------------------------------------------------------------------
 # imagenet_kd.py
-# <!-- tests: imagenet -->
-import hashlib  # noqa: E402  (this section's imports)
-import re  # noqa: E402
-
-import pytest  # noqa: E402
-import torchvision  # noqa: E402
-
 IMAGENET = "imagenet_kd.py"
 # 3 classes of 40x48 PNGs: 4 training images each (3 steps of a global batch of 4), 2 + 2 + 1 validation
 # images (an odd count, so a padded or truncated DDP evaluation would show); 32-px crops, ResNet-18s.
@@ -381,10 +374,11 @@ def imagenet_bad_layouts(root, data):
     return root / "flat"
 
 
-@pytest.mark.parametrize("case", ["missing", "flat-val", "classes", "occupied"])
+@pytest.mark.parametrize("case", ["missing", "flat-val", "classes", "occupied", "arch"])
 def test_imagenet_bad_input(imagenet_data, tmp_path, case):
     out_dir = tmp_path / "out"
     args, words = {
+        "arch": (["--data-dir", imagenet_data, "--student", "resnet_nope"], ["unknown student", "resnet_nope", "resnet18"]),
         "missing": (["--data-dir", tmp_path / "nowhere"], ["nowhere/train", "not a directory", "<class>"]),
         "flat-val": (["--data-dir", imagenet_bad_layouts(tmp_path, imagenet_data)], ["val", "folder per class"]),
         "classes": (["--data-dir", imagenet_data, "--teacher-ckpt", imagenet_data / "teacher5.pt"], ["5 classes", "has 3"]),
@@ -403,9 +397,6 @@ def test_imagenet_bad_input(imagenet_data, tmp_path, case):
 
 # ---------------------------------------------------------------------------------------------
 # deit_kd.py
-# <!-- tests: deit -->
-import pytest  # noqa: E402  (parametrised bad-input cases, module-scoped data)
-
 DEIT_CLASSES = 3
 # 32 px images: a 2x2 token grid; a tiny timm teacher; two steps per epoch.
 DEIT_FAST = ["--img-size", 32, "--batch-size", 4, "--max-steps", 2, "--workers", 0, "--log-every", 1,
@@ -595,9 +586,6 @@ def test_deit_srd_without_teacher_weights_offline(deit_data, tmp_path):
 
 # ---------------------------------------------------------------------------------------------
 # coco_kd.py
-# <!-- tests: coco -->
-import pytest  # noqa: E402  (coco section: fixtures and parametrised bad-input cases)
-
 COCO_SCRIPT = "coco_kd.py"
 COCO_SMALL = ["--student", "resnet18", "--no-pretrained-backbone", "--min-size", "128", "--max-size", "160",
               "--workers", "0", "--max-steps", "1", "--log-every", "1"]
