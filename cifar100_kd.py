@@ -745,6 +745,7 @@ def main(argv=None):
     # ---- training ----------------------------------------------------------------------------------------
     total_steps, done_steps, t_loop = (args.epochs - start_epoch) * steps, 0, time.time()
     run_images, run_train_s, last = 0, 0.0, {}
+    zero = torch.zeros((), device=device)  # an unused term: 0, so that one expression serves every mode
     for epoch in range(start_epoch, args.epochs):
         # Every random draw is a function of (seed, epoch, rank): a resumed run repeats the epochs it missed.
         shared = torch.Generator(device=device).manual_seed(args.seed * 1000 + epoch)  # one permutation for all
@@ -765,7 +766,6 @@ def main(argv=None):
                         logits_t, z_t = teacher(x)
                 logits_s, loss_feat = train_model(x, z_t)
                 loss_ce = F.cross_entropy(logits_s.float(), y)
-                zero = torch.zeros_like(loss_ce)  # an unused term: 0, so that one expression serves every mode
                 loss_kd = zero if teacher is None else kd_loss(logits_s, logits_t, args.temperature)
                 loss_feat = zero if loss_feat is None else loss_feat
                 loss = args.ce_weight * loss_ce + args.kd_weight * loss_kd + args.feat_weight * loss_feat

@@ -543,6 +543,7 @@ def main(argv=None):
         loader_rng.manual_seed(epoch_seed)
         sampler.set_epoch(epoch)
         model.train()
+        zero = torch.zeros((), device=device)  # an unused loss term
         loss_sum = torch.zeros(4, device=device)  # ce, kd, feat and the weighted total, summed over the epoch
         logged, logged_step, t_log, data_time = torch.zeros(4, device=device), 0, time.time(), 0.0
         t_epoch = t_data = time.time()
@@ -560,7 +561,6 @@ def main(argv=None):
                     with torch.no_grad():
                         z_t, y_t = teach(images)
                 y_cls, y_aux, loss_feat = model(images, z_t)
-                zero = torch.zeros((), device=device)
                 if teacher is None:  # both heads learn the labels, as both vote at evaluation
                     loss_ce, loss_kd = (criterion(y_cls, targets) + criterion(y_aux, targets)) / 2, zero
                 else:  # the labels on the cls head, the teacher on the second head
