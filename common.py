@@ -20,6 +20,7 @@ adds cross-entropy and the KD term around it. Usage::
     # train distiller.parameters() with the student's optimizer
 """
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -106,6 +107,28 @@ def make_norm(dim, kind="bn"):
     raise ValueError(f"unknown norm {kind!r}; choose from {', '.join(NORMS)}")
 
 
+class _GatherRows(torch.autograd.Function):
+    """Concatenate every rank's rows (rank order) with a gradient path back to each rank's own rows.
+
+    Every rank computes the same global loss, so the gradient of its own rows is the sum over the
+    ranks of the incoming gradients: ``world`` times the single-process one, the same factor that a
+    per-rank mean gives every other loss term, which DDP's averaging then removes.
+    """
+
+    @staticmethod
+    def forward(ctx, rows):
+        ctx.rank, ctx.n = dist.get_rank(), rows.shape[0]
+        gathered = [torch.empty_like(rows) for _ in range(dist.get_world_size())]
+        dist.all_gather(gathered, rows.contiguous())
+        return torch.cat(gathered)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        dist.all_reduce(grad)  # summed over ranks; gloo has no reduce-scatter, and the rows are few
+        return grad[ctx.rank * ctx.n:(ctx.rank + 1) * ctx.n]
+
+
 class FeatureDistiller(nn.Module):
     """``distance(norm_s(projector(z_s)), norm_t(z_t))``: the paper's feature loss, unweighted.
 
@@ -114,9 +137,18 @@ class FeatureDistiller(nn.Module):
     over ``B*H*W`` with one code path. The teacher feature is detached: only the student and the
     projector learn. Put ``distiller.parameters()`` in the student's optimizer, and the distiller in
     the same DDP module as the student so the projector stays identical on every rank.
+
+    ``global_batch`` (default True): under an initialised process group of more than one rank, the
+    projected student rows and the teacher rows of every rank are gathered (with autograd) in
+    training, so that the batch statistics and the distance are those of the global batch: the loss
+    equals the single-process loss at the same global batch, and the gradients that DDP averages equal
+    the single-process gradients. Every rank must then pass the same number of rows (a
+    DistributedSampler's shards do). ``False`` keeps per-rank statistics (detection maps are too large
+    to gather). The hidden BN of the ``'mlp'`` projector acts before the gather, on each rank's rows.
     """
 
-    def __init__(self, student_dim, teacher_dim, projector="linear", norm="bn", distance="logsum", alpha=4.0):
+    def __init__(self, student_dim, teacher_dim, projector="linear", norm="bn", distance="logsum", alpha=4.0,
+                 global_batch=True):
         super().__init__()
         if distance not in DISTANCES:
             raise ValueError(f"unknown distance {distance!r}; choose from {', '.join(DISTANCES)}")
@@ -125,6 +157,7 @@ class FeatureDistiller(nn.Module):
         self.norm_t = make_norm(teacher_dim, norm)
         self.distance = log_sum_exp_distance if distance == "logsum" else correlation_distance
         self.alpha = alpha
+        self.global_batch = global_batch
 
     @staticmethod
     def _rows(z):
@@ -137,6 +170,8 @@ class FeatureDistiller(nn.Module):
         # Normalise in float32: BN statistics of wide teacher features lose precision in bf16.
         z_s = self.projector(self._rows(z_s)).float()
         z_t = self._rows(z_t.detach()).float()
+        if self.global_batch and self.training and dist.is_initialized() and dist.get_world_size() > 1:
+            z_s, z_t = _GatherRows.apply(z_s), _GatherRows.apply(z_t)  # rows in rank order on every rank
         return self.distance(self.norm_s(z_s), self.norm_t(z_t), self.alpha)
 
 

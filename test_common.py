@@ -301,3 +301,63 @@ def test_projector_spectrum_is_the_singular_values():
     d.projector.weight.data = q_left @ torch.diag(singular) @ q_right.T
     torch.testing.assert_close(projector_spectrum(d), singular, atol=1e-5, rtol=1e-5)
     assert projector_spectrum(FeatureDistiller(8, 12, projector="mlp")) is None
+
+
+# --- the global batch under torchrun ----------------------------------------------------------
+
+def _distiller_on_ranks(rank, world, folder, distance):
+    """One rank of a 2-process gloo group: a linear 'student' and the distiller in one DDP module,
+    each rank on its own half of the batch."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    dist.init_process_group("gloo", init_method=f"file://{folder}/rendezvous", rank=rank, world_size=world)
+    x, z_t, model = _global_batch_problem(distance)
+    rows = slice(rank * len(x) // world, (rank + 1) * len(x) // world)
+    x = x[rows].clone().requires_grad_()
+    ddp = DDP(model)
+    loss = ddp(x, z_t[rows])
+    loss.backward()
+    running_var = model.distiller.norm_t.running_var.clone()  # updated from the global batch's statistics
+    model.distiller.global_batch = False  # per-rank statistics: the loss of this rank's rows alone
+    local_loss = model(x, z_t[rows])
+    if rank == 0:
+        torch.save({"loss": loss.item(), "local_loss": local_loss.item(), "x_grad": x.grad,
+                    "grads": {k: p.grad for k, p in model.named_parameters()},
+                    "running_var": running_var}, folder / "rank0.pt")
+    dist.destroy_process_group()
+
+
+class _StudentAndDistiller(nn.Module):
+    def __init__(self, distance):
+        super().__init__()
+        self.student, self.distiller = nn.Linear(12, 16), FeatureDistiller(16, 24, distance=distance)
+
+    def forward(self, x, z_t):
+        return self.distiller(self.student(x), z_t)
+
+
+def _global_batch_problem(distance):
+    torch.manual_seed(0)
+    x, z_t = torch.randn(16, 12), 3 * torch.randn(16, 24) + 1
+    return x, z_t, _StudentAndDistiller(distance)
+
+
+@pytest.mark.parametrize("distance", ["logsum", "corr"])
+def test_distiller_takes_the_global_batch_under_ddp(tmp_path, distance):
+    import torch.multiprocessing as mp
+    x, z_t, model = _global_batch_problem(distance)
+    x = x.clone().requires_grad_()
+    loss = model(x, z_t)
+    loss.backward()
+    mp.start_processes(_distiller_on_ranks, args=(2, tmp_path, distance), nprocs=2, start_method="spawn")
+    got = torch.load(tmp_path / "rank0.pt")
+    assert abs(got["loss"] - loss.item()) <= 1e-6 * max(1.0, abs(loss.item()))
+    for name, p in model.named_parameters():  # what DDP averages: the student's and the projector's gradients
+        torch.testing.assert_close(got["grads"][name], p.grad, rtol=1e-5, atol=1e-6, msg=name)
+    # Rank 0's own rows get world x the single-process gradient, as from any per-rank mean (see _GatherRows).
+    torch.testing.assert_close(got["x_grad"] / 2, x.grad[:8], rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(got["running_var"], model.distiller.norm_t.running_var)
+    _, _, fresh = _global_batch_problem(distance)
+    local = fresh(x[:8].detach(), z_t[:8]).item()
+    assert abs(got["local_loss"] - local) <= 1e-5 * max(1.0, abs(local)) and abs(local - loss.item()) > 1e-3
+
