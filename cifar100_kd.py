@@ -8,26 +8,29 @@ norm without affine on ``z_s W_p`` and on the teacher feature ``z_t``, and the s
 every CIFAR-100 distillation paper since CRD (Tian et al., 2020) uses: the 22 architectures below, 240
 epochs of SGD (batch 64, lr 0.05, or 0.01 for MobileNetV2/ShuffleNets, x0.1 at epochs 150/180/210,
 weight decay 5e-4), random crop with 4 pixels of padding and horizontal flips. The models are
-state-dict compatible with RepDistiller's and mdistiller's, so their published teachers
-(``resnet32x4_vanilla/ckpt_epoch_240.pth`` ...) load as they are, and our checkpoints load into their code.
+state-dict compatible with RepDistiller's and mdistiller's: their published teachers (mdistiller's
+``cifar_teachers.tar``, fetched once into torch's hub cache) load as they are, and our checkpoints load into
+their code (``torch.load(path)["model"]``).
 
-Train a teacher (the public teacher downloads are often dead), then distil a student from it::
-
-    python cifar100_kd.py --student resnet32x4 --distill none --data-dir data/cifar100
-    python cifar100_kd.py --teacher resnet32x4 --student resnet8x4 \\
-        --teacher-ckpt runs/cifar100_kd-resnet32x4-none/best.pt --data-dir data/cifar100
-    torchrun --nproc_per_node=2 cifar100_kd.py --batch-size 32 ...   # same global batch on 2 GPUs
-    python cifar100_kd.py --distill kd --ce-weight 0.1 --kd-weight 0.9 --temperature 4 ...   # classic KD
+    python cifar100_kd.py     # resnet32x4 -> resnet8x4: CIFAR-100 and the published teacher are downloaded
+    python cifar100_kd.py --teacher wrn_40_2 --student wrn_16_2          # any pair whose teacher is published
+    python cifar100_kd.py --student resnet20 --distill none              # train your own teacher, then:
+    python cifar100_kd.py --teacher resnet20 --teacher-ckpt runs/cifar100_kd-resnet20-none/best.pt --student resnet8
+    torchrun --nproc_per_node=2 cifar100_kd.py --batch-size 32           # the same global batch on 2 GPUs
+    python cifar100_kd.py --distill kd --ce-weight 0.1 --kd-weight 0.9 --temperature 4    # classic KD
+    python cifar100_kd.py --compile       # the whole training step compiled (CUDA graphs on one GPU)
     python cifar100_kd.py --dummy --epochs 1 --max-steps 20   # no data, random teacher: a smoke test
 
 The whole data set lives on the training device as uint8; crop, flip and normalisation happen there,
-per batch, so there is no DataLoader. A run prints its arguments, the teacher's test accuracy (79.4 %
-for RepDistiller's resnet32x4), one line per ``--log-every`` steps and one evaluation per epoch on the
-full 10,000-image test set; CRD reports resnet32x4 -> resnet8x4 at 72.5 % (student alone), 73.3 % (KD)
-and 75.5 % (CRD). Outputs go to ``--out-dir``: args.json, metrics.jsonl, last.pt, best.pt, summary.json.
+per batch, so there is no DataLoader. A run prints its arguments, the teacher's test accuracy (79.42 %
+for the published resnet32x4; a fetched teacher more than a point off stops the run), one line per
+``--log-every`` steps and one float32 evaluation per epoch on the full 10,000-image test set; CRD reports
+resnet32x4 -> resnet8x4 at 72.5 % (student alone), 73.3 % (KD) and 75.5 % (CRD). Outputs go to
+``--out-dir``: args.json, metrics.jsonl, last.pt, best.pt, summary.json.
 """
 import argparse
 import datetime
+import io
 import json
 import math
 import os
@@ -36,10 +39,12 @@ import platform
 import re
 import resource
 import sys
+import tarfile
 import time
 from functools import partial
 from importlib.metadata import version
 from pathlib import Path
+from urllib.parse import urlparse
 
 import numpy as np
 import torch
@@ -56,10 +61,15 @@ CIFAR_MD5 = "eb9058c3a382ffc7106e4002c42a8d85"
 LAYOUT = "<data-dir>/cifar-100-python/{train,test}, the pickles of the python release"
 MEAN, STD = (0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761)
 NUM_CLASSES = 100
-DUMMY_SIZES = (5_000, 1_000)  # --dummy train/test images: enough for a benchmark, small enough to test
-# Test accuracy of the public RepDistiller teachers (CRD, Table 1/2); a loaded teacher far below is suspect.
-PUBLISHED_TOP1 = {"resnet56": 72.34, "resnet110": 74.31, "resnet32x4": 79.42, "wrn_40_2": 75.61,
-                  "vgg13": 74.64, "ResNet50": 79.34}
+# --dummy train/test images: a full-size training epoch (782 steps of 64, the last one 16), so that a benchmark with
+# --max-steps 200 runs 200 steps; a small test set keeps the per-epoch evaluation of the smoke tests short.
+DUMMY_SIZES = (50_000, 1_000)
+# The published teachers: RepDistiller's, redistributed by mdistiller as cifar_teachers.tar in its `checkpoints`
+# release, with their test top-1 in CRD's Tables 1-2 (the accuracy a fetched teacher must reproduce where its
+# checkpoint records none, and a --teacher-ckpt far below which is suspect).
+TEACHERS_URL = "https://github.com/megvii-research/mdistiller/releases/download/checkpoints/cifar_teachers.tar"
+PUBLISHED_TOP1 = {"resnet56": 72.34, "resnet110": 74.31, "resnet32x4": 79.42, "ResNet50": 79.34, "wrn_40_2": 75.61,
+                  "vgg13": 74.64}
 
 
 def fail(msg, code=2):
@@ -186,6 +196,7 @@ class WideResNet(nn.Module):
         self.fc = nn.Linear(widths[3], num_classes)
         self.feat_dim = widths[3]
         init_weights(self)
+        nn.init.zeros_(self.fc.bias)  # as RepDistiller's wrn.py (the weight keeps PyTorch's default)
 
     def forward(self, x):
         x = self.block3["layer"](self.block2["layer"](self.block1["layer"](self.conv1(x))))
@@ -398,6 +409,58 @@ def load_strict(module, state, path, what):
     module.load_state_dict(state)
 
 
+def fetch_teacher(arch, url, downloads):
+    """The published ``arch``: ``cifar_teachers/<arch>_vanilla/ckpt_epoch_240.pth`` of mdistiller's release tar,
+    downloaded once into torch's hub cache (``$TORCH_HOME``) by the process with ``downloads`` set (local rank 0)
+    while the others wait. Returns the checkpoint (weights under ``model``) and a line saying where it came from."""
+    cache = Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(url).path).name
+    if downloads and not cache.is_file():
+        print(f"downloading {url} to {cache}", flush=True)
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        try:  # to a temporary name, renamed when complete: an interrupted download leaves nothing trusted
+            torch.hub.download_url_to_file(url, str(cache))
+        except Exception as e:
+            fail(f"cannot download the published teachers from {url} ({type(e).__name__}: {e}); fetch "
+                 f"{TEACHERS_URL} by hand and pass --teacher-url file:///path/to/cifar_teachers.tar, or train a "
+                 f"teacher (--student {arch} --distill none) and pass --teacher-ckpt")
+    if dist.is_initialized():
+        dist.barrier()  # the other ranks wait for the download
+    member = f"cifar_teachers/{arch}_vanilla/ckpt_epoch_240.pth"
+    try:
+        with tarfile.open(cache) as tar:
+            names = {name.removeprefix("./"): name for name in tar.getnames()}
+            if member not in names:
+                fail(f"{cache} (from {url}) holds no {member}; pass a --teacher-url of the release's tar, or "
+                     f"--teacher-ckpt")
+            checkpoint = torch.load(io.BytesIO(tar.extractfile(names[member]).read()), map_location="cpu",
+                                    weights_only=True)
+    except (tarfile.TarError, OSError, EOFError, RuntimeError, pickle.UnpicklingError) as e:
+        reason = str(e).strip().splitlines()[0][:120]
+        fail(f"cannot read {member} from {cache} ({type(e).__name__}: {reason}): a truncated or corrupt tar; "
+             "delete it and run again, or pass --teacher-url file:///path/to/cifar_teachers.tar or --teacher-ckpt")
+    return checkpoint, f"{member} of {url}"
+
+
+def build_teacher(args, downloads):
+    """The frozen teacher and where its weights came from: --teacher-ckpt, else the published teacher (fetched),
+    else, under --dummy, random weights. The third value is the test accuracy a published teacher must reproduce
+    (its checkpoint's ``accuracy``, else CRD's), None for the others."""
+    teacher, expected = ARCHS[args.teacher](), None
+    if args.teacher_ckpt:
+        load_strict(teacher, state_dict_of(read_checkpoint(args.teacher_ckpt), args.teacher_ckpt), args.teacher_ckpt,
+                    f"teacher {args.teacher}")
+        origin = f"from {args.teacher_ckpt}"
+    elif args.dummy and not args.teacher_url:
+        origin = "RANDOMLY INITIALISED: --dummy without --teacher-ckpt or --teacher-url"
+    else:
+        checkpoint, origin = fetch_teacher(args.teacher, args.teacher_url or TEACHERS_URL, downloads)
+        load_strict(teacher, state_dict_of(checkpoint, origin), origin, f"teacher {args.teacher}")
+        origin = f"published, {origin}"
+        expected = float(checkpoint.get("accuracy", PUBLISHED_TOP1[args.teacher]))
+    # Frozen, and in eval mode for good: it keeps the batch-norm statistics it was trained with.
+    return teacher.requires_grad_(False).eval(), origin, expected
+
+
 # ---------------------------------------------------------------------------------------------------
 # Data: the python release of CIFAR-100, held on the device as uint8 and augmented there per batch.
 # ---------------------------------------------------------------------------------------------------
@@ -447,6 +510,13 @@ class Normalise(nn.Module):
         return ((x.float() - self.mean) / self.std).contiguous(memory_format=self.memory_format)
 
 
+def seed_of(seed, epoch, stream):
+    """A 32-bit seed that is a function of (seed, epoch, stream) and nothing else, each triple its own stream: 0 for
+    the epoch's permutation, which every rank shares, 1 + rank for that rank's crops and flips. (SeedSequence hashes
+    trailing zeros away, so the triple has a fixed length.)"""
+    return int(np.random.SeedSequence((seed, epoch, stream)).generate_state(1)[0])
+
+
 def crop_flip(x, generator):
     """Random 32x32 crop of the 4-pixel zero-padded image and horizontal flip, independently per sample.
 
@@ -464,9 +534,10 @@ def crop_flip(x, generator):
 
 
 @torch.no_grad()
-def evaluate(model, images, labels, normalise, batch_size, amp):
+def evaluate(model, images, labels, normalise, batch_size):
     """Top-1/top-5 (%) on the whole set: each rank scores its own contiguous shard (no sample dropped or
-    counted twice), then the counts are summed across ranks; `images` is the number scored."""
+    counted twice), then the counts are summed across ranks; `images` is the number scored. Always in float32,
+    whatever the training precision: a score must not depend on --amp."""
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     n = len(labels)
     was_training = model.training
@@ -476,8 +547,7 @@ def evaluate(model, images, labels, normalise, batch_size, amp):
     counts[2] = stop - start
     for i in range(start, stop, batch_size):
         j = min(i + batch_size, stop)
-        with amp:
-            logits = model(normalise(images[i:j]))[0]
+        logits = model(normalise(images[i:j]))[0]
         hits = logits.topk(5, 1).indices == labels[i:j, None]
         counts[:2] += torch.stack([hits[:, 0].sum(), hits.any(1).sum()])
     if dist.is_initialized():
@@ -518,14 +588,20 @@ def parse_args(argv):
                    help=f"dataset root, laid out as {LAYOUT}; the release is downloaded there when missing")
     g.add_argument("--dummy", action="store_true",
                    help=f"random images and labels ({DUMMY_SIZES[0]} train, {DUMMY_SIZES[1]} test) and a random "
-                   "teacher unless --teacher-ckpt: the whole pipeline without files; doubles as a speed benchmark")
+                   "teacher unless --teacher-ckpt or --teacher-url: the whole pipeline without files or downloads; "
+                   "doubles as a speed benchmark")
     g = p.add_argument_group("models")
     g.add_argument("--student", default="resnet8x4", choices=ARCHS, metavar="ARCH",
                    help=f"student architecture, one of: {', '.join(ARCHS)}")
     g.add_argument("--teacher", default="resnet32x4", choices=ARCHS, metavar="ARCH",
                    help="teacher architecture (same choices)")
     g.add_argument("--teacher-ckpt", metavar="PATH",
-                   help="teacher weights: a best.pt of this script, or RepDistiller's/mdistiller's ckpt_epoch_240.pth")
+                   help="teacher weights: a best.pt of this script, or RepDistiller's/mdistiller's ckpt_epoch_240.pth "
+                   "(default: the published teacher of --teacher, fetched from --teacher-url)")
+    g.add_argument("--teacher-url", metavar="URL",
+                   help=f"where the published teachers' tar is fetched from when --teacher-ckpt is not given (default: "
+                   f"{TEACHERS_URL}); a mirror or a file:// URL. Cached in torch's hub cache ($TORCH_HOME). "
+                   f"It holds {', '.join(PUBLISHED_TOP1)}; --dummy fetches only when this flag is given")
     g = p.add_argument_group("distillation")
     g.add_argument("--distill", default="srd", choices=("none", "kd", "srd"),
                    help="none: cross-entropy only (a baseline student, or a teacher); kd: CE + KL; "
@@ -554,7 +630,8 @@ def parse_args(argv):
     g.add_argument("--amp", choices=("off", "bf16", "fp16"), help="mixed precision (default: bf16 on CUDA, off on CPU)")
     g.add_argument("--channels-last", action="store_true", help="NHWC memory layout (faster convolutions on GPUs)")
     g.add_argument("--compile", action="store_true",
-                   help="torch.compile the student (with the distiller) and the teacher")
+                   help="torch.compile the whole training step (teacher, student, distiller, backward, SGD); on one "
+                   "GPU with CUDA graphs (mode reduce-overhead). The first steps compile (printed once)")
     g.add_argument("--sync-bn", action="store_true", help="batch-norm statistics over the global batch under torchrun")
     g.add_argument("--workers", type=int, default=0,
                    help="accepted for the interface the four scripts share; unused: the data set lives on the device")
@@ -598,10 +675,11 @@ def main(argv=None):
     distributed = "RANK" in os.environ
     rank, world = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if distributed else (0, 1)
     is_main = rank == 0
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         fail("--device cuda but no GPU is visible; pass --device cpu")
     if args.device.startswith("cuda"):
-        index = int(os.environ["LOCAL_RANK"]) if distributed else torch.device(args.device).index or 0
+        index = local_rank if distributed else torch.device(args.device).index or 0
         device = torch.device("cuda", index)
         torch.cuda.set_device(device)
         torch.backends.cudnn.benchmark = True
@@ -626,9 +704,11 @@ def main(argv=None):
     if not (args.evaluate or args.resume) and ((out_dir / "args.json").exists() or (out_dir / "last.pt").exists()):
         fail(f"{out_dir} already holds a run; pass --resume {out_dir}/last.pt to continue it, "
              "or choose another --out-dir")
-    if use_teacher and not (args.teacher_ckpt or args.dummy):
-        fail(f"--distill {args.distill} needs teacher weights: pass --teacher-ckpt (train a teacher with --student "
-             f"{args.teacher} --distill none, or use RepDistiller's {args.teacher}_vanilla/ckpt_epoch_240.pth)")
+    fetches = use_teacher and not args.teacher_ckpt and not (args.dummy and not args.teacher_url)
+    if fetches and args.teacher not in PUBLISHED_TOP1:
+        fail(f"--teacher {args.teacher} has no published weights (the release holds {', '.join(PUBLISHED_TOP1)}); "
+             f"train it with 'python {PROG}.py --student {args.teacher} --distill none' and pass "
+             f"--teacher-ckpt runs/{PROG}-{args.teacher}-none/best.pt")
     if use_teacher and args.teacher_ckpt and not Path(args.teacher_ckpt).is_file():
         fail(f"--teacher-ckpt {args.teacher_ckpt}: no such file")
     if args.batch_size < 2 or args.epochs < 1 or args.log_every < 1:
@@ -653,7 +733,7 @@ def main(argv=None):
     if args.evaluate:
         state = state_dict_of(read_checkpoint(args.resume), args.resume)
         load_strict(student, state, args.resume, f"student {args.student}")
-        metrics = evaluate(student.to(device, memory_format=memory_format), test_x, test_y, normalise, eval_batch, amp)
+        metrics = evaluate(student.to(device, memory_format=memory_format), test_x, test_y, normalise, eval_batch)
         if is_main:
             print(f"{args.student} from {args.resume}: top1 {metrics['top1']:.2f} top5 {metrics['top5']:.2f} "
                   f"on {metrics['images']} images")
@@ -664,14 +744,16 @@ def main(argv=None):
             dist.destroy_process_group()
         return metrics
 
-    teacher = None
-    if use_teacher:
-        teacher = ARCHS[args.teacher]()
-        if args.teacher_ckpt:
-            state = state_dict_of(read_checkpoint(args.teacher_ckpt), args.teacher_ckpt)
-            load_strict(teacher, state, args.teacher_ckpt, f"teacher {args.teacher}")
-        # Frozen, and in eval mode for good: it keeps the batch-norm statistics it was trained with.
-        teacher.requires_grad_(False).eval().to(device, memory_format=memory_format)
+    teacher, teacher_origin, teacher_expected = build_teacher(args, local_rank == 0) if use_teacher else (None,) * 3
+    teacher_top1 = None
+    if teacher is not None:
+        teacher.to(device, memory_format=memory_format)
+        teacher_top1 = evaluate(teacher, test_x, test_y, normalise, eval_batch)["top1"]
+        # A published teacher's accuracy is its checksum: a wrong file or a wrong normalisation shows here.
+        if teacher_expected is not None and not args.dummy and abs(teacher_top1 - teacher_expected) > 1:
+            fail(f"the teacher read from {teacher_origin.removeprefix('published, ')} scores {teacher_top1:.2f} on the "
+                 f"test set, not the {teacher_expected:.2f} it was published with; delete the cached tar under "
+                 f"{Path(torch.hub.get_dir()) / 'checkpoints'} and run again, or pass --teacher-ckpt")
     distiller = None
     if args.distill == "srd":  # W_p maps z_s (student width) to the teacher's width; widths come from the models
         try:
@@ -685,7 +767,10 @@ def main(argv=None):
     model.to(device, memory_format=memory_format)
 
     # ---- optimisation: SGD on the student and the projector alike, step decay per epoch ---------------
-    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=args.momentum, weight_decay=args.wd)
+    # Under --compile the lr is a device tensor: the scheduler's decays then change a value in place, never a guard of
+    # the compiled step (no recompilation). Eagerly it stays a float, which costs no host-device sync per step.
+    as_lr = (lambda value: torch.tensor(float(value), device=device)) if args.compile else float
+    optimizer = torch.optim.SGD(model.parameters(), lr=as_lr(lr), momentum=args.momentum, weight_decay=args.wd)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, args.lr_decay_epochs, args.lr_decay_rate)
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
     start_epoch, best, best_epoch = 0, -1.0, 0
@@ -703,17 +788,15 @@ def main(argv=None):
         if distiller is not None:
             load_strict(distiller, ckpt["distiller"], args.resume, "distiller")
         optimizer.load_state_dict(ckpt["optimizer"])
+        for group in optimizer.param_groups:  # this run's lr type, whatever the saving run's --compile was
+            group["lr"] = as_lr(group["lr"])
         scheduler.load_state_dict(ckpt["scheduler"])
         scaler.load_state_dict(ckpt["scaler"] or {})
         start_epoch, best, best_epoch = ckpt["epoch"], ckpt["best"], ckpt["best_epoch"]
         if start_epoch >= args.epochs:
             fail(f"{args.resume} has trained {start_epoch} epochs already; pass --epochs above {start_epoch}")
-    compiled = torch.compile if args.compile else (lambda m: m)
-    train_model = compiled(model)
     if distributed:
-        train_model = DDP(train_model, device_ids=[device.index] if device.type == "cuda" else None)
-    eval_student = compiled(student)
-    teacher = compiled(teacher) if teacher is not None else None
+        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
 
     # ---- outputs: the run writes from here on ----------------------------------------------------------
     n_params = lambda m: sum(p.numel() for p in m.parameters()) / 1e6 if m is not None else 0.0
@@ -730,28 +813,50 @@ def main(argv=None):
         print(f"world size {world} | device {device} | amp {args.amp} | global batch {global_batch} | lr {lr:g} | "
               f"{steps} steps/epoch | params: student {n_params(student):.2f}M, distiller {n_params(distiller):.3f}M, "
               f"teacher {n_params(teacher):.2f}M")
-    teacher_top1 = None
-    if teacher is not None:
-        teacher_top1 = evaluate(teacher, test_x, test_y, normalise, eval_batch, amp)["top1"]
+    if teacher is not None and is_main:
         published = PUBLISHED_TOP1.get(args.teacher)
-        if is_main:
-            origin = (f"from {args.teacher_ckpt}" if args.teacher_ckpt
-                      else "RANDOMLY INITIALISED: --dummy without --teacher-ckpt")
-            print(f"teacher {args.teacher} ({origin}): top1 {teacher_top1:.2f}")
-            if published and not args.dummy and teacher_top1 < published - 3:
-                print(f"warning: the teacher scores {teacher_top1:.2f}, far below the {published} of the public "
-                      f"{args.teacher}; check the checkpoint and --teacher")
+        expected = f" (published: {teacher_expected:.2f})" if teacher_expected is not None else ""
+        print(f"teacher {args.teacher} ({teacher_origin}): top1 {teacher_top1:.2f}{expected}")
+        if args.teacher_ckpt and published and not args.dummy and teacher_top1 < published - 3:
+            print(f"warning: the teacher scores {teacher_top1:.2f}, far below the {published} of the public "
+                  f"{args.teacher}; check the checkpoint and --teacher")
 
     # ---- training ----------------------------------------------------------------------------------------
     total_steps, done_steps, t_loop = (args.epochs - start_epoch) * steps, 0, time.time()
     run_images, run_train_s, last = 0, 0.0, {}
     zero = torch.zeros((), device=device)  # an unused term: 0, so that one expression serves every mode
+
+    def train_step(x, y):
+        """One step of the paper's objective; returns the unweighted loss terms (ce, kd, feat), left on the device."""
+        with amp:
+            logits_t = z_t = None
+            if teacher is not None:
+                with torch.no_grad():
+                    logits_t, z_t = teacher(x)
+            logits_s, loss_feat = model(x, z_t)
+            loss_ce = F.cross_entropy(logits_s.float(), y)
+            loss_kd = zero if teacher is None else kd_loss(logits_s, logits_t, args.temperature)
+            loss_feat = zero if loss_feat is None else loss_feat
+            loss = args.ce_weight * loss_ce + args.kd_weight * loss_kd + args.feat_weight * loss_feat
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        return torch.stack([loss_ce, loss_kd, loss_feat]).detach()
+
+    # --compile: the whole step, teacher to SGD, as compiled graphs; on one GPU replayed as CUDA graphs, since at batch
+    # 64 these models are bound by kernel launches. Shapes are static: the epoch's last, partial batch runs eagerly,
+    # so nothing compiles again after the first steps.
+    compiled_step = train_step
+    if args.compile:
+        mode = "reduce-overhead" if device.type == "cuda" and not distributed else None
+        compiled_step = torch.compile(train_step, mode=mode, dynamic=False)
     for epoch in range(start_epoch, args.epochs):
         # Every random draw is a function of (seed, epoch, rank): a resumed run repeats the epochs it missed.
-        shared = torch.Generator(device=device).manual_seed(args.seed * 1000 + epoch)  # one permutation for all
-        own = torch.Generator(device=device).manual_seed((args.seed * 1000 + epoch) * 1000 + rank)  # crops, flips
+        shared = torch.Generator(device=device).manual_seed(seed_of(args.seed, epoch, 0))  # one permutation for all
+        own = torch.Generator(device=device).manual_seed(seed_of(args.seed, epoch, 1 + rank))  # this rank's crops
         order = torch.randperm(len(train_y), generator=shared, device=device)[rank * per_rank:(rank + 1) * per_rank]
-        train_model.train()
+        model.train()
         epoch_sums = torch.zeros(3, device=device)  # ce, kd, feat: summed on the device, read at log steps only
         log_sums, log_steps, t_log, data_s, t_epoch = torch.zeros(3, device=device), 0, time.time(), 0.0, time.time()
         for step in range(steps):
@@ -759,21 +864,9 @@ def main(argv=None):
             idx = order[step * args.batch_size:(step + 1) * args.batch_size]
             x, y = normalise(crop_flip(train_x[idx], own)), train_y[idx]
             data_s += time.perf_counter() - t_data
-            with amp:
-                logits_t = z_t = None
-                if teacher is not None:
-                    with torch.no_grad():
-                        logits_t, z_t = teacher(x)
-                logits_s, loss_feat = train_model(x, z_t)
-                loss_ce = F.cross_entropy(logits_s.float(), y)
-                loss_kd = zero if teacher is None else kd_loss(logits_s, logits_t, args.temperature)
-                loss_feat = zero if loss_feat is None else loss_feat
-                loss = args.ce_weight * loss_ce + args.kd_weight * loss_kd + args.feat_weight * loss_feat
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            terms = torch.stack([loss_ce, loss_kd, loss_feat]).detach()
+            terms = (compiled_step if len(idx) == args.batch_size else train_step)(x, y)
+            if args.compile and step == 1 and epoch == start_epoch and is_main:  # the graphs of the first two steps
+                print(f"compiled the training step in {time.time() - t_epoch:.0f} s", flush=True)
             epoch_sums += terms
             log_sums += terms
             log_steps += 1
@@ -793,7 +886,7 @@ def main(argv=None):
                     losses = f"ce {ce:.3f}" + (f" kd {kd:.3f}" if teacher is not None else "")
                     losses += f" feat {feat:.3f}" if distiller is not None else ""
                     print(f"epoch {epoch + 1}/{args.epochs} step {step + 1}/{steps} | {losses} | "
-                          f"lr {optimizer.param_groups[0]['lr']:.4f} | "
+                          f"lr {float(optimizer.param_groups[0]['lr']):.4f} | "
                           f"{log_steps * global_batch / (now - t_log):.0f} img/s | "
                           f"data {1000 * data_s / log_steps:.1f} ms/step | "
                           f"eta {datetime.timedelta(seconds=round(eta))}")
@@ -807,14 +900,14 @@ def main(argv=None):
         if distributed:
             dist.all_reduce(epoch_sums)
         loss_means = (epoch_sums / (steps * world)).tolist()
-        epoch_lr = optimizer.param_groups[0]["lr"]
+        epoch_lr = float(optimizer.param_groups[0]["lr"])
         scheduler.step()
 
         # ---- evaluation on the full test set, checkpoint, one record ----------------------------------------
         if distributed:  # every rank scores the model rank 0 saves: its batch-norm statistics, not the local ones
             for buffer in student.buffers():
                 dist.broadcast(buffer, 0)
-        metrics = evaluate(eval_student, test_x, test_y, normalise, eval_batch, amp)
+        metrics = evaluate(student, test_x, test_y, normalise, eval_batch)
         del metrics["images"]
         if metrics["top1"] > best:
             best, best_epoch = metrics["top1"], epoch + 1
@@ -828,7 +921,10 @@ def main(argv=None):
                 sv = projector_spectrum(distiller)
                 last["projector_sv"] = None if sv is None else {"max": sv.max().item(), "min": sv.min().item(),
                                                                 "mean": sv.mean().item()}
-            ckpt = {"student": student.state_dict(),
+            # "model" is RepDistiller's and mdistiller's key; it shares its tensors with "student", so torch.save
+            # stores the weights once.
+            weights = student.state_dict()
+            ckpt = {"model": weights, "student": weights,
                     "distiller": distiller.state_dict() if distiller is not None else None,
                     "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                     "scaler": scaler.state_dict(), "epoch": epoch + 1, "best": best, "best_epoch": best_epoch,
