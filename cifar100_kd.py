@@ -79,6 +79,82 @@ def fail(msg, code=2):
     sys.exit(code)
 
 
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.error = lambda message: fail(f"{message}; see --help")  # one line on stderr, exit 2 (CONVENTIONS §6)
+    g = p.add_argument_group("data")
+    g.add_argument("--data-dir", default="data/cifar100",
+                   help=f"dataset root, laid out as {LAYOUT}; the release is downloaded there when missing")
+    g.add_argument("--dummy", action="store_true",
+                   help=f"random images and labels ({DUMMY_SIZES[0]} train, {DUMMY_SIZES[1]} test) and a random "
+                   "teacher unless --teacher-ckpt or --teacher-url: the whole pipeline without files or downloads; "
+                   "doubles as a speed benchmark")
+    g = p.add_argument_group("models")
+    g.add_argument("--student", default="resnet8x4", choices=ARCHS, metavar="ARCH",
+                   help=f"student architecture, one of: {', '.join(ARCHS)}")
+    g.add_argument("--teacher", default="resnet32x4", choices=ARCHS, metavar="ARCH",
+                   help="teacher architecture (same choices)")
+    g.add_argument("--teacher-ckpt", metavar="PATH",
+                   help="teacher weights: a best.pt of this script, or RepDistiller's/mdistiller's ckpt_epoch_240.pth "
+                   "(default: the published teacher of --teacher, fetched from --teacher-url)")
+    g.add_argument("--teacher-url", metavar="URL",
+                   help=f"where the published teachers' tar is fetched from when --teacher-ckpt is not given (default: "
+                   f"{TEACHERS_URL}); a mirror or a file:// URL. Cached in torch's hub cache ($TORCH_HOME). "
+                   f"It holds {', '.join(PUBLISHED_TOP1)}; --dummy fetches only when this flag is given")
+    g = p.add_argument_group("distillation")
+    g.add_argument("--distill", default="srd", choices=("none", "kd", "srd"),
+                   help="none: cross-entropy only (a baseline student, or a teacher); kd: CE + KL; "
+                   "srd: CE + KL + the feature loss (the paper)")
+    g.add_argument("--ce-weight", type=float, default=1.0, help="weight of the cross-entropy (classic KD: 0.1)")
+    g.add_argument("--kd-weight", type=float, default=1.0, help="weight of the KL term (classic KD: 0.9)")
+    g.add_argument("--temperature", type=float, default=1.0, help="KD temperature T (classic KD: 4)")
+    g.add_argument("--feat-weight", type=float, default=2.0, help="weight of the feature loss (srd)")
+    g.add_argument("--alpha", type=float, default=4.0, help="exponent of the soft maximum log sum |d|^alpha")
+    g.add_argument("--norm", default="bn", choices=NORMS, help="normalisation of both features (paper: bn, no affine)")
+    g.add_argument("--projector", default="linear", choices=PROJECTORS, help="projector W_p on the student feature")
+    g.add_argument("--distance", default="logsum", choices=DISTANCES, help="feature distance")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--epochs", type=int, default=240, help="training epochs")
+    g.add_argument("--batch-size", type=int, default=64, help="images per process and step")
+    g.add_argument("--lr", type=float, help="SGD learning rate for a global batch of 64, scaled linearly with the "
+                   "global batch (default 0.05; 0.01 for MobileNetV2, ShuffleV1 and ShuffleV2)")
+    g.add_argument("--lr-decay-epochs", type=int, nargs="+", default=[150, 180, 210],
+                   help="epochs at which the lr is multiplied by --lr-decay-rate")
+    g.add_argument("--lr-decay-rate", type=float, default=0.1, help="step decay factor")
+    g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
+    g.add_argument("--wd", type=float, default=5e-4, help="weight decay of the student and the projector")
+    g.add_argument("--max-steps", type=int, help="cap on the steps of each epoch (smoke tests, benchmarks)")
+    g = p.add_argument_group("system")
+    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
+    g.add_argument("--amp", choices=("off", "bf16", "fp16"), help="mixed precision (default: bf16 on CUDA, off on CPU)")
+    g.add_argument("--channels-last", action="store_true", help="NHWC memory layout (faster convolutions on GPUs)")
+    g.add_argument("--compile", action="store_true",
+                   help="torch.compile the whole training step (teacher, student, distiller, backward, SGD); on one "
+                   "GPU with CUDA graphs (mode reduce-overhead). The first steps compile (printed once)")
+    g.add_argument("--sync-bn", action="store_true", help="batch-norm statistics over the global batch under torchrun")
+    g.add_argument("--workers", type=int, default=0,
+                   help="accepted for the interface the four scripts share; unused: the data set lives on the device")
+    g.add_argument("--seed", type=int, default=0, help="random seed; every random draw depends on (seed, epoch, rank)")
+    g.add_argument("--log-every", type=int, default=100,
+                   help="steps between log lines, the loop's only host-device syncs")
+    g = p.add_argument_group("outputs")
+    g.add_argument("--out-dir",
+                   help="output folder (default: runs/cifar100_kd-<student>-<distill>, or the folder of --resume)")
+    g.add_argument("--resume", metavar="PATH", help="continue the run of this checkpoint (its last.pt); "
+                   "with --evaluate, the weights to score (any format --teacher-ckpt takes)")
+    g.add_argument("--evaluate", action="store_true",
+                   help="score the student of --resume on the test set, write eval.json and exit")
+    args = p.parse_args(argv)
+    if args.amp is None:
+        args.amp = "bf16" if args.device.startswith("cuda") else "off"
+    if args.lr is None:
+        args.lr = 0.01 if args.student in SMALL_LR_ARCHS else 0.05
+    if args.out_dir is None:
+        args.out_dir = str(Path(args.resume).parent) if args.resume else f"runs/{PROG}-{args.student}-{args.distill}"
+    return args
+
+
 # ---------------------------------------------------------------------------------------------------
 # Models: RepDistiller's 22 CIFAR architectures with their exact parameter and buffer names. Each
 # forward returns (logits, z) with z the pooled penultimate feature (the classifier's input, the
@@ -384,20 +460,18 @@ def read_checkpoint(path):
              "pass a checkpoint saved by this script, RepDistiller or mdistiller")
 
 
-def state_dict_of(obj, path):
-    """CONVENTIONS §5: a bare state dict or one under model/state_dict/student, prefixes stripped."""
+def load_weights(model, checkpoint, path, what):
+    """CONVENTIONS §5: the state dict of ``checkpoint`` (bare, or under model/state_dict/student; ``module.`` and
+    ``_orig_mod.`` prefixes stripped) loaded strictly; a mismatch fails naming a few missing, unexpected and wrongly
+    shaped keys."""
     for key in ("model", "state_dict", "student"):
-        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
-            obj = obj[key]
+        if isinstance(checkpoint, dict) and isinstance(checkpoint.get(key), dict):
+            checkpoint = checkpoint[key]
             break
-    if not isinstance(obj, dict) or not all(torch.is_tensor(v) for v in obj.values()):
+    if not isinstance(checkpoint, dict) or not all(torch.is_tensor(v) for v in checkpoint.values()):
         fail(f"{path} holds no state dict (nor one under 'model', 'state_dict' or 'student'); pass a model checkpoint")
-    return {re.sub(r"^(module\.|_orig_mod\.)+", "", k): v for k, v in obj.items()}
-
-
-def load_strict(module, state, path, what):
-    """Strict load; a mismatch fails naming a few missing, unexpected and wrongly shaped keys."""
-    own = module.state_dict()
+    state = {re.sub(r"^(module\.|_orig_mod\.)+", "", k): v for k, v in checkpoint.items()}
+    own = model.state_dict()
     missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]  # absent in old files
     unexpected = [k for k in state if k not in own]
     wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
@@ -406,7 +480,12 @@ def load_strict(module, state, path, what):
         few = lambda keys: ", ".join(keys[:3]) + (f" (+{len(keys) - 3})" if len(keys) > 3 else "") if keys else "none"
         fail(f"{path} does not fit the {what}: missing {few(missing)}; unexpected {few(unexpected)}; "
              f"wrong shape {few(wrong)}; pass a checkpoint of that architecture or change the architecture flag")
-    module.load_state_dict(state)
+    model.load_state_dict(state)
+
+
+def build_student(args):
+    """The student: one of RepDistiller's 22 architectures, freshly initialised."""
+    return ARCHS[args.student]()
 
 
 def fetch_teacher(arch, url, downloads):
@@ -447,14 +526,13 @@ def build_teacher(args, downloads):
     (its checkpoint's ``accuracy``, else CRD's), None for the others."""
     teacher, expected = ARCHS[args.teacher](), None
     if args.teacher_ckpt:
-        load_strict(teacher, state_dict_of(read_checkpoint(args.teacher_ckpt), args.teacher_ckpt), args.teacher_ckpt,
-                    f"teacher {args.teacher}")
+        load_weights(teacher, read_checkpoint(args.teacher_ckpt), args.teacher_ckpt, f"teacher {args.teacher}")
         origin = f"from {args.teacher_ckpt}"
     elif args.dummy and not args.teacher_url:
         origin = "RANDOMLY INITIALISED: --dummy without --teacher-ckpt or --teacher-url"
     else:
         checkpoint, origin = fetch_teacher(args.teacher, args.teacher_url or TEACHERS_URL, downloads)
-        load_strict(teacher, state_dict_of(checkpoint, origin), origin, f"teacher {args.teacher}")
+        load_weights(teacher, checkpoint, origin, f"teacher {args.teacher}")
         origin = f"published, {origin}"
         expected = float(checkpoint.get("accuracy", PUBLISHED_TOP1[args.teacher]))
     # Frozen, and in eval mode for good: it keeps the batch-norm statistics it was trained with.
@@ -464,15 +542,21 @@ def build_teacher(args, downloads):
 # ---------------------------------------------------------------------------------------------------
 # Data: the python release of CIFAR-100, held on the device as uint8 and augmented there per batch.
 # ---------------------------------------------------------------------------------------------------
-def load_cifar100(data_dir, is_main):
-    """(train images, train labels, test images, test labels) as uint8 (N, 3, 32, 32) and int64 (N,)."""
-    root = Path(data_dir) / "cifar-100-python"
+def build_data(args, is_main):
+    """(train images, train labels, test images, test labels) as uint8 (N, 3, 32, 32) and int64 (N,): the python
+    release in --data-dir (downloaded by rank 0 when missing), or --dummy's random set, the same on every rank."""
+    if args.dummy:
+        g = torch.Generator().manual_seed(args.seed)
+        images = [torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g) for n in DUMMY_SIZES]
+        labels = [torch.randint(0, NUM_CLASSES, (n,), generator=g) for n in DUMMY_SIZES]
+        return images[0], labels[0], images[1], labels[1]
+    root = Path(args.data_dir) / "cifar-100-python"
     if not root.is_dir() and is_main:
         from torchvision.datasets.utils import download_and_extract_archive
         try:
-            download_and_extract_archive(CIFAR_URL, str(data_dir), md5=CIFAR_MD5)
+            download_and_extract_archive(CIFAR_URL, args.data_dir, md5=CIFAR_MD5)
         except Exception as e:
-            fail(f"no CIFAR-100 in {data_dir} and downloading {CIFAR_URL} failed ({type(e).__name__}: {e}); "
+            fail(f"no CIFAR-100 in {args.data_dir} and downloading {CIFAR_URL} failed ({type(e).__name__}: {e}); "
                  f"download and extract it yourself so that the layout is {LAYOUT}, or pass --dummy")
     if dist.is_initialized():
         dist.barrier()  # the other ranks wait for rank 0's download
@@ -496,9 +580,8 @@ def load_cifar100(data_dir, is_main):
 
 
 class Normalise(nn.Module):
-    """uint8 images (B, 3, 32, 32) -> float inputs standardised with the CIFAR-100 channel statistics.
-
-    The statistics live on the device as buffers: building them per batch would copy host to device."""
+    """uint8 images (B, 3, 32, 32) -> float inputs standardised with the CIFAR-100 channel statistics, which live
+    on the device as buffers: building them per batch would copy host to device."""
 
     def __init__(self, channels_last=False):
         super().__init__()
@@ -518,11 +601,8 @@ def seed_of(seed, epoch, stream):
 
 
 def crop_flip(x, generator):
-    """Random 32x32 crop of the 4-pixel zero-padded image and horizontal flip, independently per sample.
-
-    One gather does both: row i of the output is padded row dy + i, column j is padded column
-    dx + j, or dx + 31 - j when the sample is flipped.
-    """
+    """Random 32x32 crop of the 4-pixel zero-padded image and horizontal flip, independently per sample. One gather
+    does both: row i of the output is padded row dy + i, column j is padded column dx + j, or dx + 31 - j flipped."""
     b, dev = x.shape[0], x.device
     x = F.pad(x, (4, 4, 4, 4))
     dy, dx = torch.randint(0, 9, (2, b, 1), generator=generator, device=dev)
@@ -534,10 +614,11 @@ def crop_flip(x, generator):
 
 
 @torch.no_grad()
-def evaluate(model, images, labels, normalise, batch_size):
+def evaluate(model, test_set, normalise, batch_size=256):
     """Top-1/top-5 (%) on the whole set: each rank scores its own contiguous shard (no sample dropped or
     counted twice), then the counts are summed across ranks; `images` is the number scored. Always in float32,
     whatever the training precision: a score must not depend on --amp."""
+    images, labels = test_set
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     n = len(labels)
     was_training = model.training
@@ -568,8 +649,7 @@ class StudentWithDistiller(nn.Module):
 
     def forward(self, x, z_t=None):
         logits, z_s = self.student(x)
-        loss_feat = self.distiller(z_s, z_t) if self.distiller is not None else None
-        return logits, loss_feat
+        return logits, self.distiller(z_s, z_t) if self.distiller is not None else None
 
 
 def kd_loss(logits_s, logits_t, T):
@@ -577,82 +657,6 @@ def kd_loss(logits_s, logits_t, T):
     scale does not depend on T."""
     return F.kl_div(F.log_softmax(logits_s.float() / T, 1), F.log_softmax(logits_t.float() / T, 1),
                     reduction="batchmean", log_target=True) * T * T
-
-
-def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.error = lambda message: fail(f"{message}; see --help")  # one line on stderr, exit 2 (CONVENTIONS §6)
-    g = p.add_argument_group("data")
-    g.add_argument("--data-dir", default="data/cifar100",
-                   help=f"dataset root, laid out as {LAYOUT}; the release is downloaded there when missing")
-    g.add_argument("--dummy", action="store_true",
-                   help=f"random images and labels ({DUMMY_SIZES[0]} train, {DUMMY_SIZES[1]} test) and a random "
-                   "teacher unless --teacher-ckpt or --teacher-url: the whole pipeline without files or downloads; "
-                   "doubles as a speed benchmark")
-    g = p.add_argument_group("models")
-    g.add_argument("--student", default="resnet8x4", choices=ARCHS, metavar="ARCH",
-                   help=f"student architecture, one of: {', '.join(ARCHS)}")
-    g.add_argument("--teacher", default="resnet32x4", choices=ARCHS, metavar="ARCH",
-                   help="teacher architecture (same choices)")
-    g.add_argument("--teacher-ckpt", metavar="PATH",
-                   help="teacher weights: a best.pt of this script, or RepDistiller's/mdistiller's ckpt_epoch_240.pth "
-                   "(default: the published teacher of --teacher, fetched from --teacher-url)")
-    g.add_argument("--teacher-url", metavar="URL",
-                   help=f"where the published teachers' tar is fetched from when --teacher-ckpt is not given (default: "
-                   f"{TEACHERS_URL}); a mirror or a file:// URL. Cached in torch's hub cache ($TORCH_HOME). "
-                   f"It holds {', '.join(PUBLISHED_TOP1)}; --dummy fetches only when this flag is given")
-    g = p.add_argument_group("distillation")
-    g.add_argument("--distill", default="srd", choices=("none", "kd", "srd"),
-                   help="none: cross-entropy only (a baseline student, or a teacher); kd: CE + KL; "
-                   "srd: CE + KL + the feature loss (the paper)")
-    g.add_argument("--ce-weight", type=float, default=1.0, help="weight of the cross-entropy (classic KD: 0.1)")
-    g.add_argument("--kd-weight", type=float, default=1.0, help="weight of the KL term (classic KD: 0.9)")
-    g.add_argument("--temperature", type=float, default=1.0, help="KD temperature T (classic KD: 4)")
-    g.add_argument("--feat-weight", type=float, default=2.0, help="weight of the feature loss (srd)")
-    g.add_argument("--alpha", type=float, default=4.0, help="exponent of the soft maximum log sum |d|^alpha")
-    g.add_argument("--norm", default="bn", choices=NORMS, help="normalisation of both features (paper: bn, no affine)")
-    g.add_argument("--projector", default="linear", choices=PROJECTORS, help="projector W_p on the student feature")
-    g.add_argument("--distance", default="logsum", choices=DISTANCES, help="feature distance")
-    g = p.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=int, default=240, help="training epochs")
-    g.add_argument("--batch-size", type=int, default=64, help="images per process and step")
-    g.add_argument("--lr", type=float, help="SGD learning rate for a global batch of 64, scaled linearly with the "
-                   "global batch (default 0.05; 0.01 for MobileNetV2, ShuffleV1 and ShuffleV2)")
-    g.add_argument("--lr-decay-epochs", type=int, nargs="+", default=[150, 180, 210],
-                   help="epochs at which the lr is multiplied by --lr-decay-rate")
-    g.add_argument("--lr-decay-rate", type=float, default=0.1, help="step decay factor")
-    g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
-    g.add_argument("--wd", type=float, default=5e-4, help="weight decay of the student and the projector")
-    g.add_argument("--max-steps", type=int, help="cap on the steps of each epoch (smoke tests, benchmarks)")
-    g = p.add_argument_group("system")
-    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
-    g.add_argument("--amp", choices=("off", "bf16", "fp16"), help="mixed precision (default: bf16 on CUDA, off on CPU)")
-    g.add_argument("--channels-last", action="store_true", help="NHWC memory layout (faster convolutions on GPUs)")
-    g.add_argument("--compile", action="store_true",
-                   help="torch.compile the whole training step (teacher, student, distiller, backward, SGD); on one "
-                   "GPU with CUDA graphs (mode reduce-overhead). The first steps compile (printed once)")
-    g.add_argument("--sync-bn", action="store_true", help="batch-norm statistics over the global batch under torchrun")
-    g.add_argument("--workers", type=int, default=0,
-                   help="accepted for the interface the four scripts share; unused: the data set lives on the device")
-    g.add_argument("--seed", type=int, default=0, help="random seed; every random draw depends on (seed, epoch, rank)")
-    g.add_argument("--log-every", type=int, default=100,
-                   help="steps between log lines, the loop's only host-device syncs")
-    g = p.add_argument_group("outputs")
-    g.add_argument("--out-dir",
-                   help="output folder (default: runs/cifar100_kd-<student>-<distill>, or the folder of --resume)")
-    g.add_argument("--resume", metavar="PATH", help="continue the run of this checkpoint (its last.pt); "
-                   "with --evaluate, the weights to score (any format --teacher-ckpt takes)")
-    g.add_argument("--evaluate", action="store_true",
-                   help="score the student of --resume on the test set, write eval.json and exit")
-    args = p.parse_args(argv)
-    if args.amp is None:
-        args.amp = "bf16" if args.device.startswith("cuda") else "off"
-    if args.lr is None:
-        args.lr = 0.01 if args.student in SMALL_LR_ARCHS else 0.05
-    if args.out_dir is None:
-        args.out_dir = str(Path(args.resume).parent) if args.resume else f"runs/{PROG}-{args.student}-{args.distill}"
-    return args
 
 
 def save_atomic(obj, path):
@@ -667,11 +671,15 @@ def peak_memory_mb(device):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # the process's max RSS (KiB on Linux)
 
 
+def n_params(module):  # in millions
+    return sum(p.numel() for p in module.parameters()) / 1e6 if module is not None else 0.0
+
+
 def main(argv=None):
     args = parse_args(argv)
     t_start = time.time()
 
-    # ---- set-up: one code path; torchrun's RANK means DDP --------------------------------------------
+    # ---- set-up: one code path; torchrun's RANK means DDP --------------------------------------------------
     distributed = "RANK" in os.environ
     rank, world = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if distributed else (0, 1)
     is_main = rank == 0
@@ -689,12 +697,12 @@ def main(argv=None):
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     torch.manual_seed(args.seed + rank)
     amp_dtype = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.amp]
-    amp = torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
+    autocast = torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
     global_batch = args.batch_size * world
     lr = args.lr * global_batch / 64  # linear scaling from the protocol's batch of 64
 
-    # ---- bad input is refused before anything is written ---------------------------------------------
+    # ---- bad input: refused before anything is written -----------------------------------------------------
     out_dir = Path(args.out_dir)
     use_teacher = args.distill != "none" and not args.evaluate
     if args.evaluate and not args.resume:
@@ -704,7 +712,7 @@ def main(argv=None):
     if not (args.evaluate or args.resume) and ((out_dir / "args.json").exists() or (out_dir / "last.pt").exists()):
         fail(f"{out_dir} already holds a run; pass --resume {out_dir}/last.pt to continue it, "
              "or choose another --out-dir")
-    fetches = use_teacher and not args.teacher_ckpt and not (args.dummy and not args.teacher_url)
+    fetches = use_teacher and not args.teacher_ckpt and (args.teacher_url or not args.dummy)
     if fetches and args.teacher not in PUBLISHED_TOP1:
         fail(f"--teacher {args.teacher} has no published weights (the release holds {', '.join(PUBLISHED_TOP1)}); "
              f"train it with 'python {PROG}.py --student {args.teacher} --distill none' and pass "
@@ -714,26 +722,17 @@ def main(argv=None):
     if args.batch_size < 2 or args.epochs < 1 or args.log_every < 1:
         fail("--batch-size must be at least 2 (batch norm), --epochs and --log-every at least 1")
 
-    # ---- data: the whole set on the device -----------------------------------------------------------
-    if args.dummy:
-        g = torch.Generator().manual_seed(args.seed)  # the same images on every rank
-        train_x, test_x = (torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g) for n in DUMMY_SIZES)
-        train_y, test_y = (torch.randint(0, NUM_CLASSES, (n,), generator=g) for n in DUMMY_SIZES)
-    else:
-        train_x, train_y, test_x, test_y = load_cifar100(args.data_dir, is_main)
-    train_x, train_y, test_x, test_y = (t.to(device) for t in (train_x, train_y, test_x, test_y))
+    # ---- data: the whole set on the device -----------------------------------------------------------------
+    train_x, train_y, *test_set = (t.to(device) for t in build_data(args, is_main))
     per_rank = len(train_y) // world  # each rank trains on its own slice of one shared permutation
-    steps = math.ceil(per_rank / args.batch_size)
-    steps = min(steps, args.max_steps) if args.max_steps else steps
-    eval_batch = 4 * args.batch_size
+    steps = min(math.ceil(per_rank / args.batch_size), args.max_steps or math.inf)
     normalise = Normalise(args.channels_last).to(device)
 
-    # ---- models ----------------------------------------------------------------------------------------
-    student = ARCHS[args.student]()
+    # ---- models: student, teacher, distiller ---------------------------------------------------------------
+    student = build_student(args)
     if args.evaluate:
-        state = state_dict_of(read_checkpoint(args.resume), args.resume)
-        load_strict(student, state, args.resume, f"student {args.student}")
-        metrics = evaluate(student.to(device, memory_format=memory_format), test_x, test_y, normalise, eval_batch)
+        load_weights(student, read_checkpoint(args.resume), args.resume, f"student {args.student}")
+        metrics = evaluate(student.to(device, memory_format=memory_format), test_set, normalise)
         if is_main:
             print(f"{args.student} from {args.resume}: top1 {metrics['top1']:.2f} top5 {metrics['top5']:.2f} "
                   f"on {metrics['images']} images")
@@ -748,7 +747,7 @@ def main(argv=None):
     teacher_top1 = None
     if teacher is not None:
         teacher.to(device, memory_format=memory_format)
-        teacher_top1 = evaluate(teacher, test_x, test_y, normalise, eval_batch)["top1"]
+        teacher_top1 = evaluate(teacher, test_set, normalise)["top1"]
         # A published teacher's accuracy is its checksum: a wrong file or a wrong normalisation shows here.
         if teacher_expected is not None and not args.dummy and abs(teacher_top1 - teacher_expected) > 1:
             fail(f"the teacher read from {teacher_origin.removeprefix('published, ')} scores {teacher_top1:.2f} on the "
@@ -766,13 +765,15 @@ def main(argv=None):
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # swaps modules inside: the handles stay valid
     model.to(device, memory_format=memory_format)
 
-    # ---- optimisation: SGD on the student and the projector alike, step decay per epoch ---------------
+    # ---- optimisation: SGD on the student and the projector alike, step decay per epoch --------------------
     # Under --compile the lr is a device tensor: the scheduler's decays then change a value in place, never a guard of
     # the compiled step (no recompilation). Eagerly it stays a float, which costs no host-device sync per step.
     as_lr = (lambda value: torch.tensor(float(value), device=device)) if args.compile else float
     optimizer = torch.optim.SGD(model.parameters(), lr=as_lr(lr), momentum=args.momentum, weight_decay=args.wd)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, args.lr_decay_epochs, args.lr_decay_rate)
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
+
+    # ---- resume --------------------------------------------------------------------------------------------
     start_epoch, best, best_epoch = 0, -1.0, 0
     if args.resume:
         ckpt = read_checkpoint(args.resume)
@@ -784,9 +785,9 @@ def main(argv=None):
             if ckpt["args"].get(key) != getattr(args, key):
                 fail(f"{args.resume} was trained with --{key} {ckpt['args'].get(key)}, not {getattr(args, key)}; "
                      "pass the flags of that run to resume it")
-        load_strict(student, ckpt["student"], args.resume, f"student {args.student}")
+        load_weights(student, ckpt["student"], args.resume, f"student {args.student}")
         if distiller is not None:
-            load_strict(distiller, ckpt["distiller"], args.resume, "distiller")
+            load_weights(distiller, ckpt["distiller"], args.resume, "distiller")
         optimizer.load_state_dict(ckpt["optimizer"])
         for group in optimizer.param_groups:  # this run's lr type, whatever the saving run's --compile was
             group["lr"] = as_lr(group["lr"])
@@ -798,8 +799,7 @@ def main(argv=None):
     if distributed:
         model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
 
-    # ---- outputs: the run writes from here on ----------------------------------------------------------
-    n_params = lambda m: sum(p.numel() for p in m.parameters()) / 1e6 if m is not None else 0.0
+    # ---- outputs: the run writes from here on --------------------------------------------------------------
     if is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         derived = {"world_size": world, "global_batch": global_batch, "scaled_lr": lr, "steps_per_epoch": steps}
@@ -813,6 +813,8 @@ def main(argv=None):
         print(f"world size {world} | device {device} | amp {args.amp} | global batch {global_batch} | lr {lr:g} | "
               f"{steps} steps/epoch | params: student {n_params(student):.2f}M, distiller {n_params(distiller):.3f}M, "
               f"teacher {n_params(teacher):.2f}M")
+
+    # ---- the teacher's score: measured with the models, where it checks a published teacher ----------------
     if teacher is not None and is_main:
         published = PUBLISHED_TOP1.get(args.teacher)
         expected = f" (published: {teacher_expected:.2f})" if teacher_expected is not None else ""
@@ -821,14 +823,14 @@ def main(argv=None):
             print(f"warning: the teacher scores {teacher_top1:.2f}, far below the {published} of the public "
                   f"{args.teacher}; check the checkpoint and --teacher")
 
-    # ---- training ----------------------------------------------------------------------------------------
+    # ---- training ------------------------------------------------------------------------------------------
     total_steps, done_steps, t_loop = (args.epochs - start_epoch) * steps, 0, time.time()
     run_images, run_train_s, last = 0, 0.0, {}
     zero = torch.zeros((), device=device)  # an unused term: 0, so that one expression serves every mode
 
     def train_step(x, y):
         """One step of the paper's objective; returns the unweighted loss terms (ce, kd, feat), left on the device."""
-        with amp:
+        with autocast:
             logits_t = z_t = None
             if teacher is not None:
                 with torch.no_grad():
@@ -847,10 +849,8 @@ def main(argv=None):
     # --compile: the whole step, teacher to SGD, as compiled graphs; on one GPU replayed as CUDA graphs, since at batch
     # 64 these models are bound by kernel launches. Shapes are static: the epoch's last, partial batch runs eagerly,
     # so nothing compiles again after the first steps.
-    compiled_step = train_step
-    if args.compile:
-        mode = "reduce-overhead" if device.type == "cuda" and not distributed else None
-        compiled_step = torch.compile(train_step, mode=mode, dynamic=False)
+    mode = "reduce-overhead" if device.type == "cuda" and not distributed else None
+    compiled_step = torch.compile(train_step, mode=mode, dynamic=False) if args.compile else train_step
     for epoch in range(start_epoch, args.epochs):
         # Every random draw is a function of (seed, epoch, rank): a resumed run repeats the epochs it missed.
         shared = torch.Generator(device=device).manual_seed(seed_of(args.seed, epoch, 0))  # one permutation for all
@@ -903,11 +903,11 @@ def main(argv=None):
         epoch_lr = float(optimizer.param_groups[0]["lr"])
         scheduler.step()
 
-        # ---- evaluation on the full test set, checkpoint, one record ----------------------------------------
+        # ---- evaluation, checkpoint, record: the full test set in float32 ----------------------------------
         if distributed:  # every rank scores the model rank 0 saves: its batch-norm statistics, not the local ones
             for buffer in student.buffers():
                 dist.broadcast(buffer, 0)
-        metrics = evaluate(student, test_x, test_y, normalise, eval_batch)
+        metrics = evaluate(student, test_set, normalise)
         del metrics["images"]
         if metrics["top1"] > best:
             best, best_epoch = metrics["top1"], epoch + 1
@@ -917,10 +917,10 @@ def main(argv=None):
                     "loss_feat": loss_means[2] if distiller is not None else None, **metrics,
                     "images_per_s": images / train_s, "epoch_s": time.time() - t_epoch,
                     "peak_mem_mb": peak_memory_mb(device)}
-            if args.distill == "srd":  # the paper's spectral view of W_p
+            if args.distill == "srd":  # the paper's spectral view of W_p (None for a projector that is not linear)
                 sv = projector_spectrum(distiller)
-                last["projector_sv"] = None if sv is None else {"max": sv.max().item(), "min": sv.min().item(),
-                                                                "mean": sv.mean().item()}
+                last["projector_sv"] = sv if sv is None else {"max": sv.max().item(), "min": sv.min().item(),
+                                                              "mean": sv.mean().item()}
             # "model" is RepDistiller's and mdistiller's key; it shares its tensors with "student", so torch.save
             # stores the weights once.
             weights = student.state_dict()
@@ -937,7 +937,7 @@ def main(argv=None):
             print(f"epoch {epoch + 1}/{args.epochs} | top1 {metrics['top1']:.2f} top5 {metrics['top5']:.2f} | "
                   f"best {best:.2f} (epoch {best_epoch}) | {last['epoch_s']:.0f} s | peak {last['peak_mem_mb']:.0f} MB")
 
-    # ---- summary: best AND last accuracy, labelled (papers on this benchmark quote either) ------------------
+    # ---- summary: best AND last accuracy, labelled (papers on this benchmark quote either) -----------------
     if is_main:
         summary = {"metric": "top1", "best": best, "best_epoch": best_epoch, "last": last["top1"],
                    "last_top5": last["top5"], "teacher": teacher_top1, "student_arch": args.student,
@@ -948,8 +948,7 @@ def main(argv=None):
                                 "torchvision": version("torchvision"), "timm": version("timm"),
                                 "cuda": torch.version.cuda}}
         (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        teacher_txt = "-" if teacher_top1 is None else f"{teacher_top1:.2f}"
-        print(f"done: best top1 {best:.2f} (epoch {best_epoch}), last top1 {last['top1']:.2f}, teacher {teacher_txt} | "
+        print(f"done: best top1 {best:.2f} (epoch {best_epoch}), last top1 {last['top1']:.2f} | "
               f"{summary['wall_s'] / 60:.1f} min | {out_dir}")
     if distributed:
         dist.destroy_process_group()

@@ -274,13 +274,13 @@ def cifar100_teachers_tar(path, data_dir, teachers):
     maps arch -> (accuracy shift, legacy torch.save format?, how "accuracy" is stored): the accuracy written is the
     model's true test top-1 (measured here on ``data_dir``'s test split) plus the shift; "crd" stores none."""
     import tarfile
-    from cifar100_kd import ARCHS, Normalise, evaluate, load_cifar100
-    _, _, test_x, test_y = load_cifar100(data_dir, True)
+    from cifar100_kd import ARCHS, Normalise, build_data, evaluate, parse_args
+    _, _, *test_set = build_data(parse_args(["--data-dir", str(data_dir)]), True)
     folder = path.parent / "release"
     for i, (arch, (shift, legacy, stored)) in enumerate(teachers.items()):
         torch.manual_seed(i)
         model = ARCHS[arch]()
-        top1 = evaluate(model, test_x, test_y, Normalise(), 64)["top1"] + shift
+        top1 = evaluate(model, test_set, Normalise(), 64)["top1"] + shift
         ckpt = {"model": model.state_dict(), "epoch": 240}
         if stored != "crd":  # RepDistiller saves its AverageMeter's tensor; others save a float
             ckpt["accuracy"] = torch.tensor([top1]) if stored == "tensor" else top1
