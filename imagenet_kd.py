@@ -339,15 +339,16 @@ def pretrained_teacher(model, args):
 # Evaluation: exact under DDP (every validation image counted once, counts all-reduced).
 # ---------------------------------------------------------------------------------------------------
 @torch.no_grad()
-def evaluate(model, loader, prepare, autocast):
+def evaluate(model, loader, prepare):
+    """Top-1/top-5 in float32 whatever --amp trains in: a score must not depend on the speed flags
+    (bf16 keeps 8 significant bits, enough to flip near-tied predictions)."""
     was_training = model.training
     model.eval()
     hits, n = torch.zeros(2, device=prepare.device, dtype=torch.float64), 0  # top-1 and top-5 hits, images
     for images, labels in loader:
         n += len(labels)
         images, labels = prepare(images, labels)
-        with autocast:
-            logits = model(images)
+        logits = model(images)
         correct = logits.topk(min(5, logits.shape[1]), dim=1).indices == labels[:, None]
         hits += torch.stack([correct[:, 0].sum(), correct.any(1).sum()])
     counts = torch.cat([hits, hits.new_tensor([n])])
@@ -440,7 +441,7 @@ def main(argv=None):
     if ckpt is not None:
         load_weights(student, ckpt, args.resume, "--resume checkpoint")
     if args.evaluate:
-        metrics = evaluate(student.to(device, memory_format=memory_format), val_loader, prepare, autocast)
+        metrics = evaluate(student.to(device, memory_format=memory_format), val_loader, prepare)
         if is_main:
             print(f"{args.resume}: top1 {metrics['top1']:.2f} top5 {metrics['top5']:.2f} on {len(val_set)} images")
             out_dir.mkdir(parents=True, exist_ok=True)
@@ -525,7 +526,7 @@ def main(argv=None):
             print(f"resuming {args.resume}: {start_epoch} epochs done, best top1 {best:.2f}")
     teacher_metrics = None
     if use_teacher:
-        teacher_metrics = evaluate(teacher, val_loader, prepare, autocast)
+        teacher_metrics = evaluate(teacher, val_loader, prepare)
         if is_main:
             top1, top5 = teacher_metrics["top1"], teacher_metrics["top5"]
             print(f"teacher {args.teacher} ({teacher_tag}): top1 {top1:.2f} top5 {top5:.2f}")
@@ -601,7 +602,7 @@ def main(argv=None):
         train_images, train_time = train_images + steps * global_batch, train_time + epoch_train_s
 
         # ---- evaluation, records, checkpoints ------------------------------------------------------
-        metrics = evaluate(student, val_loader, prepare, autocast)
+        metrics = evaluate(student, val_loader, prepare)
         if best is None or metrics["top1"] > best:
             best, best_epoch = metrics["top1"], epoch + 1
         means = (epoch_sums / (steps * world)).tolist()

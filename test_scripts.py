@@ -335,6 +335,24 @@ def test_imagenet_train_nonfinite_and_exact_resume(imagenet_data, tmp_path):
             assert torch.equal(value, resumed[key][name]), f"{key}.{name} differs after resume"
     assert read_jsonl(part / "metrics.jsonl")[-1]["loss_feat"] == records[-1]["loss_feat"]
 
+    # Scores are float32 whatever --amp trains in. Logits with a large common offset make the same classifier
+    # (softmax is shift-invariant), but bf16 keeps 8 significant bits: at 1024 its spacing is 8, so the +2 that
+    # makes the last class win in float32 rounds away and all classes tie. Such a model, as the teacher and as
+    # the student resumed for one bf16 epoch, must be scored as float32 scores it.
+    offset, bf16 = tmp_path / "offset.pt", tmp_path / "bf16"
+    ckpt["student"]["fc.weight"].zero_()
+    ckpt["student"]["fc.bias"].copy_(torch.tensor([1024.0, 1024.0, 1026.0]))
+    torch.save(ckpt, offset)
+    check_ok(run_script(IMAGENET, "--data-dir", imagenet_data, "--teacher-ckpt", offset, *IMAGENET_TINY, "--out-dir",
+                        bf16, "--epochs", 3, "--workers", 0, "--amp", "bf16", "--resume", offset))
+    val = sorted((imagenet_data / "val").iterdir())  # class folders in ImageFolder's order
+    last_class_share = 100 * len(list(val[-1].iterdir())) / sum(len(list(d.iterdir())) for d in val)
+    assert json.loads((bf16 / "summary.json").read_text())["teacher"] == pytest.approx(last_class_share)
+    check_ok(run_script(IMAGENET, "--data-dir", imagenet_data, "--img-size", 32, "--workers", 0, "--evaluate",
+                        "--amp", "off", "--resume", bf16 / "last.pt", "--out-dir", tmp_path / "eval"))
+    (record,) = read_jsonl(bf16 / "metrics.jsonl")
+    assert json.loads((tmp_path / "eval" / "eval.json").read_text())["top1"] == record["top1"]
+
 
 def test_imagenet_dummy_kd_and_srd(tmp_path):
     dummy = ["--dummy", "--teacher", "resnet18", "--img-size", 32, "--batch-size", 8, "--epochs", 1, "--workers", 0,
