@@ -7,8 +7,8 @@
 512-d for both ResNets), ``W_p`` a linear projector trained with the student, BN a batch norm without
 affine parameters on both sides. The protocol is the official code's: 100 epochs, SGD with momentum 0.9,
 lr 0.1 per 256 images of global batch, weight decay 1e-4, lr x0.1 at epochs 30, 60 and 90, global
-batch 256. Expected top-1: ResNet-18 alone 69.76, teacher 73.31, paper 71.63, authors' re-run 71.87,
-torchdistill 71.92.
+batch 256. Expected top-1: teacher 73.31, paper 71.63, authors' re-run 71.87, torchdistill 71.92; ResNet-18
+alone 69.76 is torchvision's published model (its own 90-epoch recipe), not a --distill none run of this script.
 
 One GPU, 8 GPUs, two machines of 8 GPUs (``--batch-size`` is per process; by default the global batch
 stays 256 and the lr follows it linearly)::
@@ -106,7 +106,7 @@ def parse_args(argv=None):
     g.add_argument("--norm", choices=NORMS, default="bn", help="normalisation of both features")
     g.add_argument("--projector", choices=PROJECTORS, default="linear", help="projector W_p on the student feature")
     g.add_argument("--distance", choices=DISTANCES, default="logsum",
-                   help="logsum: the paper's soft maximum; corr: cross-correlation (first public release)")
+                   help="logsum: the paper's soft maximum; corr: the correlation distance of the official DeiT code")
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int, default=100, help="training epochs")
     g.add_argument("--batch-size", type=int, help="images per process (default: 256 / number of processes)")
@@ -602,6 +602,9 @@ def main(argv=None):
         train_images, train_time = train_images + steps * global_batch, train_time + epoch_train_s
 
         # ---- evaluation, records, checkpoints ------------------------------------------------------
+        if distributed:  # each rank's last step left its own BN statistics: score rank 0's, the ones it saves
+            for buffer in student.buffers():
+                dist.broadcast(buffer, 0)
         metrics = evaluate(student, val_loader, prepare)
         if best is None or metrics["top1"] > best:
             best, best_epoch = metrics["top1"], epoch + 1

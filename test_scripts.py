@@ -370,11 +370,22 @@ def test_imagenet_dummy_kd_and_srd(tmp_path):
 
 
 def test_imagenet_torchrun_two_processes(imagenet_data, tmp_path):
-    out = check_ok(run_torchrun(IMAGENET, *imagenet_args(imagenet_data, tmp_path, "--epochs", 1, "--workers", 0,
-                                                          "--batch-size", 2))).stdout
+    spy = tmp_path / "spy.py"  # imagenet_kd.main() with evaluate saving, per rank, the model it scores
+    spy.write_text(f"import os, sys, torch\nsys.path.insert(0, {str(ROOT)!r})\nimport imagenet_kd\n"
+                   "def evaluate(model, *args, evaluate=imagenet_kd.evaluate, **kwargs):\n"
+                   f"    torch.save(model.state_dict(), {str(tmp_path)!r} + '/scored-' + os.environ['RANK'] + '.pt')\n"
+                   "    return evaluate(model, *args, **kwargs)\n"
+                   "imagenet_kd.evaluate = evaluate\nimagenet_kd.main()\n")
+    out = check_ok(run_torchrun(spy, *imagenet_args(imagenet_data, tmp_path, "--epochs", 1, "--workers", 0,
+                                                     "--batch-size", 2))).stdout
     assert "world size 2" in out and "global batch 4" in out and out.count("teacher resnet18") == 1, out
     record, = read_jsonl(tmp_path / "metrics.jsonl")
     assert json.loads((tmp_path / "summary.json").read_text())["world_size"] == 2
+    # Each rank's last step left it its own batch-norm statistics; both ranks scored rank 0's, the saved ones.
+    saved = load_checkpoint(tmp_path / "last.pt")["student"]
+    for rank in (0, 1):
+        scored = load_checkpoint(tmp_path / f"scored-{rank}.pt")
+        assert scored.keys() == saved.keys() and all(torch.equal(scored[k], saved[k]) for k in saved), rank
     # The 2-rank evaluation counted each of the 5 validation images once: one process agrees with it.
     check_ok(run_script(IMAGENET, "--data-dir", imagenet_data, "--img-size", 32, "--workers", 0, "--evaluate",
                         "--resume", tmp_path / "last.pt", "--out-dir", tmp_path / "eval"))
