@@ -7,8 +7,8 @@
 512-d for both ResNets), ``W_p`` a linear projector trained with the student, BN a batch norm without
 affine parameters on both sides. The protocol is the official code's: 100 epochs, SGD with momentum 0.9,
 lr 0.1 per 256 images of global batch, weight decay 1e-4, lr x0.1 at epochs 30, 60 and 90, global
-batch 256. Expected top-1: ResNet-18 alone 69.76, teacher 73.31, paper 71.63, authors' re-run 71.87,
-torchdistill 71.92.
+batch 256. Expected top-1: teacher 73.31, paper 71.63, authors' re-run 71.87, torchdistill 71.92; ResNet-18
+alone 69.76 is torchvision's published model (its own 90-epoch recipe), not a --distill none run of this script.
 
 One GPU, 8 GPUs, two machines of 8 GPUs (``--batch-size`` is per process; by default the global batch
 stays 256 and the lr follows it linearly)::
@@ -59,7 +59,7 @@ from torchvision.transforms import v2
 
 from common import DISTANCES, NORMS, PROJECTORS, FeatureDistiller, projector_spectrum
 
-SCRIPT = Path(__file__).stem
+PROG = Path(__file__).stem
 ARCHS = models.list_models(module=models)
 HEADS = ("fc", "classifier", "heads", "head")  # the final classifier block of torchvision's models
 MEAN = (0.485, 0.456, 0.406)  # ImageNet statistics, as torchvision's pretrained weights expect
@@ -72,16 +72,18 @@ LAYOUT = ("<data-dir>/train/<class>/*.JPEG and <data-dir>/val/<class>/*.JPEG (th
           "pytorch/examples/imagenet)")
 
 
-def fail(msg):
-    """Bad input: one line on stderr, exit 2, before anything is written (rank 0 speaks for all)."""
-    if int(os.environ.get("RANK", 0)) == 0:
-        print(f"{SCRIPT}: error: {msg}", file=sys.stderr)
-    sys.exit(2)
+def fail(msg, code=2):
+    """One line on stderr (rank 0 speaks for all), then exit: 2 for bad input, before anything is written;
+    3 for a run that cannot go on."""
+    if os.environ.get("RANK", "0") == "0":
+        print(f"{PROG}: error: {msg}", file=sys.stderr)
+    sys.exit(code)
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.error = lambda message: fail(f"{message}; see --help")
     g = p.add_argument_group("data")
     g.add_argument("--data-dir", type=Path, default=Path("data/imagenet"), help=f"ImageNet root: {LAYOUT}")
     g.add_argument("--dummy", action="store_true",
@@ -99,14 +101,15 @@ def parse_args(argv=None):
     g = p.add_argument_group("distillation")
     g.add_argument("--distill", choices=("none", "kd", "srd"), default="srd",
                    help="none: CE only; kd: CE + KL; srd: CE + KL + feature loss (the paper)")
-    g.add_argument("--feat-weight", type=float, default=2.0, help="weight of the feature loss")
+    g.add_argument("--ce-weight", type=float, default=1.0, help="weight of the cross-entropy")
     g.add_argument("--kd-weight", type=float, default=1.0, help="weight of the KL term")
+    g.add_argument("--feat-weight", type=float, default=2.0, help="weight of the feature loss")
     g.add_argument("--temperature", type=float, default=1.0, help="KD temperature T (the KL term is scaled by T^2)")
     g.add_argument("--alpha", type=float, default=4.0, help="exponent of the log-sum distance")
     g.add_argument("--norm", choices=NORMS, default="bn", help="normalisation of both features")
     g.add_argument("--projector", choices=PROJECTORS, default="linear", help="projector W_p on the student feature")
     g.add_argument("--distance", choices=DISTANCES, default="logsum",
-                   help="logsum: the paper's soft maximum; corr: cross-correlation (first public release)")
+                   help="logsum: the paper's soft maximum; corr: the correlation distance of the official DeiT code")
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int, default=100, help="training epochs")
     g.add_argument("--batch-size", type=int, help="images per process (default: 256 / number of processes)")
@@ -131,7 +134,16 @@ def parse_args(argv=None):
                    help="default: the folder of --resume, else runs/imagenet_kd-<student>-<distill>")
     g.add_argument("--resume", type=Path, help="checkpoint (OUT/last.pt) to continue, or to evaluate with --evaluate")
     g.add_argument("--evaluate", action="store_true", help="evaluate the --resume checkpoint's student and exit")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    cuda = args.device.startswith("cuda")  # derived defaults, resolved once (args.json records them)
+    args.amp = args.amp or ("bf16" if cuda else "off")
+    args.channels_last = cuda if args.channels_last is None else args.channels_last
+    args.batch_size = args.batch_size or max(1, 256 // int(os.environ.get("WORLD_SIZE", 1)))
+    if args.workers is None:  # the machine's CPUs shared by its training processes
+        args.workers = min(12, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+    args.out_dir = args.out_dir or (args.resume.parent if args.resume else
+                                    Path("runs") / f"{PROG}-{args.student}-{args.distill}")
+    return args
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -183,30 +195,40 @@ class DummyImages(Dataset):
         return self.pool[index % len(self.pool)], index % self.classes  # collation copies it
 
 
-def image_folders(args):
-    """train/val ImageFolders, or a clear error showing the expected layout."""
-    root, folders = args.data_dir, {}
-    resize = round(args.img_size * 256 / 224)
-    transforms = {  # PIL decodes (it copes with ImageNet's few CMYK and greyscale JPEGs) and resizes
-        "train": v2.Compose([v2.RandomResizedCrop(args.img_size), v2.RandomHorizontalFlip(), v2.PILToTensor()]),
-        "val": v2.Compose([v2.Resize(resize), v2.CenterCrop(args.img_size), v2.PILToTensor()])}
-    for split, transform in transforms.items():
-        folder = root / split
-        if not folder.is_dir():
-            fail(f"{folder} is not a directory; expected {LAYOUT}")
-        if any(f.suffix.lower() in (".jpeg", ".jpg", ".png") for f in folder.iterdir()):
-            fail(f"{folder} holds images directly instead of one folder per class; expected {LAYOUT}")
-        try:
-            folders[split] = datasets.ImageFolder(folder, transform=transform)
-        except (FileNotFoundError, OSError) as e:
-            reason = str(e).split(". Supported")[0]
-            fail(f"{folder} is not a class-per-folder image dataset ({reason[:150]}{'...' * (len(reason) > 150)}); "
-                 f"expected {LAYOUT}")
-    if folders["train"].classes != folders["val"].classes:
-        missing = sorted(set(folders["train"].classes) ^ set(folders["val"].classes))[:5]
-        fail(f"train/ and val/ under {root} have different class folders (e.g. {', '.join(missing)}); "
-             "both need one folder per class, with the same names")
-    return folders["train"], folders["val"]
+def build_data(args, device, rank, world):
+    """(training loader, validation loader, classes): this rank's shards of the train/val ImageFolders (or
+    --dummy images) as uint8 batches; a folder in the wrong layout fails with the expected one."""
+    if args.dummy:
+        train_set, val_set = DummyImages(DUMMY_TRAIN, args.img_size), DummyImages(DUMMY_VAL, args.img_size)
+    else:
+        folders, transforms = {}, {  # PIL decodes (it copes with ImageNet's few CMYK and greyscale JPEGs), resizes
+            "train": v2.Compose([v2.RandomResizedCrop(args.img_size), v2.RandomHorizontalFlip(), v2.PILToTensor()]),
+            "val": v2.Compose([v2.Resize(round(args.img_size * 256 / 224)), v2.CenterCrop(args.img_size),
+                               v2.PILToTensor()])}
+        for split, transform in transforms.items():
+            folder = args.data_dir / split
+            if not folder.is_dir():
+                fail(f"{folder} is not a directory; expected {LAYOUT}")
+            if any(f.suffix.lower() in (".jpeg", ".jpg", ".png") for f in folder.iterdir()):
+                fail(f"{folder} holds images directly instead of one folder per class; expected {LAYOUT}")
+            try:
+                folders[split] = datasets.ImageFolder(folder, transform=transform)
+            except (FileNotFoundError, OSError) as e:
+                reason = str(e).split(". Supported")[0]
+                fail(f"{folder} is not a class-per-folder image dataset ({reason[:150]}"
+                     f"{'...' * (len(reason) > 150)}); expected {LAYOUT}")
+        train_set, val_set = folders["train"], folders["val"]
+        if train_set.classes != val_set.classes:
+            missing = sorted(set(train_set.classes) ^ set(val_set.classes))[:5]
+            fail(f"train/ and val/ under {args.data_dir} have different class folders (e.g. {', '.join(missing)}); "
+                 "both need one folder per class, with the same names")
+    # Every rank takes the same number of full batches per step (drop_last twice): the distiller's global
+    # batch gathers equal shares. Each rank evaluates images rank, rank + world, ...: none padded, none dropped.
+    sampler = EpochSampler(train_set, num_replicas=world, rank=rank, shuffle=True, seed=args.seed, drop_last=True)
+    kw = dict(num_workers=args.workers, pin_memory=device.type == "cuda", persistent_workers=args.workers > 0)
+    return (DataLoader(Augmented(train_set, args.seed), args.batch_size, sampler=sampler, drop_last=True, **kw),
+            DataLoader(Subset(val_set, range(rank, len(val_set), world)), args.batch_size, **kw),
+            DUMMY_CLASSES if args.dummy else len(train_set.classes))
 
 
 class Prepare:
@@ -266,7 +288,7 @@ def feature_dim(net, img_size):
 
 
 def n_params(module):
-    return sum(p.numel() for p in module.parameters()) if module is not None else 0
+    return sum(p.numel() for p in module.parameters()) / 1e6 if module is not None else 0
 
 
 class StudentWithDistiller(nn.Module):
@@ -277,29 +299,59 @@ class StudentWithDistiller(nn.Module):
         super().__init__()
         self.student, self.distiller = WithFeatures(student), distiller
 
-    def forward(self, images, z_t=None):
-        logits, z_s = self.student(images)
+    def forward(self, x, z_t=None):
+        logits, z_s = self.student(x)
         return logits, (self.distiller(z_s, z_t) if self.distiller is not None else None)
 
 
-def build(name, classes, role):
-    if name not in ARCHS:
-        fail(f"unknown {role} architecture {name!r}; choose from {', '.join(ARCHS)}")
-    return models.get_model(name, num_classes=classes)
+def build_student(args, classes):
+    return models.get_model(args.student, num_classes=classes)
 
 
-def read_checkpoint(path, what):
-    if not path.is_file():
-        fail(f"{what} {path} does not exist; pass the path of a saved checkpoint")
+def build_teacher(args, classes):
+    """(teacher, weights tag, published top-1 or None): ``teacher(x) -> (logits, z_t)``, frozen, in eval mode
+    (BN running statistics, no dropout), with --teacher-ckpt's weights, torchvision's, or random under --dummy."""
+    teacher, published = models.get_model(args.teacher, num_classes=classes), None
+    if args.teacher_ckpt:
+        load_weights(teacher, read_checkpoint(args.teacher_ckpt), args.teacher_ckpt, "teacher checkpoint")
+        tag = str(args.teacher_ckpt)
+    elif args.dummy:
+        tag = "random (--dummy without --teacher-ckpt)"
+    else:
+        if classes != 1000:
+            fail(f"torchvision's pretrained {args.teacher} has 1000 classes but {args.data_dir} has {classes}; "
+                 "pass --teacher-ckpt trained on this dataset")
+        first = int(os.environ.get("LOCAL_RANK", 0)) == 0
+        if dist.is_initialized() and not first:
+            dist.barrier()  # local rank 0 fills the hub cache first; the others then read it
+        try:
+            weights = models.get_model_weights(args.teacher)[args.teacher_weights]
+        except (KeyError, ValueError):
+            fail(f"torchvision has no weights {args.teacher_weights!r} for {args.teacher}; pass --teacher-ckpt "
+                 f"or one of {', '.join(w.name for w in models.get_model_weights(args.teacher))}")
+        try:
+            state = weights.get_state_dict(progress=int(os.environ.get("RANK", 0)) == 0, check_hash=True)
+        except Exception as e:
+            fail(f"cannot download the teacher's weights {weights} ({type(e).__name__}: {str(e).splitlines()[0]}); "
+                 "pass --teacher-ckpt PATH, or run once with network access to fill the torch hub cache")
+        if dist.is_initialized() and first:
+            dist.barrier()
+        load_weights(teacher, state, str(weights), "teacher weights")
+        tag, published = str(weights), weights.meta["_metrics"]["ImageNet-1K"]["acc@1"]
+    return WithFeatures(teacher).requires_grad_(False).eval(), tag, published
+
+
+def read_checkpoint(path):
     try:  # checkpoints are untrusted input: tensors and plain containers only
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        fail(f"cannot read {what} {path} ({type(e).__name__}: {str(e).splitlines()[0]}); "
-             "pass a torch.save'd state dict")
+        fail(f"cannot read {path} ({type(e).__name__}: {str(e).splitlines()[0]}); "
+             "pass the path of a torch.save'd checkpoint or state dict")
 
 
-def load_weights(model, state, path, what):
+def load_weights(model, checkpoint, path, what):
     """Strict load of a bare state dict, or one under 'model', 'state_dict' or 'student'."""
+    state = checkpoint
     if isinstance(state, dict):
         state = next((state[k] for k in ("model", "state_dict", "student") if isinstance(state.get(k), dict)), state)
     if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
@@ -319,35 +371,24 @@ def load_weights(model, state, path, what):
     model.load_state_dict(state)
 
 
-def pretrained_teacher(model, args):
-    """torchvision's weights for the teacher: (tag, published top-1)."""
-    try:
-        weights = models.get_model_weights(args.teacher)[args.teacher_weights]
-    except (KeyError, ValueError):
-        fail(f"torchvision has no weights {args.teacher_weights!r} for {args.teacher}; pass --teacher-ckpt "
-             f"or one of {', '.join(w.name for w in models.get_model_weights(args.teacher))}")
-    try:
-        state = weights.get_state_dict(progress=int(os.environ.get("RANK", 0)) == 0, check_hash=True)
-    except Exception as e:
-        fail(f"cannot download the teacher's weights {weights} ({type(e).__name__}: {str(e).splitlines()[0]}); "
-             "pass --teacher-ckpt PATH, or run once with network access to fill the torch hub cache")
-    load_weights(model, state, str(weights), "teacher weights")
-    return str(weights), weights.meta["_metrics"]["ImageNet-1K"]["acc@1"]
+def kd_loss(logits_s, logits_t, T):
+    """KL(p_t || p_s) at temperature T, batch mean, times T^2 so its gradients keep their scale as T changes."""
+    return F.kl_div(F.log_softmax(logits_s.float() / T, 1), F.log_softmax(logits_t.float() / T, 1),
+                    reduction="batchmean", log_target=True) * T ** 2
 
 
-# ---------------------------------------------------------------------------------------------------
-# Evaluation: exact under DDP (every validation image counted once, counts all-reduced).
-# ---------------------------------------------------------------------------------------------------
 @torch.no_grad()
-def evaluate(model, loader, prepare, autocast):
+def evaluate(model, loader, device, prepare):
+    """Top-1/top-5 over the whole evaluation set (each rank scores its shard, the counts are all-reduced), in
+    float32 whatever --amp trains in: a score must not depend on the speed flags (bf16 keeps 8 significant
+    bits, enough to flip near-tied predictions)."""
     was_training = model.training
     model.eval()
-    hits, n = torch.zeros(2, device=prepare.device, dtype=torch.float64), 0  # top-1 and top-5 hits, images
+    hits, n = torch.zeros(2, device=device, dtype=torch.float64), 0  # top-1 and top-5 hits, images
     for images, labels in loader:
         n += len(labels)
         images, labels = prepare(images, labels)
-        with autocast:
-            logits = model(images)
+        logits = model(images)
         correct = logits.topk(min(5, logits.shape[1]), dim=1).indices == labels[:, None]
         hits += torch.stack([correct[:, 0].sum(), correct.any(1).sum()])
     counts = torch.cat([hits, hits.new_tensor([n])])
@@ -355,11 +396,11 @@ def evaluate(model, loader, prepare, autocast):
         dist.all_reduce(counts)
     model.train(was_training)
     top1, top5, n = counts.tolist()
-    return {"top1": 100 * top1 / max(n, 1), "top5": 100 * top5 / max(n, 1)}
+    return {"top1": 100 * top1 / max(n, 1), "top5": 100 * top5 / max(n, 1), "images": int(n)}
 
 
-def save(obj, path):
-    """Atomic: a reader never sees half a file, a crash never destroys the previous one."""
+def save_atomic(obj, path):
+    """A reader never sees half a file, a crash never destroys the previous one."""
     tmp = path.with_name(path.name + ".tmp")
     torch.save(obj, tmp)
     os.replace(tmp, path)
@@ -375,218 +416,172 @@ def main(argv=None):
     args = parse_args(argv)
     t_start = time.time()
 
-    # ---- set-up: one code path for one process and for torchrun (which sets RANK) -----------------
+    # ---- set-up: one code path for one process and for torchrun (which sets RANK) --------------------------
     distributed = "RANK" in os.environ
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
     is_main = rank == 0
     try:
         device = torch.device(args.device)
     except RuntimeError:
         fail(f"unknown --device {args.device!r}; pass cuda, cuda:N or cpu")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        fail(f"--device {args.device} but CUDA is not available; pass --device cpu")
     if device.type == "cuda":  # one process per GPU under torchrun; an explicit index for set_device
-        device = torch.device("cuda", local_rank if distributed else device.index or 0)
+        if not torch.cuda.is_available():
+            fail(f"--device {args.device} but CUDA is not available; pass --device cpu")
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) if distributed else device.index or 0)
         torch.cuda.set_device(device)
         torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick its fastest kernels
         torch.set_float32_matmul_precision("high")  # TF32 where --amp off leaves float32 matmuls
+    if distributed:
+        cuda = device.type == "cuda"
+        dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
+    torch.manual_seed(args.seed)  # the same initialisation on every rank (the frozen teacher is not DDP-synchronised)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp)
+    autocast = torch.autocast(device.type, dtype=dtype) if dtype else nullcontext()
+    global_batch = args.batch_size * world
+    lr = args.lr * global_batch / 256  # linear scaling rule (Goyal et al.)
+    prepare = Prepare(device, args.channels_last)
+    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+    out_dir = args.out_dir
+    args_json = json.loads(json.dumps(vars(args), default=str))  # plain types, for weights_only loads
+
+    # ---- bad input -----------------------------------------------------------------------------------------
     if args.sync_bn and world > 1 and device.type != "cuda":
         fail("--sync-bn needs CUDA (SyncBatchNorm has no CPU kernel); drop it on CPU")
     if args.evaluate and args.resume is None:
         fail("--evaluate needs --resume PATH, the checkpoint whose student to evaluate")
-    args.amp = args.amp or ("bf16" if device.type == "cuda" else "off")
-    args.channels_last = device.type == "cuda" if args.channels_last is None else args.channels_last
-    args.batch_size = args.batch_size or max(1, 256 // world)
-    if args.workers is None:  # the machine's CPUs shared by its training processes
-        args.workers = min(12, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
-    args_json = json.loads(json.dumps(vars(args), default=str))  # resolved; plain types for weights_only loads
-    global_batch = args.batch_size * world
-    lr = args.lr * global_batch / 256  # linear scaling rule (Goyal et al.)
-    amp_dtype = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.amp]
-    autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext()
-    prepare = Prepare(device, args.channels_last)
-    out_dir = args.out_dir or (args.resume.parent if args.resume else
-                               Path("runs") / f"{SCRIPT}-{args.student}-{args.distill}")
-    if distributed:
-        cuda = device.type == "cuda"
-        dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
+    for role in ("student", "teacher"):
+        if getattr(args, role) not in ARCHS:
+            fail(f"unknown {role} architecture {getattr(args, role)!r}; choose from {', '.join(ARCHS)}")
+    if args.resume is None and ((out_dir / "args.json").exists() or (out_dir / "last.pt").exists()):
+        fail(f"{out_dir} already holds a run; pass --resume {out_dir}/last.pt to continue it, "
+             "or choose another --out-dir")
 
-    # ---- data -------------------------------------------------------------------------------------
-    if args.dummy:
-        train_set, val_set = DummyImages(DUMMY_TRAIN, args.img_size), DummyImages(DUMMY_VAL, args.img_size)
-        classes = DUMMY_CLASSES
-    else:
-        train_set, val_set = image_folders(args)
-        classes = len(train_set.classes)
-    sampler = EpochSampler(train_set, num_replicas=world, rank=rank, shuffle=True, seed=args.seed, drop_last=True)
-    loader_kw = dict(num_workers=args.workers, pin_memory=device.type == "cuda", persistent_workers=args.workers > 0)
-    train_loader = DataLoader(Augmented(train_set, args.seed), args.batch_size, sampler=sampler, drop_last=True,
-                              **loader_kw)
-    # Each rank evaluates images rank, rank + world, ...: no padding, no duplicate, no image dropped.
-    val_loader = DataLoader(Subset(val_set, range(rank, len(val_set), world)), args.batch_size, **loader_kw)
+    # ---- data ----------------------------------------------------------------------------------------------
+    train_loader, val_loader, classes = build_data(args, device, rank, world)
     steps = min(len(train_loader), args.max_steps or len(train_loader))
     if steps == 0 and not args.evaluate:
-        fail(f"the training set ({len(train_set)} images) is smaller than one global batch of {global_batch}; "
-             "lower --batch-size")
+        fail(f"the training set ({len(train_loader.dataset)} images) is smaller than one global batch of "
+             f"{global_batch}; lower --batch-size")
 
-    # ---- models: the same initialisation on every rank (the frozen teacher is not DDP-synchronised) ---
-    # The student (and with --resume its checkpoint, validated before anything is written; --evaluate
-    # stops here), then the teacher, then the distiller sized by both.
-    torch.manual_seed(args.seed)
-    student = build(args.student, classes, "student")
-    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
-    ckpt = read_checkpoint(args.resume, "--resume checkpoint") if args.resume else None
-    if ckpt is not None:
-        load_weights(student, ckpt, args.resume, "--resume checkpoint")
+    # ---- models: student (with --resume's weights), teacher, distiller; --evaluate ends here ---------------
+    student = build_student(args, classes)
+    checkpoint = read_checkpoint(args.resume) if args.resume else None
+    if checkpoint is not None:
+        load_weights(student, checkpoint, args.resume, "--resume checkpoint")
+    teacher, teacher_tag, published = (build_teacher(args, classes) if args.distill != "none" and not args.evaluate
+                                       else (None, None, None))  # --evaluate scores the student alone
+    model = StudentWithDistiller(student, None)  # the distiller joins once both feature widths are known
+    distiller = None
+    if teacher is not None and args.distill == "srd":  # W_p maps the student's feature width to the teacher's
+        distiller = model.distiller = FeatureDistiller(
+            feature_dim(model.student, args.img_size), feature_dim(teacher, args.img_size),
+            args.projector, args.norm, args.distance, args.alpha)
+    model.to(device, memory_format=memory_format)
+    if teacher is not None:
+        teacher.to(device, memory_format=memory_format)
     if args.evaluate:
-        metrics = evaluate(student.to(device, memory_format=memory_format), val_loader, prepare, autocast)
+        metrics = evaluate(student, val_loader, device, prepare)
         if is_main:
-            print(f"{args.resume}: top1 {metrics['top1']:.2f} top5 {metrics['top5']:.2f} on {len(val_set)} images")
+            print(f"{args.resume}: top1 {metrics['top1']:.2f} top5 {metrics['top5']:.2f} on {metrics['images']} images")
             out_dir.mkdir(parents=True, exist_ok=True)
-            record = {**metrics, "checkpoint": str(args.resume), "images": len(val_set)}
-            (out_dir / "eval.json").write_text(json.dumps(record, indent=2))
+            (out_dir / "eval.json").write_text(json.dumps({**metrics, "checkpoint": str(args.resume)}, indent=2))
         if distributed:
             dist.destroy_process_group()
         return metrics
 
-    use_teacher, srd = args.distill != "none", args.distill == "srd"
-    teacher, teacher_tag, published = None, None, None
-    if use_teacher:
-        teacher = build(args.teacher, classes, "teacher")
-        if args.teacher_ckpt:
-            state = read_checkpoint(args.teacher_ckpt, "teacher checkpoint")
-            load_weights(teacher, state, args.teacher_ckpt, "teacher checkpoint")
-            teacher_tag = str(args.teacher_ckpt)
-        elif args.dummy:
-            teacher_tag = "random (--dummy without --teacher-ckpt)"
-        else:
-            if classes != 1000:
-                fail(f"torchvision's pretrained {args.teacher} has 1000 classes but {args.data_dir} has {classes}; "
-                     "pass --teacher-ckpt trained on this dataset")
-            if distributed and local_rank != 0:
-                dist.barrier()  # local rank 0 fills the hub cache first; the others then read it
-            teacher_tag, published = pretrained_teacher(teacher, args)
-            if distributed and local_rank == 0:
-                dist.barrier()
-        teacher.requires_grad_(False).eval()  # frozen; eval mode: BN running statistics, no dropout
-    teacher_net = WithFeatures(teacher).eval() if use_teacher else None
-    model = StudentWithDistiller(student, None)  # unwrapped handles: model, student, distiller
-    distiller = None
-    if srd:  # W_p maps the student's feature width to the teacher's
-        distiller = model.distiller = FeatureDistiller(
-            feature_dim(model.student, args.img_size), feature_dim(teacher_net, args.img_size),
-            args.projector, args.norm, args.distance, args.alpha)
-
-    if ckpt is None and ((out_dir / "args.json").exists() or (out_dir / "last.pt").exists()):
-        fail(f"{out_dir} already holds a run; pass --resume {out_dir}/last.pt to continue it, "
-             "or choose another --out-dir")
-
-    model.to(device, memory_format=memory_format)
-    if use_teacher:
-        teacher.to(device, memory_format=memory_format)
+    # ---- optimisation --------------------------------------------------------------------------------------
     if args.sync_bn:
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # also the distiller's BN: global-batch statistics
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # the student's BNs (the distiller's see all rows)
+    if distributed:
+        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None, gradient_as_bucket_view=True)
+    if args.compile:
+        model = torch.compile(model)
+        teacher = torch.compile(teacher) if teacher is not None else None
     # Weight decay on every parameter (torchvision's reference recipe); the projector W_p trains with the student.
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=args.momentum, weight_decay=args.wd)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, args.lr_milestones, gamma=0.1)
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
+
+    # ---- resume --------------------------------------------------------------------------------------------
     start_epoch, best, best_epoch = 0, None, None
-    if ckpt is not None:
+    if checkpoint is not None:
         try:
             if distiller is not None:
-                distiller.load_state_dict(ckpt["distiller"])
-            optimizer.load_state_dict(ckpt["optimizer"])
-            scheduler.load_state_dict(ckpt["scheduler"])
-            scaler.load_state_dict(ckpt["scaler"])
-            start_epoch, best, best_epoch = ckpt["epoch"], ckpt["best"], ckpt.get("best_epoch")
+                distiller.load_state_dict(checkpoint["distiller"])
+            optimizer.load_state_dict(checkpoint["optimizer"])
+            scheduler.load_state_dict(checkpoint["scheduler"])
+            scaler.load_state_dict(checkpoint["scaler"])
+            start_epoch, best, best_epoch = checkpoint["epoch"], checkpoint["best"], checkpoint.get("best_epoch")
         except (KeyError, TypeError, ValueError, RuntimeError) as e:
             fail(f"{args.resume} is not a checkpoint of this run ({type(e).__name__}: {str(e).splitlines()[0]}); "
                  "resume with the flags it was trained with")
         if start_epoch >= args.epochs:
             fail(f"{args.resume} has already trained {start_epoch} epochs; pass --epochs above {start_epoch}")
 
-    net = model
-    if distributed:
-        net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None, gradient_as_bucket_view=True)
-    if args.compile:
-        net = torch.compile(net)
-        teacher_net = torch.compile(teacher_net) if use_teacher else None
-
+    # ---- outputs -------------------------------------------------------------------------------------------
     if is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "args.json").write_text(json.dumps(args_json, indent=2))
         print(f"args: {json.dumps(args_json)}")
         print(f"world size {world} | device {device} | amp {args.amp} | global batch {global_batch} | lr {lr:g} | "
               f"{steps} steps/epoch | {args.workers} workers/process | {classes} classes")
-        print(f"params: student {n_params(student) / 1e6:.2f}M | distiller {n_params(distiller) / 1e6:.3f}M | "
-              f"teacher {n_params(teacher) / 1e6:.2f}M")
-        if ckpt is not None:
+        print(f"params: student {n_params(student):.2f}M | distiller {n_params(distiller):.3f}M | "
+              f"teacher {n_params(teacher):.2f}M")
+        if checkpoint is not None:
             print(f"resuming {args.resume}: {start_epoch} epochs done, best top1 {best:.2f}")
-    teacher_metrics = None
-    if use_teacher:
-        teacher_metrics = evaluate(teacher, val_loader, prepare, autocast)
-        if is_main:
-            top1, top5 = teacher_metrics["top1"], teacher_metrics["top5"]
-            print(f"teacher {args.teacher} ({teacher_tag}): top1 {top1:.2f} top5 {top5:.2f}")
-            if published is not None and abs(top1 - published) > 1.0:
-                print(f"warning: the teacher scores {top1:.2f} top-1 where torchvision publishes {published:.2f}: check "
-                      "--data-dir (the full validation set, class folders named by wnid) and --img-size 224")
 
-    # ---- training ---------------------------------------------------------------------------------
+    # ---- the teacher's score -------------------------------------------------------------------------------
+    teacher_metrics = evaluate(teacher.model, val_loader, device, prepare) if teacher is not None else None
+    if is_main and teacher is not None:
+        top1, top5 = teacher_metrics["top1"], teacher_metrics["top5"]
+        print(f"teacher {args.teacher} ({teacher_tag}): top1 {top1:.2f} top5 {top5:.2f}")
+        if published is not None and abs(top1 - published) > 1.0:
+            print(f"warning: the teacher scores {top1:.2f} top-1 where torchvision publishes {published:.2f}: "
+                  "check --data-dir (the full validation set, class folders named by wnid) and --img-size 224")
+
+    # ---- training ------------------------------------------------------------------------------------------
     zero = torch.zeros((), device=device)
-    terms = ("ce", "kd", "feat")
-    used = (True, use_teacher, srd)
-    t_loop, steps_done, total_steps = time.time(), 0, steps * (args.epochs - start_epoch)
-    train_images, train_time = 0, 0.0
+    terms, used = ("ce", "kd", "feat"), (True, teacher is not None, distiller is not None)
+    t_loop, total_steps, train_time = time.time(), steps * (args.epochs - start_epoch), 0.0
     for epoch in range(start_epoch, args.epochs):
         torch.manual_seed(seed_of(args.seed, epoch, rank))  # dropout and the like: a function of (seed, epoch, rank)
-        sampler.set_epoch(epoch)
+        train_loader.sampler.set_epoch(epoch)
         epoch_lr = optimizer.param_groups[0]["lr"]
         interval, epoch_sums = torch.zeros(3, device=device), torch.zeros(3, dtype=torch.float64)
         t_epoch = t_log = t_ready = time.time()
         data_time, last_log = 0.0, 0
-        for step, (images, labels) in enumerate(train_loader, 1):
+        for step, (x, y) in enumerate(train_loader, 1):
             data_time += time.time() - t_ready
-            images, labels = prepare(images, labels)
+            x, y = prepare(x, y)
             with autocast:
                 logits_t = z_t = None
-                if use_teacher:
+                if teacher is not None:
                     with torch.no_grad():
-                        logits_t, z_t = teacher_net(images)
-                logits_s, loss_feat = net(images, z_t)
-                loss_ce = F.cross_entropy(logits_s, labels)
-                # KL(p_t || p_s) at temperature T, times T^2 so its gradients keep their scale as T changes.
-                loss_kd = (F.kl_div(F.log_softmax(logits_s.float() / args.temperature, 1),
-                                    F.log_softmax(logits_t.float() / args.temperature, 1),
-                                    reduction="batchmean", log_target=True) * args.temperature ** 2
-                           if use_teacher else zero)
-                loss_feat = loss_feat if srd else zero
-                loss = loss_ce + args.kd_weight * loss_kd + args.feat_weight * loss_feat
+                        logits_t, z_t = teacher(x)
+                logits_s, loss_feat = model(x, z_t)
+                loss_ce = F.cross_entropy(logits_s, y)
+                loss_kd = zero if teacher is None else kd_loss(logits_s, logits_t, args.temperature)
+                loss_feat = zero if loss_feat is None else loss_feat
+                loss = args.ce_weight * loss_ce + args.kd_weight * loss_kd + args.feat_weight * loss_feat
             scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
             interval += torch.stack([loss_ce, loss_kd, loss_feat]).detach().float()
-            steps_done += 1
 
             if step % args.log_every == 0 or step == steps:  # the only host-device syncs of the loop
-                if dist.is_initialized():
+                if distributed:
                     dist.all_reduce(interval)
                 means = (interval / ((step - last_log) * world)).tolist()
                 epoch_sums += interval.double().cpu()
                 interval.zero_()
                 losses = " ".join(f"{n} {v:.3f}" for n, v, u in zip(terms, means, used) if u)
                 if not all(np.isfinite(means)):
-                    if is_main:
-                        print(f"{SCRIPT}: non-finite loss at epoch {epoch + 1} step {step}: {losses}; "
-                              f"{out_dir}/last.pt holds the last finished epoch", file=sys.stderr)
-                    if distributed:
-                        dist.destroy_process_group()
-                    sys.exit(3)
-                now = time.time()
+                    fail(f"non-finite loss at epoch {epoch + 1} step {step}: {losses}; "
+                         f"{out_dir}/last.pt holds the last finished epoch", 3)
+                now, done = time.time(), (epoch - start_epoch) * steps + step
                 if is_main:
-                    eta = (now - t_loop) / steps_done * (total_steps - steps_done)
+                    eta = (now - t_loop) / done * (total_steps - done)
                     rate = (step - last_log) * global_batch / (now - t_log)
                     print(f"epoch {epoch + 1}/{args.epochs} step {step}/{steps} | {losses} | lr {epoch_lr:.4g} | "
                           f"{rate:.{0 if rate >= 100 else 1}f} img/s | "
@@ -598,19 +593,21 @@ def main(argv=None):
             t_ready = time.time()
         scheduler.step()
         epoch_train_s = time.time() - t_epoch
-        train_images, train_time = train_images + steps * global_batch, train_time + epoch_train_s
+        train_time += epoch_train_s
 
-        # ---- evaluation, records, checkpoints ------------------------------------------------------
-        metrics = evaluate(student, val_loader, prepare, autocast)
+        # ---- evaluation, checkpoint, record ----------------------------------------------------------------
+        if distributed:  # each rank's last step left its own BN statistics: score rank 0's, the ones it saves
+            for buffer in student.buffers():
+                dist.broadcast(buffer, 0)
+        metrics = evaluate(student, val_loader, device, prepare)
         if best is None or metrics["top1"] > best:
             best, best_epoch = metrics["top1"], epoch + 1
         means = (epoch_sums / (steps * world)).tolist()
-
         record = {"epoch": epoch + 1, "lr": epoch_lr,
                   **{f"loss_{n}": (v if u else None) for n, v, u in zip(terms, means, used)},
                   **metrics, "images_per_s": steps * global_batch / epoch_train_s,
                   "epoch_s": time.time() - t_epoch, "peak_mem_mb": peak_memory_mb(device)}
-        if srd:  # the paper's spectral view of W_p (None unless the projector is linear)
+        if distiller is not None:  # the paper's spectral view of W_p (None unless the projector is linear)
             sv = projector_spectrum(distiller)
             record["projector_sv"] = sv if sv is None else {"max": sv.max().item(), "min": sv.min().item(),
                                                             "mean": sv.mean().item()}
@@ -620,26 +617,27 @@ def main(argv=None):
                   f"peak mem {record['peak_mem_mb']:.0f} MB", flush=True)
             with open(out_dir / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
-            checkpoint = {"student": student.state_dict(), "distiller": distiller.state_dict() if srd else None,
+            checkpoint = {"student": student.state_dict(),
+                          "distiller": distiller.state_dict() if distiller is not None else None,
                           "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                           "scaler": scaler.state_dict(), "epoch": epoch + 1, "best": best, "best_epoch": best_epoch,
                           "args": args_json}
-            save(checkpoint, out_dir / "last.pt")
+            save_atomic(checkpoint, out_dir / "last.pt")
             if best_epoch == epoch + 1:
-                save(checkpoint, out_dir / "best.pt")
+                save_atomic(checkpoint, out_dir / "best.pt")
 
-    # ---- summary ----------------------------------------------------------------------------------
-    if is_main and start_epoch < args.epochs:
+    # ---- summary -------------------------------------------------------------------------------------------
+    if is_main and start_epoch < args.epochs:  # (--epochs 0 trains nothing)
         summary = {"metric": "top1", "best": best, "best_epoch": best_epoch, "last": metrics["top1"],
-                   "last_top5": metrics["top5"], "teacher": teacher_metrics["top1"] if use_teacher else None,
+                   "last_top5": metrics["top5"], "teacher": teacher_metrics["top1"] if teacher is not None else None,
                    "teacher_weights": teacher_tag, "teacher_published": published,
-                   "wall_s": time.time() - t_start, "images_per_s": train_images / train_time,
+                   "wall_s": time.time() - t_start, "images_per_s": total_steps * global_batch / train_time,
                    "peak_mem_mb": peak_memory_mb(device), "world_size": world,
                    "versions": {"python": platform.python_version(), "torch": torch.__version__,
                                 "torchvision": torchvision.__version__, "timm": importlib.metadata.version("timm"),
                                 "cuda": torch.version.cuda}}
         (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-        teacher_top1 = f", teacher {summary['teacher']:.2f}" if use_teacher else ""
+        teacher_top1 = f", teacher {summary['teacher']:.2f}" if teacher is not None else ""
         print(f"done: best top1 {best:.2f} (epoch {best_epoch}), last {metrics['top1']:.2f}{teacher_top1}; "
               f"outputs in {out_dir}")
     if distributed:

@@ -460,6 +460,24 @@ def test_imagenet_train_nonfinite_and_exact_resume(imagenet_data, tmp_path):
             assert torch.equal(value, resumed[key][name]), f"{key}.{name} differs after resume"
     assert read_jsonl(part / "metrics.jsonl")[-1]["loss_feat"] == records[-1]["loss_feat"]
 
+    # Scores are float32 whatever --amp trains in. Logits with a large common offset make the same classifier
+    # (softmax is shift-invariant), but bf16 keeps 8 significant bits: at 1024 its spacing is 8, so the +2 that
+    # makes the last class win in float32 rounds away and all classes tie. Such a model, as the teacher and as
+    # the student resumed for one bf16 epoch, must be scored as float32 scores it.
+    offset, bf16 = tmp_path / "offset.pt", tmp_path / "bf16"
+    ckpt["student"]["fc.weight"].zero_()
+    ckpt["student"]["fc.bias"].copy_(torch.tensor([1024.0, 1024.0, 1026.0]))
+    torch.save(ckpt, offset)
+    check_ok(run_script(IMAGENET, "--data-dir", imagenet_data, "--teacher-ckpt", offset, *IMAGENET_TINY, "--out-dir",
+                        bf16, "--epochs", 3, "--workers", 0, "--amp", "bf16", "--resume", offset))
+    val = sorted((imagenet_data / "val").iterdir())  # class folders in ImageFolder's order
+    last_class_share = 100 * len(list(val[-1].iterdir())) / sum(len(list(d.iterdir())) for d in val)
+    assert json.loads((bf16 / "summary.json").read_text())["teacher"] == pytest.approx(last_class_share)
+    check_ok(run_script(IMAGENET, "--data-dir", imagenet_data, "--img-size", 32, "--workers", 0, "--evaluate",
+                        "--amp", "off", "--resume", bf16 / "last.pt", "--out-dir", tmp_path / "eval"))
+    (record,) = read_jsonl(bf16 / "metrics.jsonl")
+    assert json.loads((tmp_path / "eval" / "eval.json").read_text())["top1"] == record["top1"]
+
 
 def test_imagenet_dummy_kd_and_srd(tmp_path):
     dummy = ["--dummy", "--teacher", "resnet18", "--img-size", 32, "--batch-size", 8, "--epochs", 1, "--workers", 0,
@@ -477,11 +495,22 @@ def test_imagenet_dummy_kd_and_srd(tmp_path):
 
 
 def test_imagenet_torchrun_two_processes(imagenet_data, tmp_path):
-    out = check_ok(run_torchrun(IMAGENET, *imagenet_args(imagenet_data, tmp_path, "--epochs", 1, "--workers", 0,
-                                                          "--batch-size", 2))).stdout
+    spy = tmp_path / "spy.py"  # imagenet_kd.main() with evaluate saving, per rank, the model it scores
+    spy.write_text(f"import os, sys, torch\nsys.path.insert(0, {str(ROOT)!r})\nimport imagenet_kd\n"
+                   "def evaluate(model, *args, evaluate=imagenet_kd.evaluate, **kwargs):\n"
+                   f"    torch.save(model.state_dict(), {str(tmp_path)!r} + '/scored-' + os.environ['RANK'] + '.pt')\n"
+                   "    return evaluate(model, *args, **kwargs)\n"
+                   "imagenet_kd.evaluate = evaluate\nimagenet_kd.main()\n")
+    out = check_ok(run_torchrun(spy, *imagenet_args(imagenet_data, tmp_path, "--epochs", 1, "--workers", 0,
+                                                     "--batch-size", 2))).stdout
     assert "world size 2" in out and "global batch 4" in out and out.count("teacher resnet18") == 1, out
     record, = read_jsonl(tmp_path / "metrics.jsonl")
     assert json.loads((tmp_path / "summary.json").read_text())["world_size"] == 2
+    # Each rank's last step left it its own batch-norm statistics; both ranks scored rank 0's, the saved ones.
+    saved = load_checkpoint(tmp_path / "last.pt")["student"]
+    for rank in (0, 1):
+        scored = load_checkpoint(tmp_path / f"scored-{rank}.pt")
+        assert scored.keys() == saved.keys() and all(torch.equal(scored[k], saved[k]) for k in saved), rank
     # The 2-rank evaluation counted each of the 5 validation images once: one process agrees with it.
     check_ok(run_script(IMAGENET, "--data-dir", imagenet_data, "--img-size", 32, "--workers", 0, "--evaluate",
                         "--resume", tmp_path / "last.pt", "--out-dir", tmp_path / "eval"))
