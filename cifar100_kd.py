@@ -156,6 +156,80 @@ def parse_args(argv=None):
 
 
 # ---------------------------------------------------------------------------------------------------
+# Data: the python release of CIFAR-100, held on the device as uint8 and augmented there per batch.
+# ---------------------------------------------------------------------------------------------------
+def build_data(args, is_main):
+    """(train images, train labels, test images, test labels) as uint8 (N, 3, 32, 32) and int64 (N,): the python
+    release in --data-dir (downloaded by rank 0 when missing), or --dummy's random set, the same on every rank."""
+    if args.dummy:
+        g = torch.Generator().manual_seed(args.seed)
+        images = [torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g) for n in DUMMY_SIZES]
+        labels = [torch.randint(0, NUM_CLASSES, (n,), generator=g) for n in DUMMY_SIZES]
+        return images[0], labels[0], images[1], labels[1]
+    root = Path(args.data_dir) / "cifar-100-python"
+    if not root.is_dir() and is_main:
+        from torchvision.datasets.utils import download_and_extract_archive
+        try:
+            download_and_extract_archive(CIFAR_URL, args.data_dir, md5=CIFAR_MD5)
+        except Exception as e:
+            fail(f"no CIFAR-100 in {args.data_dir} and downloading {CIFAR_URL} failed ({type(e).__name__}: {e}); "
+                 f"download and extract it yourself so that the layout is {LAYOUT}, or pass --dummy")
+    if dist.is_initialized():
+        dist.barrier()  # the other ranks wait for rank 0's download
+    splits = []
+    for split in ("train", "test"):
+        path = root / split
+        try:
+            with open(path, "rb") as f:
+                d = pickle.load(f, encoding="latin1")  # the official format is a pickle: only load files you trust
+            x = np.asarray(d["data"])
+            y = np.asarray(d["fine_labels"], dtype=np.int64)
+            if x.dtype != np.uint8 or x.ndim != 2 or x.shape[1] != 3072 or len(y) != len(x):
+                raise ValueError(f"'data' is {x.dtype} {x.shape} for {len(y)} labels, expected uint8 (N, 3072)")
+            if len(y) == 0 or y.min() < 0 or y.max() >= NUM_CLASSES:
+                raise ValueError(f"'fine_labels' must lie in 0..{NUM_CLASSES - 1}")
+        except Exception as e:
+            fail(f"cannot read {path} ({type(e).__name__}: {e}); expected {LAYOUT} "
+                 f"(from {CIFAR_URL}), or pass --dummy")
+        splits += [torch.from_numpy(x).view(-1, 3, 32, 32), torch.from_numpy(y)]  # rows are planar R, G, B
+    return splits
+
+
+class Normalise(nn.Module):
+    """uint8 images (B, 3, 32, 32) -> float inputs standardised with the CIFAR-100 channel statistics, which live
+    on the device as buffers: building them per batch would copy host to device."""
+
+    def __init__(self, channels_last=False):
+        super().__init__()
+        self.register_buffer("mean", 255 * torch.tensor(MEAN).view(1, 3, 1, 1))
+        self.register_buffer("std", 255 * torch.tensor(STD).view(1, 3, 1, 1))
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+
+    def forward(self, x):
+        return ((x.float() - self.mean) / self.std).contiguous(memory_format=self.memory_format)
+
+
+def seed_of(seed, epoch, stream):
+    """A 32-bit seed that is a function of (seed, epoch, stream) and nothing else, each triple its own stream: 0 for
+    the epoch's permutation, which every rank shares, 1 + rank for that rank's crops and flips. (SeedSequence hashes
+    trailing zeros away, so the triple has a fixed length.)"""
+    return int(np.random.SeedSequence((seed, epoch, stream)).generate_state(1)[0])
+
+
+def crop_flip(x, generator):
+    """Random 32x32 crop of the 4-pixel zero-padded image and horizontal flip, independently per sample. One gather
+    does both: row i of the output is padded row dy + i, column j is padded column dx + j, or dx + 31 - j flipped."""
+    b, dev = x.shape[0], x.device
+    x = F.pad(x, (4, 4, 4, 4))
+    dy, dx = torch.randint(0, 9, (2, b, 1), generator=generator, device=dev)
+    flip = torch.rand(b, 1, generator=generator, device=dev) < 0.5
+    ar = torch.arange(32, device=dev)
+    rows, cols = dy + ar, dx + torch.where(flip, 31 - ar, ar)
+    return x[torch.arange(b, device=dev).view(b, 1, 1, 1), torch.arange(3, device=dev).view(1, 3, 1, 1),
+             rows.view(b, 1, 32, 1), cols.view(b, 1, 1, 32)]
+
+
+# ---------------------------------------------------------------------------------------------------
 # Models: RepDistiller's 22 CIFAR architectures with their exact parameter and buffer names. Each
 # forward returns (logits, z) with z the pooled penultimate feature (the classifier's input, the
 # feature the paper distils) and each model knows its width as `feat_dim`.
@@ -451,38 +525,6 @@ ARCHS = {
 SMALL_LR_ARCHS = ("MobileNetV2", "ShuffleV1", "ShuffleV2")  # the protocol trains these at lr 0.01
 
 
-def read_checkpoint(path):
-    """torch.load with weights_only=True: checkpoints are untrusted input."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # a truncated file, not a torch file, an unsafe pickle ...
-        fail(f"cannot read checkpoint {path} ({type(e).__name__}: {str(e).strip().splitlines()[0][:200]}); "
-             "pass a checkpoint saved by this script, RepDistiller or mdistiller")
-
-
-def load_weights(model, checkpoint, path, what):
-    """CONVENTIONS §5: the state dict of ``checkpoint`` (bare, or under model/state_dict/student; ``module.`` and
-    ``_orig_mod.`` prefixes stripped) loaded strictly; a mismatch fails naming a few missing, unexpected and wrongly
-    shaped keys."""
-    for key in ("model", "state_dict", "student"):
-        if isinstance(checkpoint, dict) and isinstance(checkpoint.get(key), dict):
-            checkpoint = checkpoint[key]
-            break
-    if not isinstance(checkpoint, dict) or not all(torch.is_tensor(v) for v in checkpoint.values()):
-        fail(f"{path} holds no state dict (nor one under 'model', 'state_dict' or 'student'); pass a model checkpoint")
-    state = {re.sub(r"^(module\.|_orig_mod\.)+", "", k): v for k, v in checkpoint.items()}
-    own = model.state_dict()
-    missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]  # absent in old files
-    unexpected = [k for k in state if k not in own]
-    wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
-             for k in own if k in state and state[k].shape != own[k].shape]
-    if missing or unexpected or wrong:
-        few = lambda keys: ", ".join(keys[:3]) + (f" (+{len(keys) - 3})" if len(keys) > 3 else "") if keys else "none"
-        fail(f"{path} does not fit the {what}: missing {few(missing)}; unexpected {few(unexpected)}; "
-             f"wrong shape {few(wrong)}; pass a checkpoint of that architecture or change the architecture flag")
-    model.load_state_dict(state)
-
-
 def build_student(args):
     """The student: one of RepDistiller's 22 architectures, freshly initialised."""
     return ARCHS[args.student]()
@@ -539,78 +581,57 @@ def build_teacher(args, downloads):
     return teacher.requires_grad_(False).eval(), origin, expected
 
 
+def read_checkpoint(path):
+    """torch.load with weights_only=True: checkpoints are untrusted input."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a truncated file, not a torch file, an unsafe pickle ...
+        fail(f"cannot read checkpoint {path} ({type(e).__name__}: {str(e).strip().splitlines()[0][:200]}); "
+             "pass a checkpoint saved by this script, RepDistiller or mdistiller")
+
+
+def load_weights(model, checkpoint, path, what):
+    """CONVENTIONS §5: the state dict of ``checkpoint`` (bare, or under model/state_dict/student; ``module.`` and
+    ``_orig_mod.`` prefixes stripped) loaded strictly; a mismatch fails naming a few missing, unexpected and wrongly
+    shaped keys."""
+    for key in ("model", "state_dict", "student"):
+        if isinstance(checkpoint, dict) and isinstance(checkpoint.get(key), dict):
+            checkpoint = checkpoint[key]
+            break
+    if not isinstance(checkpoint, dict) or not all(torch.is_tensor(v) for v in checkpoint.values()):
+        fail(f"{path} holds no state dict (nor one under 'model', 'state_dict' or 'student'); pass a model checkpoint")
+    state = {re.sub(r"^(module\.|_orig_mod\.)+", "", k): v for k, v in checkpoint.items()}
+    own = model.state_dict()
+    missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]  # absent in old files
+    unexpected = [k for k in state if k not in own]
+    wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
+             for k in own if k in state and state[k].shape != own[k].shape]
+    if missing or unexpected or wrong:
+        few = lambda keys: ", ".join(keys[:3]) + (f" (+{len(keys) - 3})" if len(keys) > 3 else "") if keys else "none"
+        fail(f"{path} does not fit the {what}: missing {few(missing)}; unexpected {few(unexpected)}; "
+             f"wrong shape {few(wrong)}; pass a checkpoint of that architecture or change the architecture flag")
+    model.load_state_dict(state)
+
+
 # ---------------------------------------------------------------------------------------------------
-# Data: the python release of CIFAR-100, held on the device as uint8 and augmented there per batch.
+# Distillation: the student and the paper's distiller in one module, so that DDP keeps the projector
+# W_p identical on every rank (and averages its gradients like the student's).
 # ---------------------------------------------------------------------------------------------------
-def build_data(args, is_main):
-    """(train images, train labels, test images, test labels) as uint8 (N, 3, 32, 32) and int64 (N,): the python
-    release in --data-dir (downloaded by rank 0 when missing), or --dummy's random set, the same on every rank."""
-    if args.dummy:
-        g = torch.Generator().manual_seed(args.seed)
-        images = [torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g) for n in DUMMY_SIZES]
-        labels = [torch.randint(0, NUM_CLASSES, (n,), generator=g) for n in DUMMY_SIZES]
-        return images[0], labels[0], images[1], labels[1]
-    root = Path(args.data_dir) / "cifar-100-python"
-    if not root.is_dir() and is_main:
-        from torchvision.datasets.utils import download_and_extract_archive
-        try:
-            download_and_extract_archive(CIFAR_URL, args.data_dir, md5=CIFAR_MD5)
-        except Exception as e:
-            fail(f"no CIFAR-100 in {args.data_dir} and downloading {CIFAR_URL} failed ({type(e).__name__}: {e}); "
-                 f"download and extract it yourself so that the layout is {LAYOUT}, or pass --dummy")
-    if dist.is_initialized():
-        dist.barrier()  # the other ranks wait for rank 0's download
-    splits = []
-    for split in ("train", "test"):
-        path = root / split
-        try:
-            with open(path, "rb") as f:
-                d = pickle.load(f, encoding="latin1")  # the official format is a pickle: only load files you trust
-            x = np.asarray(d["data"])
-            y = np.asarray(d["fine_labels"], dtype=np.int64)
-            if x.dtype != np.uint8 or x.ndim != 2 or x.shape[1] != 3072 or len(y) != len(x):
-                raise ValueError(f"'data' is {x.dtype} {x.shape} for {len(y)} labels, expected uint8 (N, 3072)")
-            if len(y) == 0 or y.min() < 0 or y.max() >= NUM_CLASSES:
-                raise ValueError(f"'fine_labels' must lie in 0..{NUM_CLASSES - 1}")
-        except Exception as e:
-            fail(f"cannot read {path} ({type(e).__name__}: {e}); expected {LAYOUT} "
-                 f"(from {CIFAR_URL}), or pass --dummy")
-        splits += [torch.from_numpy(x).view(-1, 3, 32, 32), torch.from_numpy(y)]  # rows are planar R, G, B
-    return splits
-
-
-class Normalise(nn.Module):
-    """uint8 images (B, 3, 32, 32) -> float inputs standardised with the CIFAR-100 channel statistics, which live
-    on the device as buffers: building them per batch would copy host to device."""
-
-    def __init__(self, channels_last=False):
+class StudentWithDistiller(nn.Module):
+    def __init__(self, student, distiller):
         super().__init__()
-        self.register_buffer("mean", 255 * torch.tensor(MEAN).view(1, 3, 1, 1))
-        self.register_buffer("std", 255 * torch.tensor(STD).view(1, 3, 1, 1))
-        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.student, self.distiller = student, distiller
 
-    def forward(self, x):
-        return ((x.float() - self.mean) / self.std).contiguous(memory_format=self.memory_format)
-
-
-def seed_of(seed, epoch, stream):
-    """A 32-bit seed that is a function of (seed, epoch, stream) and nothing else, each triple its own stream: 0 for
-    the epoch's permutation, which every rank shares, 1 + rank for that rank's crops and flips. (SeedSequence hashes
-    trailing zeros away, so the triple has a fixed length.)"""
-    return int(np.random.SeedSequence((seed, epoch, stream)).generate_state(1)[0])
+    def forward(self, x, z_t=None):
+        logits, z_s = self.student(x)
+        return logits, self.distiller(z_s, z_t) if self.distiller is not None else None
 
 
-def crop_flip(x, generator):
-    """Random 32x32 crop of the 4-pixel zero-padded image and horizontal flip, independently per sample. One gather
-    does both: row i of the output is padded row dy + i, column j is padded column dx + j, or dx + 31 - j flipped."""
-    b, dev = x.shape[0], x.device
-    x = F.pad(x, (4, 4, 4, 4))
-    dy, dx = torch.randint(0, 9, (2, b, 1), generator=generator, device=dev)
-    flip = torch.rand(b, 1, generator=generator, device=dev) < 0.5
-    ar = torch.arange(32, device=dev)
-    rows, cols = dy + ar, dx + torch.where(flip, 31 - ar, ar)
-    return x[torch.arange(b, device=dev).view(b, 1, 1, 1), torch.arange(3, device=dev).view(1, 3, 1, 1),
-             rows.view(b, 1, 32, 1), cols.view(b, 1, 1, 32)]
+def kd_loss(logits_s, logits_t, T):
+    """Hinton's KD: KL(softmax(y_t / T) || softmax(y_s / T)), batch mean, times T^2 so that the gradient
+    scale does not depend on T."""
+    return F.kl_div(F.log_softmax(logits_s.float() / T, 1), F.log_softmax(logits_t.float() / T, 1),
+                    reduction="batchmean", log_target=True) * T * T
 
 
 @torch.no_grad()
@@ -636,27 +657,6 @@ def evaluate(model, test_set, normalise, batch_size=256):
     model.train(was_training)
     top1, top5, n = counts.tolist()
     return {"top1": 100 * top1 / n, "top5": 100 * top5 / n, "images": int(n)}
-
-
-# ---------------------------------------------------------------------------------------------------
-# Distillation: the student and the paper's distiller in one module, so that DDP keeps the projector
-# W_p identical on every rank (and averages its gradients like the student's).
-# ---------------------------------------------------------------------------------------------------
-class StudentWithDistiller(nn.Module):
-    def __init__(self, student, distiller):
-        super().__init__()
-        self.student, self.distiller = student, distiller
-
-    def forward(self, x, z_t=None):
-        logits, z_s = self.student(x)
-        return logits, self.distiller(z_s, z_t) if self.distiller is not None else None
-
-
-def kd_loss(logits_s, logits_t, T):
-    """Hinton's KD: KL(softmax(y_t / T) || softmax(y_s / T)), batch mean, times T^2 so that the gradient
-    scale does not depend on T."""
-    return F.kl_div(F.log_softmax(logits_s.float() / T, 1), F.log_softmax(logits_t.float() / T, 1),
-                    reduction="batchmean", log_target=True) * T * T
 
 
 def save_atomic(obj, path):
