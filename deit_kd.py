@@ -139,7 +139,8 @@ def get_args(argv=None):
     g.add_argument("--clip-grad", type=float, default=15.0, help="gradient-norm clipping (0 disables)")
     g = p.add_argument_group("system")
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
-    g.add_argument("--amp", choices=["off", "bf16", "fp16"], help="autocast dtype (default: bf16 on CUDA, off on CPU)")
+    g.add_argument("--amp", choices=["off", "bf16", "fp16"], help="autocast dtype of training (default: bf16 on "
+                   "CUDA, off on CPU); every evaluation runs in float32")
     g.add_argument("--channels-last", action="store_true", help="channels-last memory format for the conv layers")
     g.add_argument("--compile", action="store_true", help="torch.compile the student and the teacher")
     g.add_argument("--sync-bn", action="store_true", help="synchronise batch norms across processes")
@@ -362,7 +363,8 @@ def kd_loss(y_s, y_t, T):
 # Evaluation: exact top-1/top-5 over the whole validation set, shards all-reduced
 # ---------------------------------------------------------------------------------------------------
 @torch.no_grad()
-def evaluate(model, loader, device, autocast, channels_last):
+def evaluate(model, loader, device, channels_last):
+    """Top-1/top-5 in float32 whatever --amp trains in (no autocast): a score must not depend on the speed flags."""
     was_training = model.training
     model.eval()
     counts = torch.zeros(3, device=device, dtype=torch.float64)  # top-1 hits, top-5 hits, images
@@ -370,8 +372,7 @@ def evaluate(model, loader, device, autocast, channels_last):
         images = images.to(device, non_blocking=True,
                            memory_format=torch.channels_last if channels_last else torch.contiguous_format)
         labels = labels.to(device, non_blocking=True)
-        with autocast:
-            logits = model(images)
+        logits = model(images)
         top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
         hits = top5 == labels[:, None]
         counts += torch.stack([hits[:, 0].sum(), hits.any(1).sum(), torch.tensor(len(labels), device=device)])
@@ -452,7 +453,7 @@ def main(argv=None):
 
     if args.evaluate:
         student.to(device, memory_format=channels)
-        metrics = evaluate(student, val_loader, device, autocast, args.channels_last)
+        metrics = evaluate(student, val_loader, device, args.channels_last)
         if is_main:
             print(f"{args.resume}: top1 {metrics['top1']:.2f} top5 {metrics['top5']:.2f} on {metrics['images']} images")
             args.out_dir.mkdir(parents=True, exist_ok=True)
@@ -478,7 +479,7 @@ def main(argv=None):
         teacher.requires_grad_(False).eval().to(device, memory_format=channels)
         if args.dummy and not args.teacher_ckpt and is_main:
             print(f"teacher {args.teacher} is randomly initialised (--dummy without --teacher-ckpt)")
-        metrics = evaluate(teacher, val_loader, device, autocast, args.channels_last)
+        metrics = evaluate(teacher, val_loader, device, args.channels_last)
         teacher_top1 = metrics["top1"]
         if is_main:
             print(f"teacher {args.teacher}: top1 {metrics['top1']:.2f} top5 {metrics['top5']:.2f} "
@@ -609,7 +610,7 @@ def main(argv=None):
         if distributed:  # the conv stem's BN statistics: evaluate and save rank 0's, as DDP does
             for buffer in student.buffers():
                 dist.broadcast(buffer, 0)
-        last = evaluate(student, val_loader, device, autocast, args.channels_last)
+        last = evaluate(student, val_loader, device, args.channels_last)
         if last["top1"] > best:
             best, best_epoch = last["top1"], epoch + 1
         if is_main:
