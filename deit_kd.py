@@ -18,12 +18,13 @@ of the patch embeddings; ``head`` reads the cls output, ``head_conv`` the conv-t
 evaluation the prediction is the average of the two. ``--stem patch`` trains timm's standard
 ``deit_*_distilled_patch16_224`` (distillation token and head) with the same losses, for comparison.
 
-Recipe (the official config): 300 epochs, AdamW (weight decay 0.05, none on biases, norms, position
-embedding and tokens), lr 5e-4 x global batch / 512, per-iteration cosine schedule with 20 warm-up epochs
-from 5e-7 to a minimum of 5e-6 (all scaled alike), gradient clipping at 15, bf16. timm augmentation:
-RandAugment rand-m9-mstd0.5-inc1, colour jitter 0.4, bicubic, random erasing 0.25, Mixup 0.8 / CutMix 1.0,
-label smoothing 0.1; evaluation resizes to 256 (bicubic) and center-crops 224. This script also fixes what
-keeps the released code from running (undefined names, the teacher wrapped in DDP, no checkpoints).
+Recipe (the official config): 300 epochs, global batch 256, AdamW (weight decay 0.05, none on biases, norms,
+position embedding and tokens), lr 5e-4 x global batch / 512, timm's per-iteration cosine over all 300 epochs
+whose first 20 are a linear warm-up from 5e-7, to a minimum of 5e-6 (all scaled alike), gradient clipping at
+15, bf16 (the official code: fp16, --amp fp16). timm augmentation: RandAugment rand-m9-mstd0.5-inc1 (timm
+drops the colour jitter under it), bicubic, random erasing 0.25, Mixup 0.8 / CutMix 1.0, label smoothing 0.1;
+evaluation in float32, resized to 256 (bilinear, as the official code) and center-cropped to 224. This script
+also fixes what keeps the released code from running (undefined names, the teacher wrapped in DDP, no checkpoints).
 
 Paper (ImageNet top-1):      DeiT-Ti   DeiT-S
     no distillation            72.2      79.9
@@ -100,8 +101,11 @@ def get_args(argv=None):
     g.add_argument("--img-size", type=int, default=224, help="training and evaluation crop (a multiple of 16; "
                    "the token grid is img-size/16 squared)")
     g.add_argument("--crop-pct", type=float, default=0.875, help="evaluation: resize to img-size/crop-pct, center-crop")
+    g.add_argument("--eval-interpolation", default="bilinear", choices=["bilinear", "bicubic"], help="evaluation "
+                   "resize: bilinear as the official SRD code (torchvision's default), bicubic as DeiT's")
     g.add_argument("--aa", default="rand-m9-mstd0.5-inc1", help="timm RandAugment policy ('none' to disable)")
-    g.add_argument("--color-jitter", type=float, default=0.4, help="colour jitter strength")
+    g.add_argument("--color-jitter", type=float, default=0.4, help="colour jitter strength; timm applies it only "
+                   "with --aa none (the official config's 0.4 never acts under its RandAugment)")
     g.add_argument("--reprob", type=float, default=0.25, help="random erasing probability")
     g.add_argument("--mixup", type=float, default=0.8, help="Mixup alpha (0 disables)")
     g.add_argument("--cutmix", type=float, default=1.0, help="CutMix alpha (0 disables)")
@@ -130,13 +134,16 @@ def get_args(argv=None):
                    "correlation distance; logsum: the paper's log sum |z_s W_p - z_t|^alpha")
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int, default=300, help="training epochs")
-    g.add_argument("--batch-size", type=int, default=128, help="images per process (DeiT: 8 x 128 = 1024)")
+    g.add_argument("--batch-size", type=int, default=128, help="images per process (the official SRD code: "
+                   "256 in one process; DeiT's own: 8 x 128)")
     g.add_argument("--lr", type=float, default=5e-4, help="AdamW peak lr for a global batch of 512 (scaled linearly)")
     g.add_argument("--min-lr", type=float, default=5e-6, help="final cosine lr for a global batch of 512")
     g.add_argument("--warmup-lr", type=float, default=5e-7, help="initial warm-up lr for a global batch of 512")
     g.add_argument("--warmup-epochs", type=int, default=20, help="linear warm-up epochs")
     g.add_argument("--wd", type=float, default=0.05, help="weight decay (not on biases, norms, pos-embed, tokens)")
     g.add_argument("--clip-grad", type=float, default=15.0, help="gradient-norm clipping (0 disables)")
+    g.add_argument("--clip-scaled", action="store_true", help="clip the GradScaler-scaled gradients as the official "
+                   "code does under fp16 (a true norm of ~15/scale); default: unscale, then clip")
     g = p.add_argument_group("system")
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
     g.add_argument("--amp", choices=["off", "bf16", "fp16"], help="autocast dtype of training (default: bf16 on "
@@ -204,7 +211,7 @@ def build_data(args):
     train_tf = create_transform(args.img_size, is_training=True, color_jitter=args.color_jitter,
                                 auto_augment=None if args.aa == "none" else args.aa, interpolation="bicubic",
                                 re_prob=args.reprob, re_mode="pixel", re_count=1)
-    val_tf = create_transform(args.img_size, interpolation="bicubic", crop_pct=args.crop_pct)
+    val_tf = create_transform(args.img_size, interpolation=args.eval_interpolation, crop_pct=args.crop_pct)
     if args.dummy:
         size = int(args.img_size / args.crop_pct)
         return (DummyImages(DUMMY_TRAIN, size, DUMMY_CLASSES, train_tf),
@@ -383,6 +390,15 @@ def evaluate(model, loader, device, channels_last):
             "images": int(counts[2].item())}
 
 
+def build_scheduler(optimizer, args, steps, scale):
+    """The official code's schedule, stepped per iteration: one cosine over all epochs x steps whose first
+    warmup_epochs x steps are replaced by a linear warm-up (no warmup_prefix: the cosine does not start at the
+    end of the warm-up), every lr scaled by global batch / 512; the optimizer holds the scaled peak lr."""
+    return CosineLRScheduler(optimizer, t_initial=args.epochs * steps, lr_min=args.min_lr * scale,
+                             warmup_t=args.warmup_epochs * steps, warmup_lr_init=args.warmup_lr * scale,
+                             t_in_epochs=False)
+
+
 def save_atomic(obj, path):
     tmp = path.with_name(f".{path.name}.tmp")
     torch.save(obj, tmp)
@@ -504,9 +520,7 @@ def main(argv=None):
     rest = [p for n, p in model.named_parameters() if p.ndim <= 1 or n in no_decay]  # + biases and norms
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.wd}, {"params": rest, "weight_decay": 0.0}],
                                   lr=lr, betas=(0.9, 0.999), eps=1e-8)
-    warmup = args.warmup_epochs * steps
-    scheduler = CosineLRScheduler(optimizer, t_initial=max(1, args.epochs * steps - warmup), lr_min=min_lr,
-                                  warmup_t=warmup, warmup_lr_init=warmup_lr, warmup_prefix=True, t_in_epochs=False)
+    scheduler = build_scheduler(optimizer, args, steps, scale)
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
     mixup = None
     if args.mixup > 0 or args.cutmix > 0:
@@ -571,7 +585,8 @@ def main(argv=None):
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             if args.clip_grad:
-                scaler.unscale_(optimizer)
+                if not args.clip_scaled:  # the official code clips the scaled fp16 gradients (README)
+                    scaler.unscale_(optimizer)
                 nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
             scaler.step(optimizer)
             scaler.update()

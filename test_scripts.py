@@ -526,6 +526,31 @@ def test_deit_dummy(tmp_path):
     assert record["loss_feat"] is not None and record["projector_sv"]["min"] > 0
 
 
+def test_deit_protocol_defaults():
+    # The official code's schedule (Swin's build_scheduler: timm's CosineLRScheduler, t_initial = epochs x steps,
+    # warmup_t = warmup_epochs x steps, no warmup_prefix, stepped per iteration), written out at the start of
+    # epochs 0, 10, 20, 100 and 299 of its 300-epoch config; and its evaluation resize, Resize(256) bilinear.
+    import math
+
+    import deit_kd
+    from torchvision.transforms import InterpolationMode
+
+    args, steps, scale = deit_kd.get_args(["--dummy"]), 7, 256 / 512  # any steps per epoch; a global batch of 256
+    optimizer = torch.optim.AdamW([torch.zeros(1, requires_grad=True)], lr=5e-4 * scale)
+    scheduler = deit_kd.build_scheduler(optimizer, args, steps, scale)
+    peak, floor, start, warmup, total = 5e-4 * scale, 5e-6 * scale, 5e-7 * scale, 20 * steps, 300 * steps
+    for epoch in (0, 10, 20, 100, 299):
+        t = epoch * steps  # the training loop calls step_update(t) after the step before t
+        scheduler.step_update(t)
+        official = (start + (peak - start) * t / warmup if t < warmup
+                    else floor + 0.5 * (peak - floor) * (1 + math.cos(math.pi * t / total)))
+        assert optimizer.param_groups[0]["lr"] == pytest.approx(official, rel=1e-9, abs=0), epoch
+    resize = deit_kd.build_data(args)[1].transform.transforms[0]
+    assert (resize.size, resize.interpolation) == (256, InterpolationMode.BILINEAR)
+    bicubic = deit_kd.build_data(deit_kd.get_args(["--dummy", "--eval-interpolation", "bicubic"]))[1]
+    assert bicubic.transform.transforms[0].interpolation == InterpolationMode.BICUBIC
+
+
 def test_deit_notebook_without_teacher_bf16_scores_in_float32(deit_data, tmp_path):
     # No teacher: both heads learn the labels (both vote at evaluation); no teacher metric, no distiller.
     # Trained in bf16, scored in float32: the epoch's top-1 equals --evaluate --amp off of the checkpoint. 900
