@@ -535,7 +535,8 @@ def test_deit_protocol_defaults():
     import deit_kd
     from torchvision.transforms import InterpolationMode
 
-    args, steps, scale = deit_kd.get_args(["--dummy"]), 7, 256 / 512  # any steps per epoch; a global batch of 256
+    args = deit_kd.parse_args(["--dummy", "--workers", "0"])
+    steps, scale = 7, 256 / 512  # any steps per epoch; a global batch of 256
     optimizer = torch.optim.AdamW([torch.zeros(1, requires_grad=True)], lr=5e-4 * scale)
     scheduler = deit_kd.build_scheduler(optimizer, args, steps, scale)
     peak, floor, start, warmup, total = 5e-4 * scale, 5e-6 * scale, 5e-7 * scale, 20 * steps, 300 * steps
@@ -545,10 +546,12 @@ def test_deit_protocol_defaults():
         official = (start + (peak - start) * t / warmup if t < warmup
                     else floor + 0.5 * (peak - floor) * (1 + math.cos(math.pi * t / total)))
         assert optimizer.param_groups[0]["lr"] == pytest.approx(official, rel=1e-9, abs=0), epoch
-    resize = deit_kd.build_data(args)[1].transform.transforms[0]
+    cpu = torch.device("cpu")
+    resize = deit_kd.build_data(args, cpu, 0, 1)[1].dataset.dataset.transform.transforms[0]  # val loader: Subset
     assert (resize.size, resize.interpolation) == (256, InterpolationMode.BILINEAR)
-    bicubic = deit_kd.build_data(deit_kd.get_args(["--dummy", "--eval-interpolation", "bicubic"]))[1]
-    assert bicubic.transform.transforms[0].interpolation == InterpolationMode.BICUBIC
+    args = deit_kd.parse_args(["--dummy", "--workers", "0", "--eval-interpolation", "bicubic"])
+    bicubic = deit_kd.build_data(args, cpu, 0, 1)[1]
+    assert bicubic.dataset.dataset.transform.transforms[0].interpolation == InterpolationMode.BICUBIC
 
 
 def test_deit_notebook_without_teacher_bf16_scores_in_float32(deit_data, tmp_path):
