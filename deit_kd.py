@@ -18,12 +18,13 @@ of the patch embeddings; ``head`` reads the cls output, ``head_conv`` the conv-t
 evaluation the prediction is the average of the two. ``--stem patch`` trains timm's standard
 ``deit_*_distilled_patch16_224`` (distillation token and head) with the same losses, for comparison.
 
-Recipe (the official config): 300 epochs, AdamW (weight decay 0.05, none on biases, norms, position
-embedding and tokens), lr 5e-4 x global batch / 512, per-iteration cosine schedule with 20 warm-up epochs
-from 5e-7 to a minimum of 5e-6 (all scaled alike), gradient clipping at 15, bf16. timm augmentation:
-RandAugment rand-m9-mstd0.5-inc1, colour jitter 0.4, bicubic, random erasing 0.25, Mixup 0.8 / CutMix 1.0,
-label smoothing 0.1; evaluation resizes to 256 (bicubic) and center-crops 224. This script also fixes what
-keeps the released code from running (undefined names, the teacher wrapped in DDP, no checkpoints).
+Recipe (the official config): 300 epochs, global batch 256, AdamW (weight decay 0.05, none on biases, norms,
+position embedding and tokens), lr 5e-4 x global batch / 512, timm's per-iteration cosine over all 300 epochs
+whose first 20 are a linear warm-up from 5e-7, to a minimum of 5e-6 (all scaled alike), gradient clipping at
+15, bf16 (the official code: fp16, --amp fp16). timm augmentation: RandAugment rand-m9-mstd0.5-inc1 (timm
+drops the colour jitter under it), bicubic, random erasing 0.25, Mixup 0.8 / CutMix 1.0, label smoothing 0.1;
+evaluation in float32, resized to 256 (bilinear, as the official code) and center-cropped to 224. This script
+also fixes what keeps the released code from running (undefined names, the teacher wrapped in DDP, no checkpoints).
 
 Paper (ImageNet top-1):      DeiT-Ti   DeiT-S
     no distillation            72.2      79.9
@@ -72,27 +73,25 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
 from common import DISTANCES, NORMS, PROJECTORS, FeatureDistiller, projector_spectrum
 
-SCRIPT = Path(__file__).stem
+PROG = Path(__file__).stem
 STUDENTS = {"deit_tiny": dict(embed_dim=192, depth=12, num_heads=3),
             "deit_small": dict(embed_dim=384, depth=12, num_heads=6)}
 PUBLISHED_TOP1 = {"regnety_160.deit_in1k": 82.6}  # DeiT's teacher; a pretrained one far from this is wrong
 DUMMY_TRAIN, DUMMY_VAL, DUMMY_CLASSES = 12_800, 256, 1000
 
 
-def fail(msg):
-    """Bad input: one line on stderr, exit code 2, before anything is written."""
-    if int(os.environ.get("RANK", 0)) == 0:
-        print(f"{SCRIPT}: error: {msg}", file=sys.stderr)
-    sys.exit(2)
+def fail(msg, code=2):
+    """One line on stderr (rank 0 speaks for all), then exit: 2 for bad input, before anything is written;
+    3 for a run that cannot go on."""
+    if os.environ.get("RANK", "0") == "0":
+        print(f"{PROG}: error: {msg}", file=sys.stderr)
+    sys.exit(code)
 
 
-class Parser(argparse.ArgumentParser):
-    def error(self, message):  # argparse's own errors, as one line too
-        fail(f"{message}; see --help")
-
-
-def get_args(argv=None):
-    p = Parser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.error = lambda message: fail(f"{message}; see --help")  # argparse's own errors, as one line too
     g = p.add_argument_group("data")
     g.add_argument("--data-dir", type=Path, help="ImageFolder root holding train/<class>/*.JPEG and val/<class>/*.JPEG")
     g.add_argument("--dummy", action="store_true", help="random ImageNet-shaped images (1000 classes) instead of "
@@ -100,8 +99,11 @@ def get_args(argv=None):
     g.add_argument("--img-size", type=int, default=224, help="training and evaluation crop (a multiple of 16; "
                    "the token grid is img-size/16 squared)")
     g.add_argument("--crop-pct", type=float, default=0.875, help="evaluation: resize to img-size/crop-pct, center-crop")
+    g.add_argument("--eval-interpolation", default="bilinear", choices=["bilinear", "bicubic"], help="evaluation "
+                   "resize: bilinear as the official SRD code (torchvision's default), bicubic as DeiT's")
     g.add_argument("--aa", default="rand-m9-mstd0.5-inc1", help="timm RandAugment policy ('none' to disable)")
-    g.add_argument("--color-jitter", type=float, default=0.4, help="colour jitter strength")
+    g.add_argument("--color-jitter", type=float, default=0.4, help="colour jitter strength; timm applies it only "
+                   "with --aa none (the official config's 0.4 never acts under its RandAugment)")
     g.add_argument("--reprob", type=float, default=0.25, help="random erasing probability")
     g.add_argument("--mixup", type=float, default=0.8, help="Mixup alpha (0 disables)")
     g.add_argument("--cutmix", type=float, default=1.0, help="CutMix alpha (0 disables)")
@@ -130,16 +132,20 @@ def get_args(argv=None):
                    "correlation distance; logsum: the paper's log sum |z_s W_p - z_t|^alpha")
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int, default=300, help="training epochs")
-    g.add_argument("--batch-size", type=int, default=128, help="images per process (DeiT: 8 x 128 = 1024)")
+    g.add_argument("--batch-size", type=int, default=128, help="images per process (the official SRD code: "
+                   "256 in one process; DeiT's own: 8 x 128)")
     g.add_argument("--lr", type=float, default=5e-4, help="AdamW peak lr for a global batch of 512 (scaled linearly)")
     g.add_argument("--min-lr", type=float, default=5e-6, help="final cosine lr for a global batch of 512")
     g.add_argument("--warmup-lr", type=float, default=5e-7, help="initial warm-up lr for a global batch of 512")
     g.add_argument("--warmup-epochs", type=int, default=20, help="linear warm-up epochs")
     g.add_argument("--wd", type=float, default=0.05, help="weight decay (not on biases, norms, pos-embed, tokens)")
     g.add_argument("--clip-grad", type=float, default=15.0, help="gradient-norm clipping (0 disables)")
+    g.add_argument("--clip-scaled", action="store_true", help="clip the GradScaler-scaled gradients as the official "
+                   "code does under fp16 (a true norm of ~15/scale); default: unscale, then clip")
     g = p.add_argument_group("system")
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
-    g.add_argument("--amp", choices=["off", "bf16", "fp16"], help="autocast dtype (default: bf16 on CUDA, off on CPU)")
+    g.add_argument("--amp", choices=["off", "bf16", "fp16"], help="autocast dtype of training (default: bf16 on "
+                   "CUDA, off on CPU); every evaluation runs in float32")
     g.add_argument("--channels-last", action="store_true", help="channels-last memory format for the conv layers")
     g.add_argument("--compile", action="store_true", help="torch.compile the student and the teacher")
     g.add_argument("--sync-bn", action="store_true", help="synchronise batch norms across processes")
@@ -152,20 +158,7 @@ def get_args(argv=None):
     g.add_argument("--evaluate", action="store_true", help="evaluate the student of --resume, write eval.json, exit")
     args = p.parse_args(argv)
     args.amp = args.amp or ("bf16" if args.device.startswith("cuda") else "off")
-    args.out_dir = args.out_dir or Path("runs") / f"{SCRIPT}-{args.student}-{args.distill}"
-    if args.img_size % 16:
-        fail(f"--img-size {args.img_size} is not a multiple of 16; the stems downsample by 16")
-    if (args.mixup > 0 or args.cutmix > 0) and args.batch_size % 2:
-        fail(f"--batch-size {args.batch_size} is odd; Mixup/CutMix pair images, so pass an even batch size")
-    if args.evaluate and not args.resume:
-        fail("--evaluate needs --resume PATH, the checkpoint to evaluate")
-    for flag, path in (("--resume", args.resume), ("--teacher-ckpt", args.teacher_ckpt)):
-        if path and not path.is_file():
-            fail(f"{flag} {path}: no such file")
-    if args.sync_bn and not args.device.startswith("cuda"):
-        fail("--sync-bn needs CUDA (SyncBatchNorm has no CPU kernels); drop it on CPU")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        fail("--device cuda but no GPU is visible; pass --device cpu")
+    args.out_dir = args.out_dir or Path("runs") / f"{PROG}-{args.student}-{args.distill}"
     return args
 
 
@@ -199,28 +192,36 @@ class DummyImages(Dataset):
         return self.transform(Image.fromarray(pixels.numpy())), i % self.classes
 
 
-def build_data(args):
+def build_data(args, device, rank, world):
+    """The training loader (this rank's shard, whole batches only: every rank gives the distiller as many rows),
+    the evaluation loader (every world-th image: the whole set, each image once) and the number of classes."""
     train_tf = create_transform(args.img_size, is_training=True, color_jitter=args.color_jitter,
                                 auto_augment=None if args.aa == "none" else args.aa, interpolation="bicubic",
                                 re_prob=args.reprob, re_mode="pixel", re_count=1)
-    val_tf = create_transform(args.img_size, interpolation="bicubic", crop_pct=args.crop_pct)
-    if args.dummy:
-        size = int(args.img_size / args.crop_pct)
-        return (DummyImages(DUMMY_TRAIN, size, DUMMY_CLASSES, train_tf),
-                DummyImages(DUMMY_VAL, size, DUMMY_CLASSES, val_tf), DUMMY_CLASSES)
+    val_tf = create_transform(args.img_size, interpolation=args.eval_interpolation, crop_pct=args.crop_pct)
+    sets, classes, size = {}, DUMMY_CLASSES, int(args.img_size / args.crop_pct)
     layout = ("expected ImageFolder ImageNet: DIR/train/<class>/*.JPEG and DIR/val/<class>/*.JPEG with the same "
               "class folders (the val images sorted into folders, e.g. with the standard valprep.sh)")
-    if args.data_dir is None:
+    if args.data_dir is None and not args.dummy:
         fail(f"pass --data-dir DIR ({layout}) or --dummy")
-    sets = {}
-    for split, tf in (("train", train_tf), ("val", val_tf)):
+    for split, tf, n in (("train", train_tf, DUMMY_TRAIN), ("val", val_tf, DUMMY_VAL)):
         try:
-            sets[split] = torchvision.datasets.ImageFolder(str(args.data_dir / split), transform=tf)
+            sets[split] = (DummyImages(n, size, classes, tf) if args.dummy else
+                           torchvision.datasets.ImageFolder(str(args.data_dir / split), transform=tf))
         except (FileNotFoundError, OSError) as e:
             fail(f"--data-dir {args.data_dir}: cannot read {split}/ ({str(e).splitlines()[0]}); {layout}")
-    if sets["train"].classes != sets["val"].classes:
-        fail(f"--data-dir {args.data_dir}: train/ and val/ have different class folders; {layout}")
-    return sets["train"], sets["val"], len(sets["train"].classes)
+    if not args.dummy:
+        if sets["train"].classes != sets["val"].classes:
+            fail(f"--data-dir {args.data_dir}: train/ and val/ have different class folders; {layout}")
+        classes = len(sets["train"].classes)
+    sampler = DistributedSampler(sets["train"], num_replicas=world, rank=rank, shuffle=True, seed=args.seed,
+                                 drop_last=True)
+    # generator: re-seeded every epoch, so that the workers' seeds are a function of (seed, epoch)
+    train_loader = DataLoader(sets["train"], batch_size=args.batch_size, sampler=sampler, num_workers=args.workers,
+                              pin_memory=device.type == "cuda", drop_last=True, generator=torch.Generator())
+    val_loader = DataLoader(Subset(sets["val"], range(rank, len(sets["val"]), world)), batch_size=args.batch_size,
+                            num_workers=args.workers, pin_memory=device.type == "cuda")
+    return train_loader, val_loader, classes
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -278,23 +279,27 @@ class ConvStemDeiT(VisionTransformer):
         return (y, y_conv) if self.training else (y + y_conv) / 2
 
 
-def create_student(args, num_classes):
+def build_student(args, classes):
     if args.stem == "patch":
-        student = timm.create_model(f"{args.student}_distilled_patch16_224", num_classes=num_classes,
+        student = timm.create_model(f"{args.student}_distilled_patch16_224", num_classes=classes,
                                     img_size=args.img_size, drop_path_rate=args.drop_path)
         student.set_distilled_training(True)  # training returns (cls logits, distillation-token logits)
         return student
-    return ConvStemDeiT(img_size=args.img_size, num_classes=num_classes, drop_path_rate=args.drop_path,
+    return ConvStemDeiT(img_size=args.img_size, num_classes=classes, drop_path_rate=args.drop_path,
                         **STUDENTS[args.student])
 
 
-def load_weights(model, path, what):
-    """Load ``path`` strictly into ``model`` and return the file's contents (CONVENTIONS §5): a bare state dict
-    or one under ``student``, ``model`` or ``state_dict``; ``module.``/``_orig_mod.`` prefixes stripped."""
-    try:
-        state = checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+def read_checkpoint(path):
+    try:  # checkpoints are untrusted input: tensors and plain containers only
+        return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a truncated file, a pickle of objects, not a checkpoint at all
-        fail(f"cannot read {what} checkpoint {path} ({type(e).__name__}); pass a file saved by torch.save")
+        fail(f"cannot read checkpoint {path} ({type(e).__name__}); pass a file saved by torch.save")
+
+
+def load_weights(model, checkpoint, path, what):
+    """Strict load of a bare state dict, or one under ``student``, ``model`` or ``state_dict`` (CONVENTIONS §5),
+    ``module.``/``_orig_mod.`` prefixes stripped."""
+    state = checkpoint
     for key in ("student", "model", "state_dict"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
@@ -309,77 +314,89 @@ def load_weights(model, path, what):
              f"{unexpected[:3]}, shape (file vs model) {shapes[:3]}; check --student/--stem/--teacher/--img-size "
              "and that the checkpoint has as many classes as the data")
     model.load_state_dict(state)
-    return checkpoint
 
 
-def create_teacher(args, num_classes):
+def build_teacher(args, classes):
+    """The frozen teacher in eval mode: --teacher-ckpt, timm's published weights, or random under --dummy."""
     if args.distill == "none":
         return None
     if not timm.is_model(args.teacher):
         close = difflib.get_close_matches(args.teacher, timm.list_models(pretrained=True), n=5)
         fail(f"unknown teacher {args.teacher!r}; choose a timm model (timm.list_models()), e.g. {', '.join(close)}")
     if args.teacher_ckpt or args.dummy:
-        teacher = timm.create_model(args.teacher, num_classes=num_classes)
-        if args.teacher_ckpt:
-            load_weights(teacher, args.teacher_ckpt, "teacher")
-        return teacher
-    try:
-        teacher = timm.create_model(args.teacher, pretrained=True)
-    except Exception as e:  # offline, or a name without pretrained weights
-        fail(f"no pretrained weights for teacher {args.teacher} ({type(e).__name__}: {str(e).splitlines()[0][:120]})"
-             "; pass --teacher-ckpt PATH (DeiT's regnety_160-a5fe301d.pth) or allow the download")
-    if teacher.num_classes != num_classes:
-        fail(f"teacher {args.teacher} has {teacher.num_classes} classes but the data has {num_classes}; "
+        teacher = timm.create_model(args.teacher, num_classes=classes)
+    else:
+        try:
+            teacher = timm.create_model(args.teacher, pretrained=True)
+        except Exception as e:  # offline, or a name without pretrained weights
+            fail(f"no pretrained weights for teacher {args.teacher} ({type(e).__name__}: "
+                 f"{str(e).splitlines()[0][:120]}); pass --teacher-ckpt PATH (DeiT's regnety_160-a5fe301d.pth) "
+                 "or allow the download")
+    if args.teacher_ckpt:
+        load_weights(teacher, read_checkpoint(args.teacher_ckpt), args.teacher_ckpt, "teacher")
+    if teacher.num_classes != classes:
+        fail(f"teacher {args.teacher} has {teacher.num_classes} classes but the data has {classes}; "
              "pass a --teacher-ckpt trained on these classes")
-    return teacher
+    return teacher.requires_grad_(False).eval()
 
 
-class StudentDistiller(nn.Module):
+def n_params(module):
+    return sum(p.numel() for p in module.parameters()) / 1e6 if module is not None else 0
+
+
+class StudentWithDistiller(nn.Module):
     """The student and the feature distiller in one module, so that DDP keeps the projector identical on
-    every rank. Returns the cls-head logits, the second head's logits and the unweighted feature loss."""
+    every rank. Returns the logits (in training the pair: cls head, second head) and the unweighted feature
+    loss (None without a distiller)."""
 
     def __init__(self, student, distiller):
         super().__init__()
         self.student, self.distiller = student, distiller
 
-    def forward(self, images, z_t=None):
-        tokens = self.student.forward_features(images)
-        y_cls, y_aux = self.student.forward_head(tokens)
+    def forward(self, x, z_t=None):
+        tokens = self.student.forward_features(x)
+        logits = self.student.forward_head(tokens)
         if self.distiller is None:
-            return y_cls, y_aux, None
+            return logits, None
         z_s = tokens[:, self.student.num_prefix_tokens:].mean(1)  # mean of the patch-token outputs
-        return y_cls, y_aux, self.distiller(z_s, z_t)
+        return logits, self.distiller(z_s, z_t)
 
 
-def kd_loss(y_s, y_t, T):
+def kd_loss(logits_s, logits_t, T):
     """Hinton's KD term ``KL(p_t || p_s) * T^2`` (batch mean, float32); ``T^2`` keeps the gradient scale
     independent of the temperature."""
-    return F.kl_div(F.log_softmax(y_s.float() / T, 1), F.log_softmax(y_t.float() / T, 1), reduction="batchmean",
-                    log_target=True) * T * T
+    return F.kl_div(F.log_softmax(logits_s.float() / T, 1), F.log_softmax(logits_t.float() / T, 1),
+                    reduction="batchmean", log_target=True) * T * T
 
 
 # ---------------------------------------------------------------------------------------------------
 # Evaluation: exact top-1/top-5 over the whole validation set, shards all-reduced
 # ---------------------------------------------------------------------------------------------------
 @torch.no_grad()
-def evaluate(model, loader, device, autocast, channels_last):
+def evaluate(model, loader, device, memory_format):
+    """Top-1/top-5 in float32 whatever --amp trains in (no autocast): a score must not depend on the speed flags."""
     was_training = model.training
     model.eval()
     counts = torch.zeros(3, device=device, dtype=torch.float64)  # top-1 hits, top-5 hits, images
-    for images, labels in loader:
-        images = images.to(device, non_blocking=True,
-                           memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-        labels = labels.to(device, non_blocking=True)
-        with autocast:
-            logits = model(images)
-        top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
-        hits = top5 == labels[:, None]
-        counts += torch.stack([hits[:, 0].sum(), hits.any(1).sum(), torch.tensor(len(labels), device=device)])
+    for x, y in loader:
+        x, y = x.to(device, non_blocking=True, memory_format=memory_format), y.to(device, non_blocking=True)
+        logits = model(x)
+        hits = logits.topk(min(5, logits.shape[1]), dim=1).indices == y[:, None]
+        counts += torch.stack([hits[:, 0].sum(), hits.any(1).sum(), torch.tensor(len(y), device=device)])
     if dist.is_initialized():
         dist.all_reduce(counts)
     model.train(was_training)
     return {"top1": 100 * counts[0].item() / counts[2].item(), "top5": 100 * counts[1].item() / counts[2].item(),
             "images": int(counts[2].item())}
+
+
+def build_scheduler(optimizer, args, steps, scale):
+    """The official code's schedule, stepped per iteration: one cosine over all epochs x steps whose first
+    warmup_epochs x steps are replaced by a linear warm-up (no warmup_prefix: the cosine does not start at the
+    end of the warm-up), every lr scaled by global batch / 512; the optimizer holds the scaled peak lr."""
+    return CosineLRScheduler(optimizer, t_initial=args.epochs * steps, lr_min=args.min_lr * scale,
+                             warmup_t=args.warmup_epochs * steps, warmup_lr_init=args.warmup_lr * scale,
+                             t_in_epochs=False)
 
 
 def save_atomic(obj, path):
@@ -388,192 +405,194 @@ def save_atomic(obj, path):
     os.replace(tmp, path)
 
 
-def peak_mem_mb(device):
+def peak_memory_mb(device):
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def main(argv=None):
-    args = get_args(argv)
+    args = parse_args(argv)
     wall0 = time.time()
-    # ---- set-up: one code path for one process and for torchrun ----------------------------------
-    rank, local_rank, world = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("LOCAL_RANK", 0),
-                                                                     ("WORLD_SIZE", 1)))
+
+    # ---- set-up: one code path for one process and for torchrun (which sets RANK) --------------------------
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     distributed, is_main = "RANK" in os.environ, rank == 0
     device = torch.device(args.device)
     if device.type == "cuda":
-        device = torch.device("cuda", local_rank)
+        if not torch.cuda.is_available():
+            fail("--device cuda but no GPU is visible; pass --device cpu")
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    if distributed:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     amp_dtype = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.amp]
     autocast = torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
     torch.manual_seed(args.seed + rank)
     global_batch = args.batch_size * world
     scale = global_batch / 512  # DeiT's linear scaling rule, applied to every lr of the schedule
-    lr, min_lr, warmup_lr = args.lr * scale, args.min_lr * scale, args.warmup_lr * scale
-    channels = torch.channels_last if args.channels_last else torch.contiguous_format
+    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+    out_dir = args.out_dir
 
-    # ---- data, models and checkpoints: all validated before anything is written -----------------
-    train_set, val_set, num_classes = build_data(args)
-    student = create_student(args, num_classes)
-    teacher = distiller = resume = None
-    if args.evaluate:
-        load_weights(student, args.resume, "student")
-    else:
-        teacher = create_teacher(args, num_classes)
-        if args.distill == "srd":
-            distiller = FeatureDistiller(student.embed_dim, teacher.num_features, args.projector, args.norm,
-                                         args.distance, args.alpha)
-        if args.resume:
-            resume = load_weights(student, args.resume, "resumed")
-            if not all(k in resume for k in ("optimizer", "scheduler", "scaler", "epoch", "distiller")):
-                fail(f"--resume {args.resume} holds weights but no training state; pass a last.pt written by {SCRIPT}")
-            if (resume["distiller"] is None) != (distiller is None):
-                fail(f"--resume {args.resume} was trained with another --distill; resume with the same flags")
-            if distiller is not None:
-                distiller.load_state_dict(resume["distiller"])
-        elif (args.out_dir / "args.json").exists() or (args.out_dir / "last.pt").exists():
-            fail(f"--out-dir {args.out_dir} already holds a run; pass --resume {args.out_dir}/last.pt to continue "
-                 "it, or choose another --out-dir")
-    # Each rank trains on its shard and evaluates every world-th image: the whole set, each image once.
-    sampler = DistributedSampler(train_set, num_replicas=world, rank=rank, shuffle=True, seed=args.seed,
-                                 drop_last=True)
-    loader_rng = torch.Generator()  # re-seeded every epoch: worker seeds are a function of (seed, epoch)
-    train_loader = DataLoader(train_set, batch_size=args.batch_size, sampler=sampler, num_workers=args.workers,
-                              pin_memory=device.type == "cuda", drop_last=True, generator=loader_rng)
-    val_loader = DataLoader(Subset(val_set, range(rank, len(val_set), world)), batch_size=args.batch_size,
-                            num_workers=args.workers, pin_memory=device.type == "cuda")
+    # ---- bad input -----------------------------------------------------------------------------------------
+    if args.img_size % 16:
+        fail(f"--img-size {args.img_size} is not a multiple of 16; the stems downsample by 16")
+    if (args.mixup > 0 or args.cutmix > 0) and args.batch_size % 2:
+        fail(f"--batch-size {args.batch_size} is odd; Mixup/CutMix pair images, so pass an even batch size")
+    if args.evaluate and not args.resume:
+        fail("--evaluate needs --resume PATH, the checkpoint to evaluate")
+    for flag, path in (("--resume", args.resume), ("--teacher-ckpt", args.teacher_ckpt)):
+        if path and not path.is_file():
+            fail(f"{flag} {path}: no such file")
+    if args.sync_bn and device.type != "cuda":
+        fail("--sync-bn needs CUDA (SyncBatchNorm has no CPU kernels); drop it on CPU")
+    if not args.resume and ((out_dir / "args.json").exists() or (out_dir / "last.pt").exists()):
+        fail(f"--out-dir {out_dir} already holds a run; pass --resume {out_dir}/last.pt to continue it, or "
+             "choose another --out-dir")
+
+    # ---- data ----------------------------------------------------------------------------------------------
+    train_loader, val_loader, classes = build_data(args, device, rank, world)
     steps = min(len(train_loader), args.max_steps or len(train_loader))
     if steps == 0 and not args.evaluate:
-        fail(f"{len(train_set)} training images are fewer than one global batch of {global_batch}; lower --batch-size")
-    if distributed:  # every rank has validated its input by the time this rendezvous completes
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        fail(f"{len(train_loader.dataset)} training images are fewer than one global batch of {global_batch}; "
+             "lower --batch-size")
+
+    # ---- models: student (with --resume's weights), teacher, distiller; --evaluate ends here ---------------
+    student = build_student(args, classes)
+    checkpoint = read_checkpoint(args.resume) if args.resume else None
+    if checkpoint is not None:
+        load_weights(student, checkpoint, args.resume, "--resume")
+    teacher = None if args.evaluate else build_teacher(args, classes)  # --evaluate scores the student alone
+    distiller = None if teacher is None or args.distill != "srd" else FeatureDistiller(  # W_p: z_s's width to z_t's
+        student.embed_dim, teacher.num_features, args.projector, args.norm, args.distance, args.alpha)
+    model = StudentWithDistiller(student, distiller)
+    if args.sync_bn and distributed:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # the same student and distiller, their BNs synced
+    model.to(device, memory_format=memory_format)
+    if teacher is not None:
+        teacher.to(device, memory_format=memory_format)
+
+    def teach(x):  # logits_t, and z_t: the pooled feature (3024-d for RegNetY-160)
+        features = teacher.forward_features(x)
+        return teacher.forward_head(features), teacher.forward_head(features, pre_logits=True)
 
     if args.evaluate:
-        student.to(device, memory_format=channels)
-        metrics = evaluate(student, val_loader, device, autocast, args.channels_last)
+        metrics = evaluate(student, val_loader, device, memory_format)
         if is_main:
             print(f"{args.resume}: top1 {metrics['top1']:.2f} top5 {metrics['top5']:.2f} on {metrics['images']} images")
-            args.out_dir.mkdir(parents=True, exist_ok=True)
-            (args.out_dir / "eval.json").write_text(json.dumps({**metrics, "checkpoint": str(args.resume)}, indent=1))
+            out_dir.mkdir(parents=True, exist_ok=True)
+            (out_dir / "eval.json").write_text(json.dumps({**metrics, "checkpoint": str(args.resume)}, indent=1))
         if distributed:
             dist.destroy_process_group()
         return metrics
 
-    if is_main:
-        args.out_dir.mkdir(parents=True, exist_ok=True)
-        (args.out_dir / "args.json").write_text(json.dumps(vars(args), indent=1, default=str))
-        print(f"args: {json.dumps(vars(args), default=str)}")
-        print(f"world size {world} | device {device} | amp {args.amp} | global batch {global_batch} | lr {lr:.3g}, "
-              f"min {min_lr:.3g}, warm-up from {warmup_lr:.3g} over {args.warmup_epochs} epochs | {steps} steps/epoch")
-        millions = [sum(p.numel() for p in m.parameters()) / 1e6 if m is not None else 0
-                    for m in (student, distiller, teacher)]
-        print("parameters: student {:.2f}M, distiller {:.2f}M, teacher {:.2f}M".format(*millions),
-              f"({args.stem} stem; teacher {args.teacher if teacher else 'none'})")
+    # ---- optimisation --------------------------------------------------------------------------------------
+    no_decay = {f"student.{n}" for n in student.no_weight_decay()}  # position embedding, tokens
+    decay = [p for n, p in model.named_parameters() if p.ndim > 1 and n not in no_decay]
+    rest = [p for n, p in model.named_parameters() if p.ndim <= 1 or n in no_decay]  # + biases and norms
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.wd}, {"params": rest, "weight_decay": 0.0}],
+                                  lr=args.lr * scale, betas=(0.9, 0.999), eps=1e-8)
+    scheduler = build_scheduler(optimizer, args, steps, scale)
+    scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
+    mixup = (Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, label_smoothing=args.smoothing,
+                   num_classes=classes) if args.mixup > 0 or args.cutmix > 0 else None)
+    criterion = SoftTargetCrossEntropy() if mixup else LabelSmoothingCrossEntropy(args.smoothing)
+    if args.compile:
+        model, teach = torch.compile(model), torch.compile(teach)
+    if distributed:
+        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
 
-    # ---- teacher: frozen, eval mode, no_grad; its accuracy first ----------------------------------
+    # ---- resume --------------------------------------------------------------------------------------------
+    start_epoch, best, best_epoch = 0, -1.0, -1
+    if checkpoint is not None:
+        if not all(k in checkpoint for k in ("optimizer", "scheduler", "scaler", "epoch", "distiller")):
+            fail(f"--resume {args.resume} holds weights but no training state; pass a last.pt written by {PROG}")
+        if (checkpoint["distiller"] is None) != (distiller is None):
+            fail(f"--resume {args.resume} was trained with another --distill; resume with the same flags")
+        if distiller is not None:
+            distiller.load_state_dict(checkpoint["distiller"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        scheduler.load_state_dict(checkpoint["scheduler"])
+        scaler.load_state_dict(checkpoint["scaler"])
+        start_epoch, best, best_epoch = checkpoint["epoch"], checkpoint["best"], checkpoint.get("best_epoch", -1)
+
+    # ---- outputs -------------------------------------------------------------------------------------------
+    if is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "args.json").write_text(json.dumps(vars(args), indent=1, default=str))
+        print(f"args: {json.dumps(vars(args), default=str)}")
+        print(f"world size {world} | device {device} | amp {args.amp} | global batch {global_batch} | lr "
+              f"{args.lr * scale:.3g}, min {args.min_lr * scale:.3g}, warm-up from {args.warmup_lr * scale:.3g} "
+              f"over {args.warmup_epochs} epochs | {steps} steps/epoch")
+        print(f"parameters: student {n_params(student):.2f}M, distiller {n_params(distiller):.2f}M, teacher "
+              f"{n_params(teacher):.2f}M ({args.stem} stem; teacher {args.teacher if teacher else 'none'})")
+        if checkpoint is not None:
+            print(f"resumed {args.resume} after epoch {start_epoch}, best top1 {best:.2f}")
+            with open(out_dir / "metrics.jsonl", "a+") as f:  # drop records of epochs about to be redone
+                f.seek(0)
+                kept = [line for line in f if line.strip() and json.loads(line)["epoch"] <= start_epoch]
+                f.truncate(0)
+                f.writelines(kept)
+
+    # ---- the teacher's score -------------------------------------------------------------------------------
     teacher_top1 = None
     if teacher is not None:
-        teacher.requires_grad_(False).eval().to(device, memory_format=channels)
         if args.dummy and not args.teacher_ckpt and is_main:
             print(f"teacher {args.teacher} is randomly initialised (--dummy without --teacher-ckpt)")
-        metrics = evaluate(teacher, val_loader, device, autocast, args.channels_last)
+        metrics = evaluate(teacher, val_loader, device, memory_format)
         teacher_top1 = metrics["top1"]
         if is_main:
             print(f"teacher {args.teacher}: top1 {metrics['top1']:.2f} top5 {metrics['top5']:.2f} "
                   f"on {metrics['images']} images")
             published = PUBLISHED_TOP1.get(args.teacher)
-            if published and not args.dummy and num_classes == 1000 and abs(teacher_top1 - published) > 1.5:
+            if published and not args.dummy and classes == 1000 and abs(teacher_top1 - published) > 1.5:
                 print(f"warning: teacher {args.teacher} scores {teacher_top1:.2f}% top-1, far from its published "
                       f"{published}%: check --teacher-ckpt and the validation data")
 
-    def teach(images):  # z_t: the pooled feature (3024-d for RegNetY-160); y_t: the logits
-        features = teacher.forward_features(images)
-        return teacher.forward_head(features, pre_logits=True), teacher.forward_head(features)
-
-    # ---- student + distiller, optimiser, schedule -------------------------------------------------
-    model = StudentDistiller(student, distiller)
-    if args.sync_bn and distributed:
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    model.to(device, memory_format=channels)
-    student, distiller = model.student, model.distiller  # unwrapped handles, for state dicts
-    no_decay = {f"student.{n}" for n in student.no_weight_decay()}  # position embedding, tokens
-    decay = [p for n, p in model.named_parameters() if p.ndim > 1 and n not in no_decay]
-    rest = [p for n, p in model.named_parameters() if p.ndim <= 1 or n in no_decay]  # + biases and norms
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.wd}, {"params": rest, "weight_decay": 0.0}],
-                                  lr=lr, betas=(0.9, 0.999), eps=1e-8)
-    warmup = args.warmup_epochs * steps
-    scheduler = CosineLRScheduler(optimizer, t_initial=max(1, args.epochs * steps - warmup), lr_min=min_lr,
-                                  warmup_t=warmup, warmup_lr_init=warmup_lr, warmup_prefix=True, t_in_epochs=False)
-    scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
-    mixup = None
-    if args.mixup > 0 or args.cutmix > 0:
-        mixup = Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, label_smoothing=args.smoothing,
-                      num_classes=num_classes)
-    criterion = SoftTargetCrossEntropy() if mixup else LabelSmoothingCrossEntropy(args.smoothing)
-    start_epoch, best, best_epoch = 0, -1.0, -1
-    if resume is not None:
-        optimizer.load_state_dict(resume["optimizer"])
-        scheduler.load_state_dict(resume["scheduler"])
-        scaler.load_state_dict(resume["scaler"])
-        start_epoch, best, best_epoch = resume["epoch"], resume["best"], resume.get("best_epoch", -1)
-        if is_main:
-            print(f"resumed {args.resume} after epoch {start_epoch}, best top1 {best:.2f}")
-            with open(args.out_dir / "metrics.jsonl", "a+") as f:  # drop records of epochs about to be redone
-                f.seek(0)
-                kept = [line for line in f if line.strip() and json.loads(line)["epoch"] <= start_epoch]
-                f.truncate(0)
-                f.writelines(kept)
-    if args.compile:
-        model, teach = torch.compile(model), torch.compile(teach)
-    if distributed:
-        model = DDP(model, device_ids=[local_rank] if device.type == "cuda" else None)
-
-    # ---- training ------------------------------------------------------------------------------
+    # ---- training ------------------------------------------------------------------------------------------
     terms = ["ce"] + ["kd"] * (teacher is not None) + ["feat"] * (distiller is not None)
-    run_images, run_time = 0, 0.0
-    last = None
+    zero = torch.zeros((), device=device)  # an unused loss term
+    run_time, last = 0.0, None
     for epoch in range(start_epoch, args.epochs):
         # Every random draw is a function of (seed, epoch, rank): resuming continues exactly.
         epoch_seed = args.seed * 1000 + epoch
         random.seed(epoch_seed + rank)
         np.random.seed(epoch_seed + rank)  # Mixup / CutMix
         torch.manual_seed(epoch_seed + rank)  # augmentation with --workers 0, drop path
-        loader_rng.manual_seed(epoch_seed)
-        sampler.set_epoch(epoch)
+        train_loader.generator.manual_seed(epoch_seed)
+        train_loader.sampler.set_epoch(epoch)
         model.train()
-        zero = torch.zeros((), device=device)  # an unused loss term
         loss_sum = torch.zeros(4, device=device)  # ce, kd, feat and the weighted total, summed over the epoch
         logged, logged_step, t_log, data_time = torch.zeros(4, device=device), 0, time.time(), 0.0
         t_epoch = t_data = time.time()
-        for step, (images, targets) in enumerate(train_loader):
+        for step, (x, y) in enumerate(train_loader):
             if step == steps:
                 break
             data_time += time.time() - t_data
-            images = images.to(device, non_blocking=True, memory_format=channels)
-            targets = targets.to(device, non_blocking=True)
+            x, y = x.to(device, non_blocking=True, memory_format=memory_format), y.to(device, non_blocking=True)
             if mixup:
-                images, targets = mixup(images, targets)
+                x, y = mixup(x, y)
             with autocast:
-                z_t = y_t = None
+                logits_t = z_t = None
                 if teacher is not None:
                     with torch.no_grad():
-                        z_t, y_t = teach(images)
-                y_cls, y_aux, loss_feat = model(images, z_t)
+                        logits_t, z_t = teach(x)
+                (logits_s, logits_aux), loss_feat = model(x, z_t)  # the cls head; the conv-token (or dist.) head
                 if teacher is None:  # both heads learn the labels, as both vote at evaluation
-                    loss_ce, loss_kd = (criterion(y_cls, targets) + criterion(y_aux, targets)) / 2, zero
+                    loss_ce, loss_kd = (criterion(logits_s, y) + criterion(logits_aux, y)) / 2, zero
                 else:  # the labels on the cls head, the teacher on the second head
-                    loss_ce, loss_kd = criterion(y_cls, targets), kd_loss(y_aux, y_t, args.temperature)
+                    loss_ce, loss_kd = criterion(logits_s, y), kd_loss(logits_aux, logits_t, args.temperature)
                 loss_feat = zero if loss_feat is None else loss_feat
                 loss = loss_ce + args.kd_weight * loss_kd + args.feat_weight * loss_feat
-            optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             if args.clip_grad:
-                scaler.unscale_(optimizer)
+                if not args.clip_scaled:  # the official code clips the scaled fp16 gradients (README)
+                    scaler.unscale_(optimizer)
                 nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
             scaler.step(optimizer)
             scaler.update()
+            optimizer.zero_grad(set_to_none=True)
             scheduler.step_update(epoch * steps + step + 1)
             loss_sum += torch.stack([loss_ce, loss_kd, loss_feat, loss]).detach().float()
 
@@ -585,15 +604,10 @@ def main(argv=None):
                 mean = ((total - logged) / (step + 1 - logged_step)).tolist()
                 values = " ".join(f"{name} {v:.3f}" for name, v in zip(("ce", "kd", "feat"), mean) if name in terms)
                 if not math.isfinite(sum(mean)):
-                    if is_main:
-                        print(f"{SCRIPT}: non-finite loss at epoch {epoch + 1} step {step + 1}: {values} total "
-                              f"{mean[3]:.3f}; lower --lr or try --amp off; last.pt holds epoch {epoch}",
-                              file=sys.stderr)
-                    sys.exit(3)
-                now = time.time()
-                done = (epoch - start_epoch) * steps + step + 1
-                run_elapsed = run_time + now - t_epoch
-                eta = run_elapsed / done * ((args.epochs - start_epoch) * steps - done)
+                    fail(f"non-finite loss at epoch {epoch + 1} step {step + 1}: {values} total {mean[3]:.3f}; lower "
+                         f"--lr or try --amp off; last.pt holds epoch {epoch}", 3)
+                now, done = time.time(), (epoch - start_epoch) * steps + step + 1
+                eta = (run_time + now - t_epoch) / done * ((args.epochs - start_epoch) * steps - done)
                 if is_main:
                     print(f"epoch {epoch + 1}/{args.epochs} step {step + 1}/{steps} | {values} | "
                           f"lr {optimizer.param_groups[0]['lr']:.2e} | "
@@ -603,13 +617,13 @@ def main(argv=None):
                 logged, logged_step, t_log, data_time = total, step + 1, now, 0.0
             t_data = time.time()
         epoch_s = time.time() - t_epoch
-        run_images, run_time = run_images + steps * global_batch, run_time + epoch_s
+        run_time += epoch_s
 
-        # ---- evaluation, records, checkpoints -----------------------------------------------------
+        # ---- evaluation, checkpoint, record ----------------------------------------------------------------
         if distributed:  # the conv stem's BN statistics: evaluate and save rank 0's, as DDP does
             for buffer in student.buffers():
                 dist.broadcast(buffer, 0)
-        last = evaluate(student, val_loader, device, autocast, args.channels_last)
+        last = evaluate(student, val_loader, device, memory_format)
         if last["top1"] > best:
             best, best_epoch = last["top1"], epoch + 1
         if is_main:
@@ -618,10 +632,10 @@ def main(argv=None):
                       **{f"loss_{n}": (v / steps if n in terms else None)  # the last log step closes the epoch
                          for n, v in zip(("ce", "kd", "feat"), logged.tolist())},
                       "top1": last["top1"], "top5": last["top5"], "images_per_s": steps * global_batch / epoch_s,
-                      "epoch_s": epoch_s, "peak_mem_mb": peak_mem_mb(device),
+                      "epoch_s": epoch_s, "peak_mem_mb": peak_memory_mb(device),
                       "projector_sv": None if sv is None else {"max": sv.max().item(), "min": sv.min().item(),
                                                                "mean": sv.mean().item()}}
-            with open(args.out_dir / "metrics.jsonl", "a") as f:
+            with open(out_dir / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
             print(f"epoch {epoch + 1}/{args.epochs} | top1 {last['top1']:.2f} top5 {last['top5']:.2f} | best "
                   f"{best:.2f} (epoch {best_epoch}) | {epoch_s:.0f} s | peak mem {record['peak_mem_mb']:.0f} MB",
@@ -631,18 +645,19 @@ def main(argv=None):
                           "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch + 1,
                           "best": best, "best_epoch": best_epoch,
                           "args": json.loads(json.dumps(vars(args), default=str))}  # plain types: weights_only loads
-            save_atomic(checkpoint, args.out_dir / "last.pt")
+            save_atomic(checkpoint, out_dir / "last.pt")
             if best_epoch == epoch + 1:
-                save_atomic(checkpoint, args.out_dir / "best.pt")
+                save_atomic(checkpoint, out_dir / "best.pt")
 
+    # ---- summary -------------------------------------------------------------------------------------------
     if is_main:
         summary = {"metric": "top1", "best": best, "best_epoch": best_epoch, "last": last and last["top1"],
                    "last_top5": last and last["top5"], "teacher": teacher_top1, "wall_s": time.time() - wall0,
-                   "images_per_s": run_images / run_time if run_time else None, "peak_mem_mb": peak_mem_mb(device),
-                   "world_size": world, "versions": {"python": platform.python_version(), "torch": torch.__version__,
-                                                     "torchvision": torchvision.__version__, "timm": timm.__version__,
-                                                     "cuda": torch.version.cuda}}
-        (args.out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+                   "images_per_s": (args.epochs - start_epoch) * steps * global_batch / run_time if run_time else None,
+                   "peak_mem_mb": peak_memory_mb(device), "world_size": world, "versions": {
+                       "python": platform.python_version(), "cuda": torch.version.cuda,
+                       **{m.__name__: m.__version__ for m in (torch, torchvision, timm)}}}
+        (out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
         print(f"done: best top1 {best:.2f} (epoch {best_epoch}), last {summary['last']}, teacher {teacher_top1}")
     if distributed:
         dist.destroy_process_group()
