@@ -556,9 +556,9 @@ def main(argv=None):
     if args.distill == "srd" and not args.evaluate:
         teacher, teacher_source = build_teacher(args)
         levels, shapes = match_levels(student, teacher)
-        distillers = nn.ModuleDict({
+        distillers = nn.ModuleDict({  # per-rank statistics: the FPN maps of a global batch are too large to gather
             ks: FeatureDistiller(shapes[0][ks][0], shapes[1][kt][0], args.projector, args.norm, args.distance,
-                                 args.alpha) for ks, kt in levels.items()})
+                                 args.alpha, global_batch=False) for ks, kt in levels.items()})
     checkpoint = load_weights(student, args.resume, "student") if args.resume else None
     if checkpoint is not None and not args.evaluate:
         if "optimizer" not in checkpoint:
