@@ -127,7 +127,8 @@ def parse_args(argv=None):
     g.add_argument("--warmup-iters", type=int, default=1000, help="linear warm-up iterations, from lr/1000")
     g = p.add_argument_group("system")
     g.add_argument("--amp", choices=("off", "bf16", "fp16"),
-                   help="autocast of the backbones (default: bf16 on CUDA, off on CPU); the heads stay float32")
+                   help="autocast of the training backbones (default: bf16 on CUDA, off on CPU); the heads and every "
+                        "evaluation stay float32")
     g.add_argument("--channels-last", action="store_true", help="channels-last memory format for the backbones")
     g.add_argument("--compile", action="store_true",
                    help="torch.compile the backbones (the heads have data-dependent shapes)")
@@ -388,11 +389,12 @@ def transform(model, images, targets=None, channels_last=False):
 
 
 @torch.no_grad()
-def detect(model, images, amp_dtype, channels_last):
-    """Inference, GeneralizedRCNN.forward written out: boxes in the original images' pixels."""
+def detect(model, images, channels_last):
+    """Inference, GeneralizedRCNN.forward written out: boxes in the original images' pixels. In float32
+    whatever --amp trains in, so that a score never depends on --amp."""
     sizes = [tuple(image.shape[-2:]) for image in images]
     batch, _ = transform(model, images, channels_last=channels_last)
-    features = fpn_features(model.backbone, batch.tensors, amp_dtype)
+    features = fpn_features(model.backbone, batch.tensors, None)
     proposals, _ = model.rpn(batch, features)
     detections, _ = model.roi_heads(features, proposals, batch.image_sizes)
     return model.transform.postprocess(detections, batch.image_sizes, sizes)
@@ -430,7 +432,7 @@ class DistilledDetector(nn.Module):
 
 
 @torch.no_grad()
-def evaluate(model, dataset, batches, args, device, amp_dtype, world):
+def evaluate(model, dataset, batches, args, device, world):
     """COCO bbox AP of ``model`` on this rank's ``batches``; detections of all ranks are gathered, so
     every val image is counted exactly once. Returns the metrics and the number of images."""
     mode = model.training
@@ -438,7 +440,7 @@ def evaluate(model, dataset, batches, args, device, amp_dtype, world):
     detections, image_ids = [], []
     for images, targets in loader(dataset, batches, args, device):
         images = [image.to(device, non_blocking=True).float().div_(255) for image in images]
-        for target, det in zip(targets, detect(model, images, amp_dtype, args.channels_last)):
+        for target, det in zip(targets, detect(model, images, args.channels_last)):
             boxes = det["boxes"].cpu()
             boxes[:, 2:] -= boxes[:, :2]  # xyxy -> xywh
             image_ids.append(target["image_id"])
@@ -577,7 +579,7 @@ def main(argv=None):
     distillers.to(device)
 
     if args.evaluate:
-        metrics, n = evaluate(student, val_set, val_batches, args, device, amp_dtype, world)
+        metrics, n = evaluate(student, val_set, val_batches, args, device, world)
         if is_main:
             print(f"{args.resume} (epoch {checkpoint.get('epoch')}): {fmt(metrics)} on {n} val images")
             os.makedirs(args.out_dir, exist_ok=True)
@@ -631,7 +633,7 @@ def main(argv=None):
     if teacher is not None:  # a wrong checkpoint or pre-processing shows here, before any training
         n_check = args.teacher_eval_images or len(val_set)
         check_batches = [[b for b in batch if b[0] < n_check] for batch in val_batches]
-        teacher_metrics, n = evaluate(teacher, val_set, [b for b in check_batches if b], args, device, amp_dtype, world)
+        teacher_metrics, n = evaluate(teacher, val_set, [b for b in check_batches if b], args, device, world)
         published = COCO_TEACHERS.get(args.teacher) if teacher_source.startswith("torchvision") else None
         if is_main:
             print(f"teacher val: {fmt(teacher_metrics)} on {n} images")
@@ -696,7 +698,7 @@ def main(argv=None):
         epoch_ips.append(epoch_images / epoch_s)
 
         # ---- evaluation, checkpoint, records
-        metrics, n_val = evaluate(student, val_set, val_batches, args, device, amp_dtype, world)
+        metrics, n_val = evaluate(student, val_set, val_batches, args, device, world)
         last = metrics["AP"]
         if best is None or last > best:
             best, best_epoch = last, epoch + 1
