@@ -13,9 +13,11 @@ quoted in the README (ResNet-101 -> ResNet-18, detectron2: 33.26 -> 36.75 AP).
 
 Teacher and student see the same batch: the student's ``GeneralizedRCNNTransform`` runs once and its
 ``ImageList`` feeds both backbones; the detector's forward (transform -> backbone -> RPN -> RoI heads)
-is written out below. The recipe is torchvision's 1x schedule: 12 epochs, SGD with momentum 0.9, lr
-0.02 per 16 images, weight decay 1e-4, 1,000 warm-up iterations, x0.1 at epochs 8 and 11, 2 images
-per GPU, shorter side 800 (longer side at most 1333), horizontal flips. Evaluation: COCOeval (bbox).
+is written out below. The recipe is the 1x schedule (as the ReviewKD rows, detectron2's): 12 epochs,
+x0.1 at epochs 8 and 11, SGD with momentum 0.9, lr 0.02 per 16 images, weight decay 1e-4, 2 images
+per GPU, shorter side 800 (longer side at most 1333), horizontal flips; the rest as torchvision's
+detection reference: IMAGENET1K_V1 backbones, aspect-ratio bins (factor 3), warm-up over min(1000,
+steps per epoch - 1) iterations, and COCOeval (bbox) in float32, one image per batch.
 
     torchrun --nproc_per_node=8 coco_kd.py --data-dir data/coco               # 8 GPUs, 16 images/step
     python coco_kd.py --data-dir data/coco --batch-size 16                    # 1 GPU, the same recipe
@@ -24,10 +26,11 @@ per GPU, shorter side 800 (longer side at most 1333), horizontal flips. Evaluati
 
 Data: <data-dir>/annotations/instances_{train,val}2017.json and <data-dir>/{train,val}2017/*.jpg
 (cocodataset.org). Students: resnet18/34/50 (ResNet FPN: levels '0'-'3' and 'pool' at strides 4-64,
-all five distilled) and mobilenet_v3_large (torchvision's MobileNetV3 FPN: '0', '1', 'pool' at strides
-16, 32, 64, distilled against the teacher's '2', '3', 'pool'). A run prints the teacher's val AP, then
-one line per --log-every steps (the four detection losses, feat, lr, img/s, ETA) and the COCO AP of
-every epoch; it writes args.json, metrics.jsonl, last.pt, best.pt and summary.json into --out-dir.
+all five distilled) and mobilenet_v3_large (torchvision's MobileNetV3 FPN: '0' and '1' both at stride
+32, 'pool' at 64; each teacher level is distilled once: '1' against the teacher's '3', 'pool' against
+'pool'). A run prints the teacher's val AP, then one line per --log-every steps (the four detection
+losses, feat, lr, img/s, ETA) and the COCO AP of every epoch; it writes args.json, metrics.jsonl,
+last.pt, best.pt and summary.json (headline: the last epoch's AP, as detection papers report) into --out-dir.
 """
 import argparse
 import contextlib
@@ -94,7 +97,8 @@ def parse_args(argv=None):
     g.add_argument("--student", default="resnet18",
                    help=f"student backbone of a Faster R-CNN + FPN: {', '.join(STUDENTS)}")
     g.add_argument("--no-pretrained-backbone", action="store_true",
-                   help="random student backbone instead of torchvision's ImageNet weights (implied by --dummy)")
+                   help="random student backbone instead of torchvision's ImageNet weights (IMAGENET1K_V1, as its "
+                        "detection builders; implied by --dummy)")
     g.add_argument("--teacher", default="fasterrcnn_resnet50_fpn_v2",
                    help=f"teacher: {', '.join(COCO_TEACHERS)} (torchvision's COCO weights), or a student layout "
                         f"({', '.join(STUDENTS)}) with --teacher-ckpt")
@@ -124,7 +128,8 @@ def parse_args(argv=None):
     g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
     g.add_argument("--wd", type=float, default=1e-4, help="weight decay")
     g.add_argument("--lr-steps", type=int, nargs="+", default=[8, 11], help="multiply the lr by 0.1 at these epochs")
-    g.add_argument("--warmup-iters", type=int, default=1000, help="linear warm-up iterations, from lr/1000")
+    g.add_argument("--warmup-iters", type=int, default=1000,
+                   help="linear warm-up iterations from lr/1000, at most one epoch's steps minus one (as torchvision)")
     g = p.add_argument_group("system")
     g.add_argument("--amp", choices=("off", "bf16", "fp16"),
                    help="autocast of the training backbones (default: bf16 on CUDA, off on CPU); the heads and every "
@@ -167,7 +172,7 @@ class CocoBoxes(CocoDetection):
             super().__init__(root, ann_file)
         if train:
             self.ids = [i for i in self.ids if len(self.target(i)["boxes"])]
-        self.wide = [self.coco.imgs[i]["width"] >= self.coco.imgs[i]["height"] for i in self.ids]
+        self.aspect = [self.coco.imgs[i]["height"] / self.coco.imgs[i]["width"] for i in self.ids]
 
     def target(self, image_id):
         info = self.coco.imgs[image_id]
@@ -194,7 +199,7 @@ class DummyBoxes(torch.utils.data.Dataset):
     def __init__(self, n, size, offset):
         self.ids = list(range(offset, offset + n))
         self.shapes = [(size, size * 4 // 3) if i % 2 else (size * 4 // 3, size) for i in self.ids]
-        self.wide = [w >= h for h, w in self.shapes]
+        self.aspect = [h / w for h, w in self.shapes]
         self.targets = [self.make_target(i) for i in range(n)]
         boxes = [(t["image_id"], int(c), x0, y0, x1 - x0, y1 - y0)
                  for t in self.targets for (x0, y0, x1, y1), c in zip(t["boxes"].tolist(), t["labels"])]
@@ -262,15 +267,18 @@ def coco_split(data_dir, split, train):
     return ds
 
 
-def train_batches(wide, batch_size, seed, epoch, rank, world):
-    """This rank's batches for one epoch, grouped by aspect ratio: each batch holds only landscape or
-    only portrait images, so padding them to one size wastes little. Order and flips are functions of
-    (seed, epoch), so a resumed run sees the same batches; every rank gets the same number of batches."""
+def train_batches(aspect, batch_size, seed, epoch, rank, world):
+    """This rank's batches for one epoch, grouped by aspect ratio (height / width) in the bins of
+    torchvision's reference (``create_aspect_ratio_groups``, factor 3: edges 2 ** linspace(-1, 1, 7)), so
+    that padding a batch to one size wastes little. Order and flips are functions of (seed, epoch), so a
+    resumed run sees the same batches; every rank gets the same number of batches."""
     g = torch.Generator().manual_seed(seed * 1000 + epoch)
-    order, flips = torch.randperm(len(wide), generator=g).tolist(), (torch.rand(len(wide), generator=g) < 0.5).tolist()
-    batches = []
-    for orientation in (True, False):
-        group = [(i, flips[i]) for i in order if wide[i] == orientation]
+    order = torch.randperm(len(aspect), generator=g).tolist()
+    flips = (torch.rand(len(aspect), generator=g) < 0.5).tolist()
+    edges = 2 ** torch.linspace(-1, 1, 7, dtype=torch.float64)  # bisect_right into these, as the reference
+    bins, batches = torch.bucketize(torch.tensor(aspect, dtype=torch.float64), edges, right=True).tolist(), []
+    for b in sorted(set(bins)):
+        group = [(i, flips[i]) for i in order if bins[i] == b]
         batches += [group[j:j + batch_size] for j in range(0, len(group), batch_size)]
     batches = [batches[j] for j in torch.randperm(len(batches), generator=g).tolist()]
     per_rank = len(batches) // world  # the few batches left over differ every epoch
@@ -302,7 +310,7 @@ def coco_metrics(coco_gt, detections, image_ids):
 def faster_rcnn(name, pretrained_backbone, args):
     """A Faster R-CNN + FPN on a student backbone. As in torchvision's builders, a pretrained backbone
     keeps its BN frozen and its stem and first stage fixed; a random one trains everything."""
-    weights = "DEFAULT" if pretrained_backbone else None
+    weights = "IMAGENET1K_V1" if pretrained_backbone else None  # as torchvision's detection builders (not V2)
     if name == "mobilenet_v3_large":
         return detection.fasterrcnn_mobilenet_v3_large_fpn(weights=None, weights_backbone=weights,
                                                            **detector_kwargs(args))
@@ -402,14 +410,16 @@ def detect(model, images, channels_last):
 
 @torch.no_grad()
 def match_levels(student, teacher):
-    """Pair each student FPN level with the teacher level of the same stride: {student: teacher}.
-    ResNet FPNs have '0'-'3' and 'pool' at strides 4-64; the MobileNetV3 FPN '0', '1', 'pool' at 16-64."""
+    """Pair FPN levels by stride, each teacher level once: {student: teacher}, and the levels' shapes.
+    ResNet FPNs have '0'-'3' and 'pool' at strides 4-64; torchvision's MobileNetV3 FPN has '0' and '1'
+    both at stride 32 and 'pool' at 64: its deeper '1' meets the teacher's '3' (the top of both pyramids)."""
     x, shapes = torch.zeros(1, 3, 256, 256), []
     for model in (student, teacher):
         mode = model.training
         shapes.append({k: tuple(v.shape[1:]) for k, v in model.eval().backbone(x).items()})
         model.train(mode)
-    return {ks: kt for ks, s in shapes[0].items() for kt, t in shapes[1].items() if s[1:] == t[1:]}, shapes
+    by_size = {s[1:]: ks for ks, s in shapes[0].items()}  # map size (stride) -> the student's last level of that size
+    return {by_size[t[1:]]: kt for kt, t in shapes[1].items() if t[1:] in by_size}, shapes
 
 
 class DistilledDetector(nn.Module):
@@ -539,14 +549,13 @@ def main(argv=None):
     else:
         train_set = coco_split(args.data_dir, "train2017", train=True)
         val_set = coco_split(args.data_dir, "val2017", train=False)
-    steps = len(train_batches(train_set.wide, args.batch_size, args.seed, 0, rank, world))
+    steps = len(train_batches(train_set.aspect, args.batch_size, args.seed, 0, rank, world))
     steps = min(steps, args.max_steps) if args.max_steps else steps
     if steps == 0:
         fail(f"{len(train_set)} training images make no batch for each of {world} processes; "
              "use a smaller --batch-size")
-    val_ids = list(range(rank, len(val_set), world))
-    val_batches = [[(i, False) for i in val_ids[j:j + args.batch_size]]
-                   for j in range(0, len(val_ids), args.batch_size)]
+    # one val image per batch, as torchvision's reference: padding to a batch's size never moves a prediction
+    val_batches = [[(i, False)] for i in range(rank, len(val_set), world)]
 
     # ---- student, frozen teacher, and one FeatureDistiller per FPN level the two share
     try:
@@ -600,8 +609,10 @@ def main(argv=None):
     params = [p for p in wrapper.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=lr, momentum=args.momentum, weight_decay=args.wd)
 
+    warmup_iters = min(args.warmup_iters, steps - 1)  # at most one epoch minus one step, as torchvision's engine.py
+
     def lr_factor(it):  # it: optimizer steps taken so far
-        warmup = min(1.0, 0.001 + 0.999 * it / args.warmup_iters) if args.warmup_iters else 1.0
+        warmup = min(1.0, 0.001 + 0.999 * it / warmup_iters) if warmup_iters else 1.0
         return warmup * 0.1 ** sum(it // steps >= m for m in args.lr_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
     scaler = torch.amp.GradScaler("cuda", enabled=args.amp == "fp16")
@@ -632,8 +643,8 @@ def main(argv=None):
     teacher_metrics = None
     if teacher is not None:  # a wrong checkpoint or pre-processing shows here, before any training
         n_check = args.teacher_eval_images or len(val_set)
-        check_batches = [[b for b in batch if b[0] < n_check] for batch in val_batches]
-        teacher_metrics, n = evaluate(teacher, val_set, [b for b in check_batches if b], args, device, world)
+        check_batches = [batch for batch in val_batches if batch[0][0] < n_check]
+        teacher_metrics, n = evaluate(teacher, val_set, check_batches, args, device, world)
         published = COCO_TEACHERS.get(args.teacher) if teacher_source.startswith("torchvision") else None
         if is_main:
             print(f"teacher val: {fmt(teacher_metrics)} on {n} images")
@@ -645,7 +656,7 @@ def main(argv=None):
     total_steps, done_steps, t_train, epoch_ips, last = (args.epochs - start_epoch) * steps, 0, 0.0, [], None
     for epoch in range(start_epoch, args.epochs):
         torch.manual_seed(args.seed * 1_000_000 + epoch * 1000 + rank)  # RPN/RoI sampling: f(seed, epoch, rank)
-        batches = train_batches(train_set.wide, args.batch_size, args.seed, epoch, rank, world)[:steps]
+        batches = train_batches(train_set.aspect, args.batch_size, args.seed, epoch, rank, world)[:steps]
         log_sums = torch.zeros(len(DET_LOSSES) + 1, device=device)  # the detection terms and feat, on device
         log_steps, log_images, data_time, epoch_sums, epoch_images = 0, 0, 0.0, [0.0] * len(log_sums), 0
         t_epoch = t_log = t_data = time.time()
@@ -724,17 +735,18 @@ def main(argv=None):
             print(f"epoch {epoch + 1}/{args.epochs} val: {fmt(metrics)} on {n_val} images | best AP {100 * best:.1f} "
                   f"(epoch {best_epoch}) | {epoch_s:.0f} s | peak {record['peak_mem_mb']:.0f} MB")
 
-    if is_main:
+    if is_main:  # the headline is the last epoch's AP, as detection papers report; the best epoch is a diagnostic
         write_json(os.path.join(args.out_dir, "summary.json"), {
-            "metric": "AP", "best": best, "best_epoch": best_epoch, "last": last,
+            "metric": "AP", "headline": "last", "last": last, "best": best, "best_epoch": best_epoch,
             "teacher": teacher_metrics["AP"] if teacher_metrics else None, "teacher_metrics": teacher_metrics,
             "wall_s": time.time() - t_start, "images_per_s": sum(epoch_ips) / len(epoch_ips) if epoch_ips else None,
             "peak_mem_mb": peak_mem_mb(device), "world_size": world, "levels": levels,
             "versions": {"python": platform.python_version(), "torch": torch.__version__,
                          "torchvision": torchvision.__version__, "timm": version("timm"), "cuda": torch.version.cuda}})
+        print(f"done: AP {last} after the last epoch (the headline); best AP {best} (epoch {best_epoch}, a diagnostic)")
     if distributed:
         dist.destroy_process_group()
-    return best
+    return last
 
 
 if __name__ == "__main__":
