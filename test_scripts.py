@@ -835,13 +835,14 @@ def coco_data(tmp_path_factory):
 
 
 def coco_srd(coco_data, out_dir, *extra):
-    return run_script(COCO_SCRIPT, "--data-dir", coco_data / "data", *COCO_SMALL, "--teacher", "resnet18",
-                      "--teacher-ckpt", coco_data / "teacher.pt", "--teacher-eval-images", "1", "--score-thresh", "0.01",
-                      "--out-dir", out_dir, *extra)
+    """srd with the tiny teacher, trained in bf16 (the default on CUDA), so that float32 evaluation is tested."""
+    return run_script(COCO_SCRIPT, "--amp", "bf16", "--data-dir", coco_data / "data", *COCO_SMALL,
+                      "--teacher", "resnet18", "--teacher-ckpt", coco_data / "teacher.pt", "--teacher-eval-images", "1",
+                      "--score-thresh", "0.01", "--out-dir", out_dir, *extra)
 
 
 def test_coco_train_evaluate_resume(coco_data, tmp_path):
-    """srd on a real COCO folder: outputs, COCOeval metrics, --evaluate, and exact resume."""
+    """srd on a real COCO folder: outputs, COCOeval metrics, exact resume, and --evaluate in float32."""
     full = check_ok(coco_srd(coco_data, tmp_path / "full", "--epochs", "2"))
     assert "4 train / 2 val images" in full.stdout  # the crowd-only image is skipped
     assert "teacher val: AP" in full.stdout and "on 1 images" in full.stdout
@@ -854,18 +855,15 @@ def test_coco_train_evaluate_resume(coco_data, tmp_path):
         assert all(0.0 <= r[k] <= 1.0 for k in ("AP", "AP50", "AP75", "APs", "APm", "APl")), r
         assert r["loss_feat"] > 0 and r["loss_det"] > 0
         assert set(r["projector_sv"]) == {"0", "1", "2", "3", "pool"} and r["projector_sv"]["0"]["max"] > 0
+    # one step per epoch: no warm-up, as torchvision's min(1000, steps - 1); the lr is 0.02 per 16 images
+    assert records[0]["lr"] == pytest.approx(0.02 * 2 / 16)
     summary = json.loads((tmp_path / "full" / "summary.json").read_text())
     assert summary["metric"] == "AP" and summary["last"] == records[-1]["AP"] and summary["world_size"] == 1
+    assert summary["headline"] == "last"  # the last epoch's AP, as detection papers report
     assert 0.0 <= summary["teacher"] <= 1.0 and summary["best"] == max(r["AP"] for r in records)
     ckpt = load_checkpoint(tmp_path / "full" / "last.pt")
     assert ckpt["epoch"] == 2 and set(ckpt["distiller"]) >= {"0.projector.weight", "pool.norm_t.running_mean"}
     assert all(not k.startswith("module.") for k in ckpt["student"])
-
-    # --evaluate reproduces the last epoch's metrics from the checkpoint alone
-    check_ok(run_script(COCO_SCRIPT, "--data-dir", coco_data / "data", *COCO_SMALL, "--score-thresh", "0.01",
-                        "--evaluate", "--resume", tmp_path / "full" / "last.pt", "--out-dir", tmp_path / "eval"))
-    evaluated = json.loads((tmp_path / "eval" / "eval.json").read_text())
-    assert {k: evaluated[k] for k in ("AP", "AP50", "APm")} == {k: records[-1][k] for k in ("AP", "AP50", "APm")}
 
     # 1 epoch + --resume to 2 == 2 epochs in one go
     check_ok(coco_srd(coco_data, tmp_path / "split", "--epochs", "1"))
@@ -875,6 +873,61 @@ def test_coco_train_evaluate_resume(coco_data, tmp_path):
         for k, v in ckpt[part].items():
             assert torch.equal(v, resumed[part][k]), (part, k)
     assert [r["epoch"] for r in read_jsonl(tmp_path / "split" / "metrics.jsonl")] == [1, 2]
+
+    # Scores never depend on --amp or --batch-size: the epoch's AP of a bf16 run (batch 2) equals --evaluate --amp off
+    # --batch-size 1 of its checkpoint (float32; one val image per batch, so padding moves nothing). The near-random
+    # student finds nothing (AP 0 in any precision), so first its classifier rows of the data's classes 1-3 become one
+    # shared row, +8: detections in those classes, with scores that depend on the (bf16, padded) features.
+    ckpt, found = load_checkpoint(tmp_path / "full" / "last.pt"), tmp_path / "found"
+    weight, bias = (ckpt["student"][f"roi_heads.box_predictor.cls_score.{k}"] for k in ("weight", "bias"))
+    weight[1:4], bias[1:4] = weight[2].clone(), bias[2] + 8
+    found.mkdir()
+    torch.save(ckpt, found / "last.pt")
+    check_ok(coco_srd(coco_data, found, "--epochs", "3", "--resume", found / "last.pt"))
+    (record,) = read_jsonl(found / "metrics.jsonl")
+    check_ok(run_script(COCO_SCRIPT, "--data-dir", coco_data / "data", *COCO_SMALL, "--score-thresh", "0.01",
+                        "--amp", "off", "--batch-size", "1", "--evaluate", "--resume", found / "last.pt",
+                        "--out-dir", tmp_path / "eval"))
+    evaluated = json.loads((tmp_path / "eval" / "eval.json").read_text())
+    metrics = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+    assert record["epoch"] == 3 and record["AP"] > 0, record
+    assert {k: evaluated[k] for k in metrics} == {k: record[k] for k in metrics}
+
+
+def test_coco_levels_paired_once_by_stride():
+    """Each teacher FPN level is distilled once, against a student level of its stride, and every stride both
+    pyramids have is distilled: torchvision's MobileNetV3 FPN has two levels ('0', '1') at stride 32 and none at 16.
+    (ResNet students pair all five levels: test_coco_train_evaluate_resume.)"""
+    from torchvision.models import detection
+    from coco_kd import match_levels
+
+    torch.manual_seed(0)
+    teacher = detection.fasterrcnn_resnet50_fpn_v2(weights=None, weights_backbone=None, num_classes=91)
+    student = detection.fasterrcnn_mobilenet_v3_large_fpn(weights=None, weights_backbone=None, num_classes=91)
+
+    @torch.no_grad()
+    def strides(model):  # measured here at another input size than match_levels uses
+        return {k: 192 // v.shape[-1] for k, v in model.eval().backbone(torch.zeros(1, 3, 192, 192)).items()}
+
+    s_strides, t_strides, (levels, _) = strides(student), strides(teacher), match_levels(student, teacher)
+    assert sorted(s_strides.values()) == [32, 32, 64] and len(t_strides) == 5
+    assert len(set(levels.values())) == len(levels), levels  # no teacher level distilled twice
+    assert all(s_strides[ks] == t_strides[kt] for ks, kt in levels.items()), levels
+    assert {s_strides[ks] for ks in levels} == set(s_strides.values()) & set(t_strides.values()), levels
+
+
+def test_coco_aspect_ratio_groups():
+    """Training batches hold images of one aspect-ratio bin of torchvision's reference (create_aspect_ratio_groups,
+    factor 3: height / width bisected into 2 ** linspace(-1, 1, 7)), not just landscape or portrait; none is lost."""
+    import bisect
+    from coco_kd import train_batches
+
+    edges = (2 ** np.linspace(-1, 1, 7)).tolist()
+    aspect = [0.4, 0.56, 0.7, 0.75, 0.9, 1.0, 1.1, 1.3, 1.5, 1.7, 2.2] * 3
+    batches = train_batches(aspect, 2, 0, 0, 0, 1)
+    assert sorted(i for batch in batches for i, _ in batch) == list(range(len(aspect)))
+    for batch in batches:
+        assert len({bisect.bisect_right(edges, aspect[i]) for i, _ in batch}) == 1, batch
 
 
 def test_coco_torchrun_dummy(tmp_path):
