@@ -467,10 +467,6 @@ def fmt(metrics):
     return " ".join(f"{k} {'-' if metrics[k] is None else f'{100 * metrics[k]:.1f}'}" for k in METRICS)
 
 
-def n_params(module):
-    return sum(p.numel() for p in module.parameters()) / 1e6 if module is not None else 0
-
-
 def save_atomic(obj, path):
     """A reader never sees a half-written checkpoint, a crash never destroys the previous one."""
     torch.save(obj, path + ".tmp")
@@ -486,6 +482,10 @@ def peak_memory_mb(device):
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def n_params(module):
+    return sum(p.numel() for p in module.parameters()) / 1e6 if module is not None else 0
 
 
 def main(argv=None):

@@ -289,6 +289,30 @@ def build_student(args, classes):
                         **STUDENTS[args.student])
 
 
+def build_teacher(args, classes):
+    """The frozen teacher in eval mode: --teacher-ckpt, timm's published weights, or random under --dummy."""
+    if args.distill == "none":
+        return None
+    if not timm.is_model(args.teacher):
+        close = difflib.get_close_matches(args.teacher, timm.list_models(pretrained=True), n=5)
+        fail(f"unknown teacher {args.teacher!r}; choose a timm model (timm.list_models()), e.g. {', '.join(close)}")
+    if args.teacher_ckpt or args.dummy:
+        teacher = timm.create_model(args.teacher, num_classes=classes)
+    else:
+        try:
+            teacher = timm.create_model(args.teacher, pretrained=True)
+        except Exception as e:  # offline, or a name without pretrained weights
+            fail(f"no pretrained weights for teacher {args.teacher} ({type(e).__name__}: "
+                 f"{str(e).splitlines()[0][:120]}); pass --teacher-ckpt PATH (DeiT's regnety_160-a5fe301d.pth) "
+                 "or allow the download")
+    if args.teacher_ckpt:
+        load_weights(teacher, read_checkpoint(args.teacher_ckpt), args.teacher_ckpt, "teacher")
+    if teacher.num_classes != classes:
+        fail(f"teacher {args.teacher} has {teacher.num_classes} classes but the data has {classes}; "
+             "pass a --teacher-ckpt trained on these classes")
+    return teacher.requires_grad_(False).eval()
+
+
 def read_checkpoint(path):
     try:  # checkpoints are untrusted input: tensors and plain containers only
         return torch.load(path, map_location="cpu", weights_only=True)
@@ -314,34 +338,6 @@ def load_weights(model, checkpoint, path, what):
              f"{unexpected[:3]}, shape (file vs model) {shapes[:3]}; check --student/--stem/--teacher/--img-size "
              "and that the checkpoint has as many classes as the data")
     model.load_state_dict(state)
-
-
-def build_teacher(args, classes):
-    """The frozen teacher in eval mode: --teacher-ckpt, timm's published weights, or random under --dummy."""
-    if args.distill == "none":
-        return None
-    if not timm.is_model(args.teacher):
-        close = difflib.get_close_matches(args.teacher, timm.list_models(pretrained=True), n=5)
-        fail(f"unknown teacher {args.teacher!r}; choose a timm model (timm.list_models()), e.g. {', '.join(close)}")
-    if args.teacher_ckpt or args.dummy:
-        teacher = timm.create_model(args.teacher, num_classes=classes)
-    else:
-        try:
-            teacher = timm.create_model(args.teacher, pretrained=True)
-        except Exception as e:  # offline, or a name without pretrained weights
-            fail(f"no pretrained weights for teacher {args.teacher} ({type(e).__name__}: "
-                 f"{str(e).splitlines()[0][:120]}); pass --teacher-ckpt PATH (DeiT's regnety_160-a5fe301d.pth) "
-                 "or allow the download")
-    if args.teacher_ckpt:
-        load_weights(teacher, read_checkpoint(args.teacher_ckpt), args.teacher_ckpt, "teacher")
-    if teacher.num_classes != classes:
-        fail(f"teacher {args.teacher} has {teacher.num_classes} classes but the data has {classes}; "
-             "pass a --teacher-ckpt trained on these classes")
-    return teacher.requires_grad_(False).eval()
-
-
-def n_params(module):
-    return sum(p.numel() for p in module.parameters()) / 1e6 if module is not None else 0
 
 
 class StudentWithDistiller(nn.Module):
@@ -409,6 +405,10 @@ def peak_memory_mb(device):
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def n_params(module):
+    return sum(p.numel() for p in module.parameters()) / 1e6 if module is not None else 0
 
 
 def main(argv=None):

@@ -287,23 +287,6 @@ def feature_dim(net, img_size):
     return dim
 
 
-def n_params(module):
-    return sum(p.numel() for p in module.parameters()) / 1e6 if module is not None else 0
-
-
-class StudentWithDistiller(nn.Module):
-    """The student and the distiller in one module: DDP averages the projector's gradients with the
-    student's, so W_p is identical on every rank."""
-
-    def __init__(self, student, distiller):
-        super().__init__()
-        self.student, self.distiller = WithFeatures(student), distiller
-
-    def forward(self, x, z_t=None):
-        logits, z_s = self.student(x)
-        return logits, (self.distiller(z_s, z_t) if self.distiller is not None else None)
-
-
 def build_student(args, classes):
     return models.get_model(args.student, num_classes=classes)
 
@@ -371,6 +354,19 @@ def load_weights(model, checkpoint, path, what):
     model.load_state_dict(state)
 
 
+class StudentWithDistiller(nn.Module):
+    """The student and the distiller in one module: DDP averages the projector's gradients with the
+    student's, so W_p is identical on every rank."""
+
+    def __init__(self, student, distiller):
+        super().__init__()
+        self.student, self.distiller = WithFeatures(student), distiller
+
+    def forward(self, x, z_t=None):
+        logits, z_s = self.student(x)
+        return logits, (self.distiller(z_s, z_t) if self.distiller is not None else None)
+
+
 def kd_loss(logits_s, logits_t, T):
     """KL(p_t || p_s) at temperature T, batch mean, times T^2 so its gradients keep their scale as T changes."""
     return F.kl_div(F.log_softmax(logits_s.float() / T, 1), F.log_softmax(logits_t.float() / T, 1),
@@ -410,6 +406,10 @@ def peak_memory_mb(device):
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def n_params(module):
+    return sum(p.numel() for p in module.parameters()) / 1e6 if module is not None else 0
 
 
 def main(argv=None):

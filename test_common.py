@@ -360,4 +360,3 @@ def test_distiller_takes_the_global_batch_under_ddp(tmp_path, distance):
     _, _, fresh = _global_batch_problem(distance)
     local = fresh(x[:8].detach(), z_t[:8]).item()
     assert abs(got["local_loss"] - local) <= 1e-5 * max(1.0, abs(local)) and abs(local - loss.item()) > 1e-3
-
