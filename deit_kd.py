@@ -593,7 +593,7 @@ def main(argv=None):
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
-            scheduler.step_update(epoch * steps + step + 1)
+            scheduler.step_update(epoch * steps + step)  # as the official loop: the next step runs at this one's t
             loss_sum += torch.stack([loss_ce, loss_kd, loss_feat, loss]).detach().float()
 
             if (step + 1) % args.log_every == 0 or step + 1 == steps:  # the only host-device syncs
