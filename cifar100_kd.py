@@ -750,8 +750,8 @@ def main(argv=None):
         teacher_top1 = evaluate(teacher, test_set, normalise)["top1"]
         # A published teacher's accuracy is its checksum: a wrong file or a wrong normalisation shows here.
         if teacher_expected is not None and not args.dummy and abs(teacher_top1 - teacher_expected) > 1:
-            fail(f"the teacher read from {teacher_origin.removeprefix('published, ')} scores {teacher_top1:.2f} on the "
-                 f"test set, not the {teacher_expected:.2f} it was published with; delete the cached tar under "
+            fail(f"the teacher ({teacher_origin}) scores {teacher_top1:.2f} on the test set, not the "
+                 f"{teacher_expected:.2f} it was published with; delete the cached tar under "
                  f"{Path(torch.hub.get_dir()) / 'checkpoints'} and run again, or pass --teacher-ckpt")
     distiller = None
     if args.distill == "srd":  # W_p maps z_s (student width) to the teacher's width; widths come from the models
