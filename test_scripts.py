@@ -166,7 +166,8 @@ def test_cifar100_teacher_then_srd_then_resume(tmp_path):
                         "--out-dir", teacher_dir))
     teacher_top1 = read_jsonl(teacher_dir / "metrics.jsonl")[0]["top1"]
 
-    srd = [*common, "--teacher", "resnet8", "--teacher-ckpt", teacher_dir / "best.pt", "--student", "wrn_16_1"]
+    srd = [*common, "--teacher", "resnet8", "--teacher-ckpt", teacher_dir / "best.pt", "--student", "wrn_16_1",
+           "--projector", "linear", "--kd-weight", 1]  # the official code's recipe: a linear W_p has a spectrum
     check_ok(run_script(CIFAR100, *srd, "--epochs", 1, "--out-dir", split_dir))
     out = check_ok(run_script(CIFAR100, *srd, "--epochs", 2, "--resume", split_dir / "last.pt")).stdout
     assert "epoch 2/2" in out and "epoch 1/2" not in out  # it continued, it did not start again
@@ -179,7 +180,7 @@ def test_cifar100_teacher_then_srd_then_resume(tmp_path):
         for r in records:
             assert {"lr", "loss_ce", "loss_kd", "loss_feat", "top1", "top5", "images_per_s", "epoch_s",
                     "peak_mem_mb"} <= r.keys()
-            assert r["projector_sv"]["max"] >= r["projector_sv"]["min"] > 0
+            assert r["projector_sv"]["max"] >= r["projector_sv"]["min"] > 0 and r["loss_kd"] > 0
         summary = json.loads((run / "summary.json").read_text())
         assert summary["metric"] == "top1" and summary["last"] == records[-1]["top1"]
         assert summary["best"] == max(r["top1"] for r in records)
@@ -201,6 +202,7 @@ def test_cifar100_dummy_kd_bf16_channels_last(tmp_path):
                         "--out-dir", out))
     (record,) = read_jsonl(out / "metrics.jsonl")
     assert record["loss_kd"] is not None and record["loss_feat"] is None and "projector_sv" not in record
+    assert json.loads((out / "args.json").read_text())["kd_weight"] == 1.0  # --distill kd is CE + KL by default
     check_ok(run_script(CIFAR100, "--dummy", "--student", "wrn_16_1", "--channels-last", "--amp", "off", "--evaluate",
                         "--resume", out / "last.pt"))
     scored = json.loads((out / "eval.json").read_text())
@@ -214,9 +216,26 @@ def test_cifar100_protocol_defaults():
     assert (args.student, args.teacher, args.distill, args.epochs, args.batch_size, args.lr, args.wd) == \
         ("resnet8x4", "resnet32x4", "srd", 240, 64, 0.05, 5e-4)
     assert (args.feat_weight, args.kd_weight, args.temperature, args.alpha, args.norm, args.projector) == \
-        (2.0, 1.0, 1.0, 4.0, "bn", "linear")
+        (2.0, 0.0, 1.0, 4.0, "bn", "mlp")
+    assert args.projector_hidden == 1024 and parse_args(["--distill", "kd"]).kd_weight == 1.0
     assert (args.lr_decay_epochs, args.lr_decay_rate, args.momentum) == ([150, 180, 210], 0.1, 0.9)
     assert parse_args(["--student", "ShuffleV2"]).lr == parse_args(["--student", "MobileNetV2"]).lr == 0.01
+
+
+def test_cifar100_default_distiller_is_the_papers(tmp_path):
+    """The paper's CIFAR-100 distiller by default: an MLP projector with 1024 hidden units (Linear-BN-ReLU-Linear, read
+    from the distiller that last.pt holds) and no KL term (no kd in the log lines or the record; weight 0 in args.json)."""
+    out = tmp_path / "run"
+    result = check_ok(run_script(CIFAR100, "--dummy", "--teacher", "resnet8", "--student", "wrn_16_2", "--epochs", 1,
+                                 "--max-steps", 2, "--batch-size", 8, "--log-every", 1, "--out-dir", out))
+    shapes = {k: tuple(v.shape) for k, v in load_checkpoint(out / "last.pt")["distiller"].items()}
+    assert shapes["projector.0.weight"] == (1024, 128) and shapes["projector.3.weight"] == (64, 1024)  # wrn_16_2 -> resnet8
+    assert shapes["projector.1.running_mean"] == (1024,) and sum(k.endswith(".weight") for k in shapes) == 3
+    (record,) = read_jsonl(out / "metrics.jsonl")
+    assert record["loss_kd"] is None and record["loss_feat"] > 0
+    log_lines = [line for line in result.stdout.splitlines() if " step " in line]
+    assert len(log_lines) == 2 and all(" ce " in line and " feat " in line and " kd " not in line for line in log_lines)
+    assert json.loads((out / "args.json").read_text())["kd_weight"] == 0.0
 
 
 def test_cifar100_torchrun_two_processes(tmp_path):
@@ -365,7 +384,8 @@ def test_cifar100_compiled_step(tmp_path):
     torch.manual_seed(0)
     torch.save(ARCHS["resnet8"]().state_dict(), tmp_path / "teacher.pt")
     common = ["--data-dir", data, "--teacher", "resnet8", "--teacher-ckpt", tmp_path / "teacher.pt", "--student",
-              "resnet8", "--batch-size", 16, "--lr-decay-epochs", 1, "--log-every", 1]
+              "resnet8", "--batch-size", 16, "--lr-decay-epochs", 1, "--log-every", 1, "--projector", "linear",
+              "--kd-weight", 1]  # every loss term in use
     env = {"TORCH_LOGS": "recompiles"}
     runs = {name: tmp_path / name for name in ("eager", "compiled", "split")}
     check_ok(run_script(CIFAR100, *common, "--epochs", 2, "--out-dir", runs["eager"]))
