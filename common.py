@@ -19,14 +19,19 @@ adds cross-entropy and the KD term around it. Usage::
     loss = ce + kd + 2.0 * distiller(z_s, z_t)                        # z_t from the frozen teacher
     # train distiller.parameters() with the student's optimizer
 """
+import math
+
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
 PROJECTORS = ("linear", "mlp", "none")
-NORMS = ("bn", "ln", "l2", "none")
-DISTANCES = ("logsum", "corr")
+NORMS = ("bn", "gn", "ln", "l2", "none")
+# The paper's soft maximum, the official DeiT code's correlation form, and both without the log (the ablations of
+# Tables 6.3 and 6.9: "mean" with alpha = 2 is the mean square, "corr-nolog" with alpha = 2 / 4 the correlation and
+# higher-order rows).
+DISTANCES = ("logsum", "corr", "mean", "corr-nolog")
 
 
 def log_sum_exp_distance(a, b, alpha=4.0):
@@ -52,29 +57,50 @@ def log_sum_exp_distance(a, b, alpha=4.0):
         return alpha * m.log() + (d / m).pow(alpha).sum().clamp_min(1.0).log()
 
 
-def correlation_distance(a, b, alpha=4.0):
-    """The variant in the official DeiT code: ``log(sum_d |c_d - 1| ** alpha + 1e-5)``.
+def mean_power_distance(a, b, alpha=4.0):
+    """``mean_i |a_i - b_i| ** alpha`` over every element: the distance without the soft maximum (with
+    ``alpha = 2`` the mean square, the paper's Table 6.9 rows and the "without LogSum" of Table 6.3).
 
-    ``c_d = mean_b a_bd * b_bd`` is the diagonal of the student-teacher cross-correlation of
-    batch-normalised features; it is 1 when a feature dimension agrees perfectly across the batch.
+    In float32 whatever the input dtype or autocast state; finite gradients where differences are 0 for
+    ``alpha >= 1``.
+    """
+    with torch.autocast(a.device.type, enabled=False):
+        return (a.float() - b.float()).abs().pow(alpha).mean()
+
+
+def correlation_sum(a, b, alpha=4.0):
+    """``sum_d |c_d - 1| ** alpha`` with ``c_d = mean_b a_bd * b_bd``, the diagonal of the student-teacher
+    cross-correlation of batch-normalised features: 1 where a feature dimension agrees perfectly across the
+    batch. The paper's "correlation" (``alpha = 2``) and "higher order" (``alpha = 4``) rows of Table 6.9.
     Computed in float32.
     """
     with torch.autocast(a.device.type, enabled=False):
         c = (a.float() * b.float()).mean(0)
-        return ((c - 1).abs().pow(alpha).sum() + 1e-5).log()
+        return (c - 1).abs().pow(alpha).sum()
 
 
-def make_projector(in_dim, out_dim, kind="linear"):
+def correlation_distance(a, b, alpha=4.0):
+    """The variant in the official DeiT code: ``log(correlation_sum + 1e-5)``, its soft maximum."""
+    return (correlation_sum(a, b, alpha) + 1e-5).log()
+
+
+DISTANCE_FNS = dict(zip(DISTANCES, (log_sum_exp_distance, correlation_distance, mean_power_distance,
+                                    correlation_sum)))
+
+
+def make_projector(in_dim, out_dim, kind="linear", hidden=None):
     """Map the student feature into the teacher's space: ``z_s W_p``.
 
-    ``'linear'`` (the paper's choice, with bias); ``'mlp'`` (Linear-BN-ReLU-Linear, hidden width
-    ``out_dim``; the paper's projector ablation); ``'none'`` (identity; needs equal widths).
+    ``'linear'`` (with bias: the paper's choice for its large-scale runs); ``'mlp'`` (Linear-BN-ReLU-Linear of
+    hidden width ``hidden``, default ``out_dim``: the paper's CIFAR-100 runs use 1024, its Figure 6.3 compares
+    widths); ``'none'`` (identity; needs equal widths).
     """
     if kind == "linear":
         return nn.Linear(in_dim, out_dim)
     if kind == "mlp":
-        return nn.Sequential(nn.Linear(in_dim, out_dim), nn.BatchNorm1d(out_dim), nn.ReLU(inplace=True),
-                             nn.Linear(out_dim, out_dim))
+        hidden = hidden or out_dim
+        return nn.Sequential(nn.Linear(in_dim, hidden), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True),
+                             nn.Linear(hidden, out_dim))
     if kind == "none":
         if in_dim != out_dim:
             raise ValueError(f"projector 'none' needs equal student and teacher widths, got {in_dim} and "
@@ -94,10 +120,14 @@ def make_norm(dim, kind="bn"):
     """Normalise features before the distance (the paper's second ingredient).
 
     ``'bn'``: ``BatchNorm1d(eps=1e-4, affine=False)`` as in the official code, batch statistics in
-    training mode; ``'ln'``: LayerNorm without affine; ``'l2'``: unit L2 norm; ``'none'``.
+    training mode; ``'gn'``: GroupNorm without affine, eps 1e-4, 16 groups (the unused GroupNorm of the official
+    code's first release; ``gcd(16, dim)`` groups when 16 does not divide ``dim``), the paper's
+    Table 6.1; ``'ln'``: LayerNorm without affine; ``'l2'``: unit L2 norm; ``'none'``.
     """
     if kind == "bn":
         return nn.BatchNorm1d(dim, eps=1e-4, affine=False)
+    if kind == "gn":
+        return nn.GroupNorm(math.gcd(16, dim), dim, eps=1e-4, affine=False)
     if kind == "ln":
         return nn.LayerNorm(dim, elementwise_affine=False)
     if kind == "l2":
@@ -139,23 +169,24 @@ class FeatureDistiller(nn.Module):
     the same DDP module as the student so the projector stays identical on every rank.
 
     ``global_batch`` (default True): under an initialised process group of more than one rank, the
-    projected student rows and the teacher rows of every rank are gathered (with autograd) in
-    training, so that the batch statistics and the distance are those of the global batch: the loss
-    equals the single-process loss at the same global batch, and the gradients that DDP averages equal
-    the single-process gradients. Every rank must then pass the same number of rows (a
+    student rows (before the projector) and the teacher rows of every rank are gathered (with autograd)
+    in training, so that every batch statistic (the norms', and the hidden BN's of the ``'mlp'``
+    projector) and the distance are those of the global batch: the loss equals the single-process loss
+    at the same global batch, and the gradients that DDP averages equal the single-process gradients,
+    for every projector, norm and distance. Every rank must then pass the same number of rows (a
     DistributedSampler's shards do). ``False`` keeps per-rank statistics (detection maps are too large
-    to gather). The hidden BN of the ``'mlp'`` projector acts before the gather, on each rank's rows.
+    to gather).
     """
 
     def __init__(self, student_dim, teacher_dim, projector="linear", norm="bn", distance="logsum", alpha=4.0,
-                 global_batch=True):
+                 global_batch=True, hidden=None):
         super().__init__()
         if distance not in DISTANCES:
             raise ValueError(f"unknown distance {distance!r}; choose from {', '.join(DISTANCES)}")
-        self.projector = make_projector(student_dim, teacher_dim, projector)
+        self.projector = make_projector(student_dim, teacher_dim, projector, hidden)
         self.norm_s = make_norm(teacher_dim, norm)
         self.norm_t = make_norm(teacher_dim, norm)
-        self.distance = log_sum_exp_distance if distance == "logsum" else correlation_distance
+        self.distance = DISTANCE_FNS[distance]
         self.alpha = alpha
         self.global_batch = global_batch
 
@@ -167,19 +198,19 @@ class FeatureDistiller(nn.Module):
         if z_s.dim() != z_t.dim() or z_s.shape[0] != z_t.shape[0] or z_s.shape[2:] != z_t.shape[2:]:
             raise ValueError(f"student features {tuple(z_s.shape)} and teacher features {tuple(z_t.shape)} "
                              "must agree in batch and spatial size")
-        # Normalise in float32: BN statistics of wide teacher features lose precision in bf16.
-        z_s = self.projector(self._rows(z_s)).float()
-        z_t = self._rows(z_t.detach()).float()
+        z_s, z_t = self._rows(z_s), self._rows(z_t.detach())
         if self.global_batch and self.training and dist.is_initialized() and dist.get_world_size() > 1:
             z_s, z_t = _GatherRows.apply(z_s), _GatherRows.apply(z_t)  # rows in rank order on every rank
-        return self.distance(self.norm_s(z_s), self.norm_t(z_t), self.alpha)
+        # Normalise in float32: BN statistics of wide teacher features lose precision in bf16.
+        return self.distance(self.norm_s(self.projector(z_s).float()), self.norm_t(z_t.float()), self.alpha)
 
 
 def projector_spectrum(distiller):
-    """Singular values of the linear projector's weight ``W_p``, largest first (the paper's
-    spectral analysis of the projector).
+    """Every singular value of the linear projector's weight ``W_p``, largest first: ``min(student, teacher
+    width)`` of them, the data of the paper's Figure 6.2 (without batch norm many collapse towards 0).
 
-    Returns None when the projector is not linear.
+    Returns None for a projector that is not one linear map (the MLP's ReLU makes a product of its weights
+    meaningless as ``W_p``).
     """
     projector = getattr(distiller, "module", distiller).projector
     if not isinstance(projector, nn.Linear):

@@ -5,8 +5,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from common import (FeatureDistiller, correlation_distance, log_sum_exp_distance, make_norm, make_projector,
-                    projector_spectrum)
+from common import (DISTANCES, NORMS, PROJECTORS, FeatureDistiller, correlation_distance, correlation_sum,
+                    log_sum_exp_distance, make_norm, make_projector, mean_power_distance, projector_spectrum)
 
 
 def naive_log_sum(a, b, alpha):
@@ -140,7 +140,84 @@ def test_correlation_distance_is_minimal_for_identical_normalised_features():
     assert correlation_distance(z, other) > at_minimum + 5
 
 
+# --- the distances without the log (Tables 6.3 and 6.9) ---------------------------------------
+
+NAIVE = {  # each distance as its formula reads, for the float64 ground truth
+    "logsum": lambda a, b, alpha: torch.log((a - b).abs().pow(alpha).sum()),
+    "corr": lambda a, b, alpha: torch.log(((a * b).sum(0) / a.shape[0] - 1).abs().pow(alpha).sum() + 1e-5),
+    "mean": lambda a, b, alpha: (a - b).abs().pow(alpha).mean(),
+    "corr-nolog": lambda a, b, alpha: ((a * b).sum(0) / a.shape[0] - 1).abs().pow(alpha).sum(),
+}
+FNS = {"logsum": log_sum_exp_distance, "corr": correlation_distance, "mean": mean_power_distance,
+       "corr-nolog": correlation_sum}
+
+
+def test_every_distance_has_a_formula_here():
+    assert set(NAIVE) == set(FNS) == set(DISTANCES)
+
+
+@pytest.mark.parametrize("alpha", [2.0, 4.0])
+@pytest.mark.parametrize("name", ["mean", "corr-nolog"])
+def test_distance_without_log_equals_formula_and_its_gradient(name, alpha):
+    torch.manual_seed(0)
+    a, b = torch.randn(16, 32), torch.randn(16, 32) * 2 + 0.5
+    value, grad_a, grad_b = value_and_grads(FNS[name], a, b, alpha=alpha)
+    a64, b64 = a.double().requires_grad_(), b.double().requires_grad_()
+    ref = NAIVE[name](a64, b64, alpha)
+    ref.backward()
+    assert value.dtype == torch.float32 and value.dim() == 0
+    torch.testing.assert_close(value.double(), ref.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad_a.double(), a64.grad, rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(grad_b.double(), b64.grad, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("name", ["mean", "corr-nolog"])
+def test_distance_without_log_under_bf16_autocast_is_float32(name):
+    torch.manual_seed(0)
+    a, b = torch.randn(16, 32) * 30, torch.randn(16, 32) * 30
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        value = FNS[name](a, b, alpha=2.0)
+    assert value.dtype == torch.float32
+    torch.testing.assert_close(value.double(), NAIVE[name](a.double(), b.double(), 2.0), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", DISTANCES)
+@pytest.mark.parametrize("alpha", [1.0, 2.0, 4.0])
+def test_every_distance_is_finite_where_differences_are_zero(name, alpha):
+    torch.manual_seed(0)
+    a = torch.randn(8, 16)
+    some = a.clone()
+    some[:4] = torch.randn(4, 16)   # half the rows differ, half agree exactly
+    for b in (a.clone(), some):     # all differences 0, then some
+        value, grad_a, grad_b = value_and_grads(FNS[name], a, b, alpha=alpha)
+        assert_finite(value, grad_a, grad_b)
+
+
 # --- projectors and norms ---------------------------------------------------------------------
+
+def test_make_projector_hidden_width():
+    mlp = make_projector(8, 16, "mlp", hidden=1024)
+    assert [type(m) for m in mlp] == [nn.Linear, nn.BatchNorm1d, nn.ReLU, nn.Linear]
+    assert mlp[0].weight.shape == (1024, 8) and mlp[1].num_features == 1024 and mlp[3].weight.shape == (16, 1024)
+    assert FeatureDistiller(8, 16, projector="mlp", hidden=1024).projector[0].out_features == 1024
+    assert make_projector(8, 16, "linear", hidden=1024).weight.shape == (16, 8)  # only the MLP has a hidden layer
+
+
+@pytest.mark.parametrize("dim,groups", [(64, 16), (512, 16), (100, 4), (24, 8)])
+def test_group_norm_is_the_formula(dim, groups):
+    torch.manual_seed(0)
+    gn = make_norm(dim, "gn")
+    assert isinstance(gn, nn.GroupNorm) and gn.num_groups == groups and not gn.affine and gn.eps == 1e-4
+    assert not list(gn.parameters())
+    x = torch.randn(32, dim) * 3 + 1
+    g = x.double().view(32, groups, dim // groups)
+    expected = ((g - g.mean(2, keepdim=True)) / (g.var(2, unbiased=False, keepdim=True) + 1e-4).sqrt()).view(32, dim)
+    torch.testing.assert_close(gn(x).double(), expected, rtol=1e-5, atol=1e-5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):   # inside the distiller, under autocast
+        d = FeatureDistiller(dim, dim, norm="gn").train()
+        out = d(x, x * 2)
+    assert out.dtype == torch.float32 and torch.isfinite(out)
+
 
 def test_make_projector_kinds():
     linear = make_projector(8, 16, "linear")
@@ -170,7 +247,7 @@ def test_make_norm_kinds():
     assert not list(make_norm(16, "ln").parameters())
     torch.testing.assert_close(make_norm(16, "l2")(x).norm(dim=1), torch.ones(64))
     assert make_norm(16, "none")(x) is x
-    with pytest.raises(ValueError, match="bn, ln, l2, none"):
+    with pytest.raises(ValueError, match="bn, gn, ln, l2, none"):
         make_norm(16, "group")
 
 
@@ -260,6 +337,9 @@ UNIT_NORM = lambda z: z / z.norm(dim=1, keepdim=True)
     ("linear", "l2", "logsum", UNIT_NORM, log_sum_exp_distance),
     ("linear", "none", "logsum", lambda z: z, log_sum_exp_distance),
     ("linear", "bn", "corr", BATCH_NORM, correlation_distance),
+    ("linear", "bn", "mean", BATCH_NORM, mean_power_distance),
+    ("linear", "bn", "corr-nolog", BATCH_NORM, correlation_sum),
+    ("linear", "gn", "logsum", lambda z: make_norm(16, "gn")(z), log_sum_exp_distance),
 ])
 def test_distiller_variants_compute_their_formula(projector, norm, distance, norm_fn, distance_fn):
     torch.manual_seed(0)
@@ -303,60 +383,82 @@ def test_projector_spectrum_is_the_singular_values():
     assert projector_spectrum(FeatureDistiller(8, 12, projector="mlp")) is None
 
 
+@pytest.mark.parametrize("student_dim,teacher_dim", [(8, 12), (20, 6)])
+def test_projector_spectrum_is_whole_and_sorted(student_dim, teacher_dim):
+    sv = projector_spectrum(FeatureDistiller(student_dim, teacher_dim))
+    assert sv.shape == (min(student_dim, teacher_dim),) and (sv > 0).all()
+    assert (sv[:-1] >= sv[1:]).all()   # largest first, as Figure 6.2 plots them
+
+
 # --- the global batch under torchrun ----------------------------------------------------------
 
-def _distiller_on_ranks(rank, world, folder, distance):
-    """One rank of a 2-process gloo group: a linear 'student' and the distiller in one DDP module,
-    each rank on its own half of the batch."""
+# (projector, norm, distance): every projector, norm and distance at least once, the paper's recipe first.
+GLOBAL_BATCH_CASES = [("linear", "bn", d) for d in DISTANCES] + [(p, "bn", "logsum") for p in PROJECTORS[1:]] + \
+                     [("linear", n, "logsum") for n in NORMS[1:]]
+
+
+def _distiller_on_ranks(rank, world, folder):
+    """One rank of a 2-process gloo group: for each case, a linear 'student' and the distiller in one DDP
+    module, each rank on its own half of the batch."""
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
     dist.init_process_group("gloo", init_method=f"file://{folder}/rendezvous", rank=rank, world_size=world)
-    x, z_t, model = _global_batch_problem(distance)
-    rows = slice(rank * len(x) // world, (rank + 1) * len(x) // world)
-    x = x[rows].clone().requires_grad_()
-    ddp = DDP(model)
-    loss = ddp(x, z_t[rows])
-    loss.backward()
-    running_var = model.distiller.norm_t.running_var.clone()  # updated from the global batch's statistics
-    model.distiller.global_batch = False  # per-rank statistics: the loss of this rank's rows alone
-    local_loss = model(x, z_t[rows])
+    results = {}
+    for case in GLOBAL_BATCH_CASES:
+        x, z_t, model = _global_batch_problem(*case)
+        rows = slice(rank * len(x) // world, (rank + 1) * len(x) // world)
+        x = x[rows].clone().requires_grad_()
+        ddp = DDP(model)
+        loss = ddp(x, z_t[rows])
+        loss.backward()
+        buffers = {k: b.clone() for k, b in model.named_buffers()}  # updated from the global batch's statistics
+        model.distiller.global_batch = False  # per-rank statistics: the loss of this rank's rows alone
+        local_loss = model(x, z_t[rows])
+        results[case] = {"loss": loss.item(), "local_loss": local_loss.item(), "x_grad": x.grad,
+                         "grads": {k: p.grad for k, p in model.named_parameters()}, "buffers": buffers}
     if rank == 0:
-        torch.save({"loss": loss.item(), "local_loss": local_loss.item(), "x_grad": x.grad,
-                    "grads": {k: p.grad for k, p in model.named_parameters()},
-                    "running_var": running_var}, folder / "rank0.pt")
+        torch.save(results, folder / "rank0.pt")
     dist.destroy_process_group()
 
 
 class _StudentAndDistiller(nn.Module):
-    def __init__(self, distance):
+    def __init__(self, teacher_dim, projector, norm, distance):
         super().__init__()
-        self.student, self.distiller = nn.Linear(12, 16), FeatureDistiller(16, 24, distance=distance)
+        self.student = nn.Linear(12, 16)
+        self.distiller = FeatureDistiller(16, teacher_dim, projector, norm, distance, hidden=32)
 
     def forward(self, x, z_t):
         return self.distiller(self.student(x), z_t)
 
 
-def _global_batch_problem(distance):
+def _global_batch_problem(projector="linear", norm="bn", distance="logsum"):
     torch.manual_seed(0)
-    x, z_t = torch.randn(16, 12), 3 * torch.randn(16, 24) + 1
-    return x, z_t, _StudentAndDistiller(distance)
+    teacher_dim = 16 if projector == "none" else 24
+    x, z_t = torch.randn(16, 12), 3 * torch.randn(16, teacher_dim) + 1
+    return x, z_t, _StudentAndDistiller(teacher_dim, projector, norm, distance)
 
 
-@pytest.mark.parametrize("distance", ["logsum", "corr"])
-def test_distiller_takes_the_global_batch_under_ddp(tmp_path, distance):
+def test_distiller_takes_the_global_batch_under_ddp(tmp_path):
+    """Two processes at half the batch each optimise exactly the single-process objective: loss, the gradients
+    DDP averages, every batch statistic (the MLP projector's hidden BN included), for every projector, norm and
+    distance."""
     import torch.multiprocessing as mp
-    x, z_t, model = _global_batch_problem(distance)
-    x = x.clone().requires_grad_()
-    loss = model(x, z_t)
-    loss.backward()
-    mp.start_processes(_distiller_on_ranks, args=(2, tmp_path, distance), nprocs=2, start_method="spawn")
-    got = torch.load(tmp_path / "rank0.pt")
-    assert abs(got["loss"] - loss.item()) <= 1e-6 * max(1.0, abs(loss.item()))
-    for name, p in model.named_parameters():  # what DDP averages: the student's and the projector's gradients
-        torch.testing.assert_close(got["grads"][name], p.grad, rtol=1e-5, atol=1e-6, msg=name)
-    # Rank 0's own rows get world x the single-process gradient, as from any per-rank mean (see _GatherRows).
-    torch.testing.assert_close(got["x_grad"] / 2, x.grad[:8], rtol=1e-5, atol=1e-7)
-    torch.testing.assert_close(got["running_var"], model.distiller.norm_t.running_var)
-    _, _, fresh = _global_batch_problem(distance)
-    local = fresh(x[:8].detach(), z_t[:8]).item()
-    assert abs(got["local_loss"] - local) <= 1e-5 * max(1.0, abs(local)) and abs(local - loss.item()) > 1e-3
+    mp.start_processes(_distiller_on_ranks, args=(2, tmp_path), nprocs=2, start_method="spawn")
+    results = torch.load(tmp_path / "rank0.pt")
+    for case in GLOBAL_BATCH_CASES:
+        got = results[case]
+        x, z_t, model = _global_batch_problem(*case)
+        x = x.clone().requires_grad_()
+        loss = model(x, z_t)
+        loss.backward()
+        assert abs(got["loss"] - loss.item()) <= 1e-6 * max(1.0, abs(loss.item())), case
+        for name, p in model.named_parameters():  # what DDP averages: the student's and the projector's gradients
+            torch.testing.assert_close(got["grads"][name], p.grad, rtol=1e-5, atol=1e-6, msg=f"{case} {name}")
+        # Rank 0's own rows get world x the single-process gradient, as from any per-rank mean (see _GatherRows).
+        torch.testing.assert_close(got["x_grad"] / 2, x.grad[:8], rtol=1e-5, atol=1e-7, msg=str(case))
+        for name, buffer in model.named_buffers():
+            torch.testing.assert_close(got["buffers"][name], buffer, msg=f"{case} {name}")
+        _, _, fresh = _global_batch_problem(*case)
+        local = fresh(x[:8].detach(), z_t[:8]).item()
+        assert abs(got["local_loss"] - local) <= 1e-5 * max(1.0, abs(local)), case
+        assert abs(local - loss.item()) > 1e-3, case  # the two objectives differ: the test can tell them apart
