@@ -928,10 +928,9 @@ def main(argv=None):
                     "loss_feat": loss_means[2] if distiller is not None else None, **metrics,
                     "images_per_s": images / train_s, "epoch_s": time.time() - t_epoch,
                     "peak_mem_mb": peak_memory_mb(device)}
-            if args.distill == "srd":  # the paper's spectral view of W_p (None for a projector that is not linear)
+            if distiller is not None:  # every singular value of W_p, sorted (Figure 6.2); None unless it is linear
                 sv = projector_spectrum(distiller)
-                last["projector_sv"] = sv if sv is None else {"max": sv.max().item(), "min": sv.min().item(),
-                                                              "mean": sv.mean().item()}
+                last["projector_sv"] = None if sv is None else sv.tolist()
             # "model" is RepDistiller's and mdistiller's key; it shares its tensors with "student", so torch.save
             # stores the weights once.
             weights = student.state_dict()

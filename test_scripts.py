@@ -180,7 +180,7 @@ def test_cifar100_teacher_then_srd_then_resume(tmp_path):
         for r in records:
             assert {"lr", "loss_ce", "loss_kd", "loss_feat", "top1", "top5", "images_per_s", "epoch_s",
                     "peak_mem_mb"} <= r.keys()
-            assert r["projector_sv"]["max"] >= r["projector_sv"]["min"] > 0 and r["loss_kd"] > 0
+            assert len(r["projector_sv"]) == 64 and min(r["projector_sv"]) > 0 and r["loss_kd"] > 0
         summary = json.loads((run / "summary.json").read_text())
         assert summary["metric"] == "top1" and summary["last"] == records[-1]["top1"]
         assert summary["best"] == max(r["top1"] for r in records)
@@ -236,6 +236,22 @@ def test_cifar100_default_distiller_is_the_papers(tmp_path):
     log_lines = [line for line in result.stdout.splitlines() if " step " in line]
     assert len(log_lines) == 2 and all(" ce " in line and " feat " in line and " kd " not in line for line in log_lines)
     assert json.loads((out / "args.json").read_text())["kd_weight"] == 0.0
+    assert record["projector_sv"] is None  # the MLP has no single W_p whose spectrum Figure 6.2 plots
+
+
+def test_cifar100_projector_spectrum_gn_and_distance_without_log(tmp_path):
+    """A linear W_p records its whole spectrum each epoch: min(student, teacher width) singular values, sorted
+    descending (Figure 6.2's data); --norm gn and the distance without the log (Table 6.3) come through to the run."""
+    out = tmp_path / "run"
+    check_ok(run_script(CIFAR100, "--dummy", "--teacher", "wrn_16_2", "--student", "resnet8", "--projector", "linear",
+                        "--norm", "gn", "--distance", "mean", "--alpha", 2, "--epochs", 1, "--max-steps", 2,
+                        "--batch-size", 8, "--out-dir", out))
+    (record,) = read_jsonl(out / "metrics.jsonl")
+    sv = record["projector_sv"]
+    assert len(sv) == min(64, 128) and sv == sorted(sv, reverse=True) and sv[-1] > 0
+    ckpt = load_checkpoint(out / "last.pt")
+    assert torch.linalg.svdvals(ckpt["distiller"]["projector.weight"]).tolist() == pytest.approx(sv, rel=1e-5)
+    assert (ckpt["args"]["norm"], ckpt["args"]["distance"]) == ("gn", "mean") and record["loss_feat"] > 0
 
 
 def test_cifar100_torchrun_two_processes(tmp_path):
