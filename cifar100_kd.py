@@ -42,6 +42,7 @@ import pickle
 import platform
 import re
 import resource
+import shutil
 import sys
 import tarfile
 import time
@@ -71,13 +72,18 @@ DUMMY_SIZES = (50_000, 1_000)
 # The published teachers: RepDistiller's, redistributed by mdistiller as cifar_teachers.tar in its `checkpoints`
 # release, with their test top-1 in CRD's Tables 1-2 (the accuracy a fetched teacher must reproduce where its
 # checkpoint records none, and a --teacher-ckpt far below which is suspect).
+# The flags that make a run what it is: a --resume must match them (speed and logging flags may change). The step
+# schedule and SGD's hyper-parameters are among them because the optimizer's and scheduler's states carry them.
+RESUME_MUST_MATCH = ("dummy", "data_dir", "student", "teacher", "distill", "projector", "projector_hidden", "norm",
+                     "distance", "lr", "lr_decay_epochs", "lr_decay_rate", "momentum", "wd")
 TEACHERS_URL = "https://github.com/megvii-research/mdistiller/releases/download/checkpoints/cifar_teachers.tar"
 PUBLISHED_TOP1 = {"resnet56": 72.34, "resnet110": 74.31, "resnet32x4": 79.42, "ResNet50": 79.34, "wrn_40_2": 75.61,
                   "vgg13": 74.64}
 
 
 def fail(msg, code=2):
-    """Bad input: one line on stderr, nothing written, exit 2. Only rank 0 speaks, every rank exits."""
+    """One line on stderr, then exit: 2 for bad input (before anything is written), 3 for a run that cannot go
+    on, 130 when interrupted. Under torchrun rank 0 speaks for all; every rank exits."""
     if os.environ.get("RANK", "0") == "0":
         print(f"{PROG}: error: {msg}", file=sys.stderr)
     sys.exit(code)
@@ -160,8 +166,17 @@ def parse_args(argv=None):
         args.kd_weight = 0.0 if args.distill == "srd" else 1.0
     if args.lr is None:
         args.lr = 0.01 if args.student in SMALL_LR_ARCHS else 0.05
-    if args.out_dir is None:
-        args.out_dir = str(Path(args.resume).parent) if args.resume else f"runs/{PROG}-{args.student}-{args.distill}"
+    if args.out_dir is None:  # --dummy runs have their own folder: a real run's never holds random-data checkpoints
+        args.out_dir = (str(Path(args.resume).parent) if args.resume else
+                        f"runs/{PROG}-{args.student}-{args.distill}" + ("-dummy" if args.dummy else ""))
+    for name in ("epochs", "batch_size", "log_every", "max_steps", "alpha", "temperature"):
+        if getattr(args, name) is not None and getattr(args, name) <= 0:
+            fail(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    for name in ("lr", "wd"):
+        if getattr(args, name) is not None and getattr(args, name) < 0:
+            fail(f"--{name.replace('_', '-')} must not be negative, got {getattr(args, name)}")
+    if args.batch_size < 2:
+        fail(f"--batch-size must be at least 2 (batch norm needs two images per process), got {args.batch_size}")
     return args
 
 
@@ -179,9 +194,12 @@ def build_data(args, is_main):
     root = Path(args.data_dir) / "cifar-100-python"
     if not root.is_dir() and is_main:
         from torchvision.datasets.utils import download_and_extract_archive
+        fresh = [p for p in (Path(args.data_dir), *Path(args.data_dir).parents) if not p.exists()]
         try:
             download_and_extract_archive(CIFAR_URL, args.data_dir, md5=CIFAR_MD5)
         except Exception as e:
+            if fresh:  # a failed download leaves no folder behind that it created
+                shutil.rmtree(fresh[-1], ignore_errors=True)
             fail(f"no CIFAR-100 in {args.data_dir} and downloading {CIFAR_URL} failed ({type(e).__name__}: {e}); "
                  f"download and extract it yourself so that the layout is {LAYOUT}, or pass --dummy")
     if dist.is_initialized():
@@ -592,34 +610,34 @@ def build_teacher(args, downloads):
 
 
 def read_checkpoint(path):
-    """torch.load with weights_only=True: checkpoints are untrusted input."""
+    """torch.load with weights_only=True: checkpoints are untrusted input (tensors and plain containers only)."""
+    if not Path(path).is_file():
+        fail(f"{path}: no such file; pass the path of a checkpoint")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # a truncated file, not a torch file, an unsafe pickle ...
-        fail(f"cannot read checkpoint {path} ({type(e).__name__}: {str(e).strip().splitlines()[0][:200]}); "
-             "pass a checkpoint saved by this script, RepDistiller or mdistiller")
+    except Exception as e:  # a truncated file, a text file, an unsafe pickle ...
+        reason = (str(e).strip().splitlines() or [""])[0][:160]
+        fail(f"{path} is not a torch checkpoint ({type(e).__name__}: {reason}); pass a file written by torch.save")
 
 
 def load_weights(model, checkpoint, path, what):
-    """CONVENTIONS §5: the state dict of ``checkpoint`` (bare, or under model/state_dict/student; ``module.`` and
-    ``_orig_mod.`` prefixes stripped) loaded strictly; a mismatch fails naming a few missing, unexpected and wrongly
-    shaped keys."""
-    for key in ("model", "state_dict", "student"):
-        if isinstance(checkpoint, dict) and isinstance(checkpoint.get(key), dict):
-            checkpoint = checkpoint[key]
-            break
-    if not isinstance(checkpoint, dict) or not all(torch.is_tensor(v) for v in checkpoint.values()):
+    """Load a state dict strictly: bare, or under 'model', 'state_dict' or 'student'; 'module.' and '_orig_mod.'
+    prefixes stripped. A mismatch fails naming a few missing, unexpected and wrongly shaped keys."""
+    state = checkpoint
+    if isinstance(state, dict):
+        state = next((state[k] for k in ("model", "state_dict", "student") if isinstance(state.get(k), dict)), state)
+    if not isinstance(state, dict) or not state or not all(torch.is_tensor(v) for v in state.values()):
         fail(f"{path} holds no state dict (nor one under 'model', 'state_dict' or 'student'); pass a model checkpoint")
-    state = {re.sub(r"^(module\.|_orig_mod\.)+", "", k): v for k, v in checkpoint.items()}
+    state = {re.sub(r"^((module|_orig_mod)\.)+", "", k): v for k, v in state.items()}
     own = model.state_dict()
     missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]  # absent in old files
     unexpected = [k for k in state if k not in own]
-    wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
-             for k in own if k in state and state[k].shape != own[k].shape]
-    if missing or unexpected or wrong:
-        few = lambda keys: ", ".join(keys[:3]) + (f" (+{len(keys) - 3})" if len(keys) > 3 else "") if keys else "none"
+    resized = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
+               if k in state and state[k].shape != v.shape]
+    if missing or unexpected or resized:
+        few = lambda keys: ", ".join(keys[:3]) + (f" (+{len(keys) - 3})" if len(keys) > 3 else "") or "none"
         fail(f"{path} does not fit the {what}: missing {few(missing)}; unexpected {few(unexpected)}; "
-             f"wrong shape {few(wrong)}; pass a checkpoint of that architecture or change the architecture flag")
+             f"wrong shape {few(resized)}; pass a checkpoint of that architecture")
     model.load_state_dict(state)
 
 
@@ -705,7 +723,7 @@ def main(argv=None):
         device = torch.device(args.device)
     if distributed:
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    torch.manual_seed(args.seed + rank)
+    torch.manual_seed(args.seed)  # the same on every rank: a --dummy random teacher is one teacher, not one per rank
     amp_dtype = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.amp]
     autocast = torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
@@ -714,14 +732,27 @@ def main(argv=None):
 
     # ---- bad input: refused before anything is written -----------------------------------------------------
     out_dir = Path(args.out_dir)
+    args_json = json.loads(json.dumps(vars(args), default=str))  # plain types, for weights_only loads
     use_teacher = args.distill != "none" and not args.evaluate
     if args.evaluate and not args.resume:
         fail("--evaluate needs --resume PATH, the checkpoint whose student to score")
-    if args.resume and not Path(args.resume).is_file():
-        fail(f"--resume {args.resume}: no such file; pass the last.pt of the run to continue")
+    if out_dir.exists() and not out_dir.is_dir():
+        fail(f"--out-dir {out_dir} is a file; pass a folder")
     if not (args.evaluate or args.resume) and ((out_dir / "args.json").exists() or (out_dir / "last.pt").exists()):
         fail(f"{out_dir} already holds a run; pass --resume {out_dir}/last.pt to continue it, "
              "or choose another --out-dir")
+    ckpt = read_checkpoint(args.resume) if args.resume else None
+    if ckpt is not None and not args.evaluate:  # checked here, before the data and the teacher's score
+        needed = {"student", "distiller", "optimizer", "scheduler", "scaler", "epoch", "best", "best_epoch", "args"}
+        if not isinstance(ckpt, dict) or not needed <= ckpt.keys() or not isinstance(ckpt["args"], dict):
+            fail(f"{args.resume} is not a training checkpoint of {PROG}; use it as --teacher-ckpt, "
+                 "or score it with --evaluate")
+        if ckpt["epoch"] >= args.epochs:
+            fail(f"{args.resume} has trained {ckpt['epoch']} epochs already; pass --epochs above {ckpt['epoch']}")
+        for flag in RESUME_MUST_MATCH:  # what makes it the same run; speed and logging flags may change
+            if ckpt["args"].get(flag) != args_json[flag]:
+                fail(f"{args.resume} was trained with --{flag.replace('_', '-')} {ckpt['args'].get(flag)}, "
+                     f"not {args_json[flag]}; pass that run's flags to resume it")
     fetches = use_teacher and not args.teacher_ckpt and (args.teacher_url or not args.dummy)
     if fetches and args.teacher not in PUBLISHED_TOP1:
         fail(f"--teacher {args.teacher} has no published weights (the release holds {', '.join(PUBLISHED_TOP1)}); "
@@ -729,8 +760,6 @@ def main(argv=None):
              f"--teacher-ckpt runs/{PROG}-{args.teacher}-none/best.pt")
     if use_teacher and args.teacher_ckpt and not Path(args.teacher_ckpt).is_file():
         fail(f"--teacher-ckpt {args.teacher_ckpt}: no such file")
-    if args.batch_size < 2 or args.epochs < 1 or args.log_every < 1:
-        fail("--batch-size must be at least 2 (batch norm), --epochs and --log-every at least 1")
 
     # ---- data: the whole set on the device -----------------------------------------------------------------
     train_x, train_y, *test_set = (t.to(device) for t in build_data(args, is_main))
@@ -741,7 +770,7 @@ def main(argv=None):
     # ---- models: student, teacher, distiller ---------------------------------------------------------------
     student = build_student(args)
     if args.evaluate:
-        load_weights(student, read_checkpoint(args.resume), args.resume, f"student {args.student}")
+        load_weights(student, ckpt, args.resume, f"student {args.student}")
         metrics = evaluate(student.to(device, memory_format=memory_format), test_set, normalise)
         if is_main:
             print(f"{args.student} from {args.resume}: top1 {metrics['top1']:.2f} top5 {metrics['top5']:.2f} "
@@ -785,16 +814,7 @@ def main(argv=None):
 
     # ---- resume --------------------------------------------------------------------------------------------
     start_epoch, best, best_epoch = 0, -1.0, 0
-    if args.resume:
-        ckpt = read_checkpoint(args.resume)
-        needed = {"student", "distiller", "optimizer", "scheduler", "scaler", "epoch", "best", "best_epoch", "args"}
-        if not isinstance(ckpt, dict) or not needed <= ckpt.keys():
-            fail(f"{args.resume} is not a training checkpoint of {PROG}; use it as --teacher-ckpt, "
-                 "or score it with --evaluate")
-        for key in ("student", "distill", "projector", "norm") + (("teacher",) if use_teacher else ()):
-            if ckpt["args"].get(key) != getattr(args, key):
-                fail(f"{args.resume} was trained with --{key} {ckpt['args'].get(key)}, not {getattr(args, key)}; "
-                     "pass the flags of that run to resume it")
+    if ckpt is not None:
         load_weights(student, ckpt["student"], args.resume, f"student {args.student}")
         if distiller is not None:
             load_weights(distiller, ckpt["distiller"], args.resume, "distiller")
@@ -804,8 +824,6 @@ def main(argv=None):
         scheduler.load_state_dict(ckpt["scheduler"])
         scaler.load_state_dict(ckpt["scaler"] or {})
         start_epoch, best, best_epoch = ckpt["epoch"], ckpt["best"], ckpt["best_epoch"]
-        if start_epoch >= args.epochs:
-            fail(f"{args.resume} has trained {start_epoch} epochs already; pass --epochs above {start_epoch}")
     if distributed:
         model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
 
@@ -938,7 +956,7 @@ def main(argv=None):
                     "distiller": distiller.state_dict() if distiller is not None else None,
                     "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                     "scaler": scaler.state_dict(), "epoch": epoch + 1, "best": best, "best_epoch": best_epoch,
-                    "args": vars(args)}
+                    "args": args_json}
             save_atomic(ckpt, out_dir / "last.pt")
             if best_epoch == epoch + 1:
                 save_atomic(ckpt, out_dir / "best.pt")
@@ -966,4 +984,9 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:  # one line, not a traceback: where the run stands and how to go on
+        last = Path(parse_args().out_dir) / "last.pt"
+        fail(f"interrupted; continue with --resume {last}" if last.is_file() else "interrupted before the first "
+             "epoch ended; nothing to resume", 130)

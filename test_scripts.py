@@ -255,12 +255,28 @@ def test_cifar100_projector_spectrum_gn_and_distance_without_log(tmp_path):
 
 
 def test_cifar100_torchrun_two_processes(tmp_path):
-    """DDP on CPU (gloo): both ranks train, rank 0 writes, and the sharded evaluation scores exactly what
-    one process scores on the whole test set."""
+    """DDP on CPU (gloo): both ranks train, rank 0 writes, every rank builds the same --dummy random teacher (a
+    checksum of its weights, written by each rank through a wrapper around build_teacher), and the sharded evaluation
+    scores exactly what one process scores on the whole test set."""
     out = tmp_path / "ddp"
-    result = check_ok(run_torchrun(CIFAR100, "--dummy", "--teacher", "resnet8", "--student", "resnet8",
+    wrapper = tmp_path / "spy.py"
+    wrapper.write_text(f"""import hashlib, os, sys
+sys.path.insert(0, {str(ROOT)!r})
+import cifar100_kd
+build_teacher = cifar100_kd.build_teacher
+def spy(*args, **kwargs):
+    teacher, *rest = build_teacher(*args, **kwargs)
+    weights = b"".join(v.numpy().tobytes() for v in teacher.state_dict().values())
+    open({str(tmp_path)!r} + f"/teacher-{{os.environ['RANK']}}.sha", "w").write(hashlib.sha256(weights).hexdigest())
+    return (teacher, *rest)
+cifar100_kd.build_teacher = spy
+cifar100_kd.main(sys.argv[1:])
+""")
+    result = check_ok(run_torchrun(wrapper, "--dummy", "--teacher", "resnet8", "--student", "resnet8",
                                    "--epochs", 1, "--max-steps", 3, "--batch-size", 8, "--out-dir", out))
     assert result.stdout.count("epoch 1/1 |") == 1  # only rank 0 prints
+    teachers = [(tmp_path / f"teacher-{rank}.sha").read_text() for rank in (0, 1)]
+    assert teachers[0] == teachers[1] and len(teachers[0]) == 64
     summary = json.loads((out / "summary.json").read_text())
     assert summary["world_size"] == 2
     check_ok(run_script(CIFAR100, "--dummy", "--student", "resnet8", "--evaluate", "--resume", out / "last.pt"))
@@ -282,6 +298,11 @@ def test_cifar100_bad_input(tmp_path):
                                tmp_path / "teacher.pth", "--out-dir", out), CIFAR100, out, "does not fit", "layer1.1")
     check_bad_input(run_script(CIFAR100, "--data-dir", data, "--teacher", "resnet20", "--out-dir", out), CIFAR100,
                     out, "--teacher-ckpt")  # no published resnet20, so nothing to fetch
+    # No data and no network (a dead proxy): the failed download leaves no folder behind.
+    offline = {"https_proxy": "http://127.0.0.1:9", "HTTPS_PROXY": "http://127.0.0.1:9"}
+    check_bad_input(run_script(CIFAR100, "--data-dir", tmp_path / "new" / "cifar", "--distill", "none", "--out-dir",
+                               out, env=offline), CIFAR100, out, "downloading", "failed", "--dummy")
+    assert not (tmp_path / "new").exists()
     (data / "cifar-100-python" / "test").unlink()
     check_bad_input(run_script(CIFAR100, "--data-dir", data, "--distill", "none", "--out-dir", out), CIFAR100,
                     out, "cifar-100-python/test")
@@ -289,6 +310,25 @@ def test_cifar100_bad_input(tmp_path):
     (out / "args.json").write_text("{}")
     result = run_script(CIFAR100, "--dummy", "--distill", "none", "--student", "resnet8", "--out-dir", out)
     assert result.returncode == 2 and "already holds a run" in result.stderr and (out / "args.json").read_text() == "{}"
+
+
+def cifar100_family_real(tmp_path):
+    """CIFAR100_FAMILY's run on tiny real-format data (and a teacher checkpoint) written under tmp_path."""
+    from cifar100_kd import ARCHS
+    torch.manual_seed(0)
+    torch.save(ARCHS["resnet8"]().state_dict(), tmp_path / "teacher.pt")
+    data = cifar100_write_data(tmp_path / "cifar", n_train=16, n_test=16)
+    return ["--data-dir", str(data), "--student", "resnet8", "--teacher", "resnet8", "--teacher-ckpt",
+            str(tmp_path / "teacher.pt"), "--max-steps", "1", "--batch-size", "8", "--log-every", "1"]
+
+
+CIFAR100_FAMILY = dict(
+    script=CIFAR100,
+    dummy=["--dummy", "--student", "resnet8", "--teacher", "resnet8", "--max-steps", "1", "--batch-size", "8",
+           "--log-every", "1"],
+    real=cifar100_family_real,
+    other_projector=["--projector", "linear"],  # the default is the paper's 'mlp'
+)
 
 
 def test_cifar100_non_finite_loss_stops(tmp_path):
