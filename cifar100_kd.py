@@ -1,16 +1,5 @@
-"""CIFAR-100 knowledge distillation under the RepDistiller/mdistiller protocol, with the recipe of
-"Understanding the Role of the Projector in Knowledge Distillation" (Miles & Mikolajczyk, AAAI 2024).
-
-The student learns from cross-entropy and the paper's feature loss on the pooled penultimate features: a
-projector ``W_p`` on the student feature ``z_s``, batch norm without affine on ``z_s W_p`` and on the teacher
-feature ``z_t``, and the soft maximum ``log sum |norm(z_s W_p) - norm(z_t)| ** alpha`` (``alpha = 4``). By default
-the distiller is the paper's for CIFAR-100: an MLP projector with 1024 hidden units and no KL term (thesis
-Sec. 6.4.1); the feature weight, which the paper does not state, is the official code's 2. The protocol is CRD's
-(Tian et al., 2020): the 22 architectures below, 240 epochs of SGD (batch 64, lr 0.05, or 0.01 for
-MobileNetV2/ShuffleNets, x0.1 at epochs 150/180/210, weight decay 5e-4), random crop with 4 pixels of padding
-and horizontal flips. The models are state-dict compatible with RepDistiller's and mdistiller's: their published
-teachers (mdistiller's ``cifar_teachers.tar``, fetched once into torch's hub cache) load as they are, and our
-checkpoints load into their code (``torch.load(path)["model"]``).
+"""CIFAR-100 knowledge distillation with the recipe of "Understanding the Role of the Projector in Knowledge
+Distillation" (Miles & Mikolajczyk, AAAI 2024), under the RepDistiller/mdistiller protocol.
 
 The paper's numbers, standard protocol with the published teachers (AAAI-24 poster, Table 3), top-1 %:
 resnet32x4 -> resnet8x4 76.55 (teacher 79.42, student alone 72.50, KD 73.33, CRD 75.51, DKD 76.32);
@@ -23,17 +12,23 @@ uses SSKD's teachers and trains on pairs of augmented images, which this script 
     python cifar100_kd.py --student resnet20 --distill none              # train your own teacher, then:
     python cifar100_kd.py --teacher resnet20 --teacher-ckpt runs/cifar100_kd-resnet20-none/best.pt --student resnet8
     torchrun --nproc_per_node=2 cifar100_kd.py --batch-size 32           # the same global batch on 2 GPUs
-    python cifar100_kd.py --distill kd --ce-weight 0.1 --kd-weight 0.9 --temperature 4    # classic KD
     python cifar100_kd.py --dummy --epochs 1 --max-steps 20   # no data, random teacher: a smoke test
 
-The whole data set lives on the training device as uint8; crop, flip and normalisation happen there,
-per batch, so there is no DataLoader. A run prints its arguments, the teacher's test accuracy (79.42 %
-for the published resnet32x4; a fetched teacher more than a point off stops the run), one line per
-``--log-every`` steps and one float32 evaluation per epoch on the full 10,000-image test set. Outputs go to
-``--out-dir``: args.json, metrics.jsonl, last.pt, best.pt, summary.json.
+The loss: cross-entropy plus 2 x the paper's feature loss on the pooled penultimate features, batch norm without
+affine on the projected student feature ``z_s W_p`` and on the teacher's ``z_t``, then the soft maximum
+``log sum |norm(z_s W_p) - norm(z_t)| ** alpha``, alpha = 4. The projector is the paper's for CIFAR-100, an MLP with
+1024 hidden units, with no KL term (thesis Sec. 6.4.1); the weight 2 is the official code's (the paper states none).
+The protocol is CRD's: 22 architectures, 240 epochs of SGD (batch 64, lr 0.05, or 0.01 for MobileNetV2/ShuffleNets,
+x0.1 at epochs 150/180/210, weight decay 5e-4), 4-pixel padded crops and flips, done per batch on the device where
+the uint8 data set lives (no DataLoader). The models load RepDistiller's published teachers (mdistiller's
+``cifar_teachers.tar``, fetched once into torch's hub cache) and our checkpoints load into their code
+(``torch.load(path)["model"]``). A run prints the teacher's test accuracy (79.42 for resnet32x4; a fetched teacher
+a point off stops it), a line per ``--log-every`` steps and a float32 score per epoch on the 10,000 test images,
+and writes args.json, metrics.jsonl, last.pt, best.pt and summary.json to ``--out-dir``.
 """
 import argparse
 import datetime
+import importlib.metadata
 import io
 import json
 import math
@@ -46,8 +41,8 @@ import shutil
 import sys
 import tarfile
 import time
+from contextlib import nullcontext
 from functools import partial
-from importlib.metadata import version
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -66,16 +61,14 @@ CIFAR_MD5 = "eb9058c3a382ffc7106e4002c42a8d85"
 LAYOUT = "<data-dir>/cifar-100-python/{train,test}, the pickles of the python release"
 MEAN, STD = (0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761)
 NUM_CLASSES = 100
-# --dummy train/test images: a full-size training epoch (782 steps of 64, the last one 16), so that a benchmark with
-# --max-steps 200 runs 200 steps; a small test set keeps the per-epoch evaluation of the smoke tests short.
+# --dummy images: a full training epoch (782 steps of 64) for benchmarks, a small test set for quick smoke tests.
 DUMMY_SIZES = (50_000, 1_000)
-# The published teachers: RepDistiller's, redistributed by mdistiller as cifar_teachers.tar in its `checkpoints`
-# release, with their test top-1 in CRD's Tables 1-2 (the accuracy a fetched teacher must reproduce where its
-# checkpoint records none, and a --teacher-ckpt far below which is suspect).
 # The flags that make a run what it is: a --resume must match them (speed and logging flags may change). The step
 # schedule and SGD's hyper-parameters are among them because the optimizer's and scheduler's states carry them.
 RESUME_MUST_MATCH = ("dummy", "data_dir", "student", "teacher", "distill", "projector", "projector_hidden", "norm",
-                     "distance", "lr", "lr_decay_epochs", "lr_decay_rate", "momentum", "wd")
+                     "distance", "lr", "lr_milestones", "lr_gamma", "momentum", "wd")
+# RepDistiller's teachers, as mdistiller's `checkpoints` release redistributes them, with their test top-1 in CRD's
+# Tables 1-2: what a fetched teacher must score where its checkpoint records none (a --teacher-ckpt far below warns).
 TEACHERS_URL = "https://github.com/megvii-research/mdistiller/releases/download/checkpoints/cifar_teachers.tar"
 PUBLISHED_TOP1 = {"resnet56": 72.34, "resnet110": 74.31, "resnet32x4": 79.42, "ResNet50": 79.34, "wrn_40_2": 75.61,
                   "vgg13": 74.64}
@@ -89,83 +82,78 @@ def fail(msg, code=2):
     sys.exit(code)
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """argparse's "(default: X)", except for defaults resolved after parsing (None), whose help says them."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None or action.default is False else super()._get_help_string(action)
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.error = lambda message: fail(f"{message}; see --help")  # one line on stderr, exit 2 (CONVENTIONS §6)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
+    p.error = lambda message: fail(f"{message}; see --help")  # one line on stderr, exit 2, as every other error
     g = p.add_argument_group("data")
     g.add_argument("--data-dir", default="data/cifar100",
                    help=f"dataset root, laid out as {LAYOUT}; the release is downloaded there when missing")
-    g.add_argument("--dummy", action="store_true",
-                   help=f"random images and labels ({DUMMY_SIZES[0]} train, {DUMMY_SIZES[1]} test) and a random "
-                   "teacher unless --teacher-ckpt or --teacher-url: the whole pipeline without files or downloads; "
-                   "doubles as a speed benchmark")
+    g.add_argument("--dummy", action="store_true", help=f"random images ({DUMMY_SIZES[0]} train, {DUMMY_SIZES[1]} "
+                   "test) and teacher (unless --teacher-ckpt or --teacher-url): no files or downloads; a benchmark")
     g = p.add_argument_group("models")
     g.add_argument("--student", default="resnet8x4", choices=ARCHS, metavar="ARCH",
                    help=f"student architecture, one of: {', '.join(ARCHS)}")
-    g.add_argument("--teacher", default="resnet32x4", choices=ARCHS, metavar="ARCH",
-                   help="teacher architecture (same choices)")
-    g.add_argument("--teacher-ckpt", metavar="PATH",
-                   help="teacher weights: a best.pt of this script, or RepDistiller's/mdistiller's ckpt_epoch_240.pth "
-                   "(default: the published teacher of --teacher, fetched from --teacher-url)")
-    g.add_argument("--teacher-url", metavar="URL",
-                   help=f"where the published teachers' tar is fetched from when --teacher-ckpt is not given (default: "
-                   f"{TEACHERS_URL}); a mirror or a file:// URL. Cached in torch's hub cache ($TORCH_HOME). "
-                   f"It holds {', '.join(PUBLISHED_TOP1)}; --dummy fetches only when this flag is given")
+    g.add_argument("--teacher", default="resnet32x4", choices=ARCHS, metavar="ARCH", help="teacher architecture")
+    g.add_argument("--teacher-ckpt", metavar="PATH", help="teacher weights, a best.pt of this script or RepDistiller's "
+                   "ckpt_epoch_240.pth (default: the published teacher of --teacher, fetched from --teacher-url)")
+    g.add_argument("--teacher-url", metavar="URL", help=f"the published teachers' tar ({', '.join(PUBLISHED_TOP1)}), "
+                   f"cached in $TORCH_HOME (default: {TEACHERS_URL}); a mirror or file:// URL; --dummy fetches if set")
     g = p.add_argument_group("distillation")
-    g.add_argument("--distill", default="srd", choices=("none", "kd", "srd"),
-                   help="none: cross-entropy only (a baseline student, or a teacher); kd: CE + KL; "
-                   "srd: CE + the feature loss (the paper), + KL when --kd-weight is above 0")
+    g.add_argument("--distill", default="srd", choices=("none", "kd", "srd"), help="none: cross-entropy only (a "
+                   "baseline, or a teacher); kd: CE + KL; srd: CE + the feature loss (the paper) + KL if --kd-weight>0")
     g.add_argument("--ce-weight", type=float, default=1.0, help="weight of the cross-entropy (classic KD: 0.1)")
-    g.add_argument("--kd-weight", type=float, help="weight of the KL term (default: 0 for srd, the paper's CIFAR-100 "
-                   "setting, thesis Sec. 6.4.1; 1 for kd; classic KD: 0.9)")
+    g.add_argument("--kd-weight", type=float,
+                   help="weight of the KL term (default: 0 for srd, the paper's CIFAR-100 setting; 1 for kd)")
     g.add_argument("--temperature", type=float, default=1.0, help="KD temperature T (classic KD: 4)")
-    g.add_argument("--feat-weight", type=float, default=2.0, help="weight of the feature loss (srd); the paper does not state it for CIFAR-100: the official code's")
+    g.add_argument("--feat-weight", type=float, default=2.0, help="weight of the feature loss (srd); the paper "
+                   "does not state it: the official code's")
     g.add_argument("--alpha", type=float, default=4.0, help="exponent of the soft maximum log sum |d|^alpha")
     g.add_argument("--norm", default="bn", choices=NORMS, help="normalisation of both features (paper: bn, no affine)")
-    g.add_argument("--projector", default="mlp", choices=PROJECTORS,
-                   help="projector W_p on the student feature (the paper's CIFAR-100 runs: mlp; its ImageNet runs: linear)")
+    g.add_argument("--projector", default="mlp", choices=PROJECTORS, help="W_p (paper: mlp here, linear on ImageNet)")
     g.add_argument("--projector-hidden", type=int, default=1024,
                    help="hidden width of the 'mlp' projector (the paper's CIFAR-100 runs: 1024)")
     g.add_argument("--distance", default="logsum", choices=DISTANCES, help="feature distance")
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int, default=240, help="training epochs")
+    g.add_argument("--max-steps", type=int, help="cap on the steps of each epoch (smoke tests, benchmarks)")
     g.add_argument("--batch-size", type=int, default=64, help="images per process and step")
     g.add_argument("--lr", type=float, help="SGD learning rate for a global batch of 64, scaled linearly with the "
                    "global batch (default 0.05; 0.01 for MobileNetV2, ShuffleV1 and ShuffleV2)")
-    g.add_argument("--lr-decay-epochs", type=int, nargs="+", default=[150, 180, 210],
-                   help="epochs at which the lr is multiplied by --lr-decay-rate")
-    g.add_argument("--lr-decay-rate", type=float, default=0.1, help="step decay factor")
+    g.add_argument("--lr-milestones", type=int, nargs="+", default=[150, 180, 210], help="epochs of the step decay")
+    g.add_argument("--lr-gamma", type=float, default=0.1, help="the lr's factor at each milestone")
     g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
     g.add_argument("--wd", type=float, default=5e-4, help="weight decay of the student and the projector")
-    g.add_argument("--max-steps", type=int, help="cap on the steps of each epoch (smoke tests, benchmarks)")
     g = p.add_argument_group("system")
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
     g.add_argument("--amp", choices=("off", "bf16", "fp16"), help="mixed precision (default: bf16 on CUDA, off on CPU)")
-    g.add_argument("--channels-last", action="store_true", help="NHWC memory layout (faster convolutions on GPUs)")
-    g.add_argument("--compile", action="store_true",
-                   help="torch.compile the whole training step (teacher, student, distiller, backward, SGD); on one "
-                   "GPU with CUDA graphs (mode reduce-overhead). The first steps compile (printed once)")
+    g.add_argument("--channels-last", action=argparse.BooleanOptionalAction,
+                   help="NHWC memory layout, faster convolutions on GPUs (default: on with CUDA, off on CPU)")
+    g.add_argument("--compile", action="store_true", help="torch.compile the training step (CUDA graphs on one GPU): "
+                   "teacher, student, distiller and losses as one graph with its backward, the SGD update as another; "
+                   "the graph breaks at GradScaler, which torch does not trace, so backward() is called eagerly")
     g.add_argument("--sync-bn", action="store_true", help="batch-norm statistics over the global batch under torchrun")
-    g.add_argument("--workers", type=int, default=0,
-                   help="accepted for the interface the four scripts share; unused: the data set lives on the device")
     g.add_argument("--seed", type=int, default=0, help="random seed; every random draw depends on (seed, epoch, rank)")
-    g.add_argument("--log-every", type=int, default=100,
-                   help="steps between log lines, the loop's only host-device syncs")
+    g.add_argument("--log-every", type=int, default=100, help="steps between log lines (the only host-device syncs)")
     g = p.add_argument_group("outputs")
-    g.add_argument("--out-dir",
-                   help="output folder (default: runs/cifar100_kd-<student>-<distill>, or the folder of --resume)")
-    g.add_argument("--resume", metavar="PATH", help="continue the run of this checkpoint (its last.pt); "
-                   "with --evaluate, the weights to score (any format --teacher-ckpt takes)")
-    g.add_argument("--evaluate", action="store_true",
-                   help="score the student of --resume on the test set, write eval.json and exit")
+    g.add_argument("--out-dir", help=f"output folder (default: the folder of --resume, else "
+                   f"runs/{PROG}-<student>-<distill>, with -dummy for --dummy runs)")
+    g.add_argument("--resume", metavar="PATH",
+                   help="continue the run of this last.pt; with --evaluate, the weights to score (any format)")
+    g.add_argument("--evaluate", action="store_true", help="score the student of --resume, write eval.json and exit")
     args = p.parse_args(argv)
-    if args.amp is None:
-        args.amp = "bf16" if args.device.startswith("cuda") else "off"
+    cuda = args.device.startswith("cuda")
+    args.amp = args.amp or ("bf16" if cuda else "off")
+    args.channels_last = cuda if args.channels_last is None else args.channels_last
     if args.kd_weight is None:  # the paper's CIFAR-100 distiller has no KL term; --distill kd is CE + KL
         args.kd_weight = 0.0 if args.distill == "srd" else 1.0
-    if args.lr is None:
-        args.lr = 0.01 if args.student in SMALL_LR_ARCHS else 0.05
+    args.lr = (0.01 if args.student in SMALL_LR_ARCHS else 0.05) if args.lr is None else args.lr
     if args.out_dir is None:  # --dummy runs have their own folder: a real run's never holds random-data checkpoints
         args.out_dir = (str(Path(args.resume).parent) if args.resume else
                         f"runs/{PROG}-{args.student}-{args.distill}" + ("-dummy" if args.dummy else ""))
@@ -181,8 +169,294 @@ def parse_args(argv=None):
 
 
 # ---------------------------------------------------------------------------------------------------
-# Data: the python release of CIFAR-100, held on the device as uint8 and augmented there per batch.
+# The method: the student and the paper's distiller in one module, so that DDP keeps the projector
+# W_p identical on every rank (and averages its gradients like the student's), and Hinton's KD term.
 # ---------------------------------------------------------------------------------------------------
+class StudentWithDistiller(nn.Module):
+    def __init__(self, student, distiller):
+        super().__init__()
+        self.student, self.distiller = student, distiller
+
+    def forward(self, x, z_t=None):
+        logits, z_s = self.student(x)
+        return logits, self.distiller(z_s, z_t) if self.distiller is not None else None
+
+
+def kd_loss(logits_s, logits_t, T):
+    """Hinton's KD term: KL(softmax(y_t / T) || softmax(y_s / T)), batch mean, times T^2 so that its gradients
+    keep their scale as T changes."""
+    return F.kl_div(F.log_softmax(logits_s.float() / T, 1), F.log_softmax(logits_t.float() / T, 1),
+                    reduction="batchmean", log_target=True) * T * T
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    t_start = time.time()
+
+    # ---- set-up: one code path; torchrun's RANK means DDP ----
+    distributed = "RANK" in os.environ
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    is_main = rank == 0
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        fail(f"unknown --device {args.device!r}; pass cuda, cuda:N or cpu")
+    if device.type == "cuda":  # one process per GPU under torchrun; an explicit index for set_device
+        if not torch.cuda.is_available():
+            fail(f"--device {args.device} but CUDA is not available; pass --device cpu")
+        device = torch.device("cuda", local_rank if distributed else device.index or 0)
+        torch.cuda.set_device(device)
+        torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick its fastest kernels
+    if distributed:
+        cuda = device.type == "cuda"
+        dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
+    torch.manual_seed(args.seed)  # the same on every rank: a --dummy random teacher is one teacher, not one per rank
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp)
+    autocast = torch.autocast(device.type, dtype=dtype) if dtype else nullcontext()
+    global_batch = args.batch_size * world
+    lr = args.lr * global_batch / 64  # linear scaling from the protocol's batch of 64
+    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+    out_dir = Path(args.out_dir)
+    args_json = json.loads(json.dumps(vars(args), default=str))  # plain types, for weights_only loads
+
+    # ---- bad input: refused before anything is written ----
+    use_teacher = args.distill != "none" and not args.evaluate
+    if args.evaluate and not args.resume:
+        fail("--evaluate needs --resume PATH, the checkpoint whose student to score")
+    if out_dir.exists() and not out_dir.is_dir():
+        fail(f"--out-dir {out_dir} is a file; pass a folder")
+    if not (args.evaluate or args.resume) and ((out_dir / "args.json").exists() or (out_dir / "last.pt").exists()):
+        fail(f"{out_dir} already holds a run; pass --resume {out_dir}/last.pt to continue it, "
+             "or choose another --out-dir")
+    ckpt = read_checkpoint(args.resume) if args.resume else None
+    if ckpt is not None and not args.evaluate:  # checked here, before the data and the teacher's score
+        needed = {"student", "distiller", "optimizer", "scheduler", "scaler", "epoch", "best", "best_epoch", "args"}
+        if not isinstance(ckpt, dict) or not needed <= ckpt.keys() or not isinstance(ckpt["args"], dict):
+            fail(f"{args.resume} is not a training checkpoint of {PROG}; use it as --teacher-ckpt, "
+                 "or score it with --evaluate")
+        if ckpt["epoch"] >= args.epochs:
+            fail(f"{args.resume} has trained {ckpt['epoch']} epochs already; pass --epochs above {ckpt['epoch']}")
+        for flag in RESUME_MUST_MATCH:  # what makes it the same run; speed and logging flags may change
+            if ckpt["args"].get(flag) != args_json[flag]:
+                fail(f"{args.resume} was trained with --{flag.replace('_', '-')} {ckpt['args'].get(flag)}, "
+                     f"not {args_json[flag]}; pass that run's flags to resume it")
+    fetches = use_teacher and not args.teacher_ckpt and (args.teacher_url or not args.dummy)
+    if fetches and args.teacher not in PUBLISHED_TOP1:
+        fail(f"--teacher {args.teacher} has no published weights (the release holds {', '.join(PUBLISHED_TOP1)}); "
+             f"train it (--student {args.teacher} --distill none), then --teacher-ckpt {args.teacher}'s best.pt")
+
+    # ---- data ----
+    train_x, train_y, *test_set = (t.to(device) for t in build_data(args, is_main))
+    per_rank = len(train_y) // world  # each rank trains on its own slice of one shared permutation
+    steps = min(math.ceil(per_rank / args.batch_size), args.max_steps or math.inf)
+    normalise = Normalise(args.channels_last).to(device)
+
+    # ---- models: student, teacher, distiller ----
+    student = build_student(args)
+    if args.evaluate:
+        load_weights(student, ckpt, args.resume, f"student {args.student}")
+        metrics = evaluate(student.to(device, memory_format=memory_format), test_set, normalise)
+        record = {"checkpoint": str(args.resume), "student": args.student, **metrics}
+        if is_main:
+            print(f"{args.resume}: top1 {metrics['top1']:.2f} top5 {metrics['top5']:.2f} on {metrics['images']} images")
+            out_dir.mkdir(parents=True, exist_ok=True)
+            save_atomic(json.dumps(record, indent=2) + "\n", out_dir / "eval.json")
+        if distributed:
+            dist.destroy_process_group()
+        return record
+    teacher, teacher_origin, teacher_expected = build_teacher(args, local_rank == 0) if use_teacher else (None,) * 3
+    teacher_top1 = None
+    if teacher is not None:  # scored before the outputs: a published teacher that fails its check writes nothing
+        teacher.to(device, memory_format=memory_format)
+        teacher_top1 = evaluate(teacher, test_set, normalise)["top1"]
+        # A published teacher's accuracy is its checksum: a wrong file or a wrong normalisation shows here.
+        if teacher_expected is not None and not args.dummy and abs(teacher_top1 - teacher_expected) > 1:
+            fail(f"the teacher ({teacher_origin}) scores {teacher_top1:.2f} on the test set, not the "
+                 f"{teacher_expected:.2f} it was published with; delete the cached tar under "
+                 f"{Path(torch.hub.get_dir()) / 'checkpoints'} and run again, or pass --teacher-ckpt")
+    try:  # W_p maps z_s (the student's width) to the teacher's width; the models know both
+        distiller = FeatureDistiller(student.feat_dim, teacher.feat_dim, args.projector, args.norm, args.distance,
+                                     args.alpha, hidden=args.projector_hidden) if args.distill == "srd" else None
+    except ValueError as e:  # e.g. --projector none with different widths
+        fail(str(e))
+    model = StudentWithDistiller(student, distiller)
+    if args.sync_bn and distributed:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # swaps modules inside: the handles stay valid
+    model.to(device, memory_format=memory_format)
+
+    # ---- optimisation ----
+    # Under --compile the lr is a device tensor: the scheduler's decays then change a value in place, never a guard of
+    # the compiled step (no recompilation). Eagerly it stays a float, which costs no host-device sync per step.
+    as_lr = (lambda value: torch.tensor(float(value), device=device)) if args.compile else float
+    optimizer = torch.optim.SGD(model.parameters(), lr=as_lr(lr), momentum=args.momentum, weight_decay=args.wd)
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, args.lr_milestones, args.lr_gamma)
+    scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
+
+    # ---- resume ----
+    start_epoch, best, best_epoch = 0, -1.0, 0
+    if ckpt is not None:
+        load_weights(student, ckpt["student"], args.resume, f"student {args.student}")
+        if distiller is not None:
+            load_weights(distiller, ckpt["distiller"], args.resume, "distiller")
+        optimizer.load_state_dict(ckpt["optimizer"])
+        for group in optimizer.param_groups:  # this run's lr type, whatever the saving run's --compile was
+            group["lr"] = as_lr(group["lr"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        scaler.load_state_dict(ckpt["scaler"] or {})
+        start_epoch, best, best_epoch = ckpt["epoch"], ckpt["best"], ckpt["best_epoch"]
+    if distributed:
+        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    # ---- outputs: the run writes from here on ----
+    if is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        derived = {"world_size": world, "global_batch": global_batch, "scaled_lr": lr, "steps_per_epoch": steps}
+        save_atomic(json.dumps({**args_json, **derived}, indent=2) + "\n", out_dir / "args.json")
+        metrics_path = out_dir / "metrics.jsonl"
+        if args.resume and metrics_path.exists():  # forget epochs logged after the checkpoint was written
+            kept = [r for r in metrics_path.read_text().splitlines() if r and json.loads(r)["epoch"] <= start_epoch]
+            metrics_path.write_text("".join(r + "\n" for r in kept))
+        print("args: " + json.dumps(args_json))
+        print(f"world size {world} | device {device} | amp {args.amp} | global batch {global_batch} | lr {lr:g} | "
+              f"{steps} steps/epoch | params: student {n_params(student):.2f}M, distiller {n_params(distiller):.3f}M, "
+              f"teacher {n_params(teacher):.2f}M")
+        if ckpt is not None:
+            print(f"resuming {args.resume}: {start_epoch} epochs done, best top1 {best:.2f} (epoch {best_epoch})")
+
+    # ---- the teacher's score ----
+    if teacher is not None and is_main:
+        published = PUBLISHED_TOP1.get(args.teacher)
+        expected = f" (published: {teacher_expected:.2f})" if teacher_expected is not None else ""
+        print(f"teacher {args.teacher} ({teacher_origin}): top1 {teacher_top1:.2f}{expected}")
+        if args.teacher_ckpt and published and not args.dummy and teacher_top1 < published - 3:
+            print(f"warning: the teacher scores {teacher_top1:.2f}, far below the {published} of the public "
+                  f"{args.teacher}; check the checkpoint and --teacher")
+
+    # ---- training ----
+    total_steps, done_steps, t_loop = (args.epochs - start_epoch) * steps, 0, time.time()
+    run_images, run_train_s, summary = 0, 0.0, None
+    zero = torch.zeros((), device=device)  # an unused term: 0, so that one expression serves every mode
+    uses_kd = teacher is not None and args.kd_weight > 0  # srd's default has no KL term (the paper's CIFAR distiller)
+
+    def train_step(x, y):
+        """One step of the paper's objective; returns the unweighted loss terms (ce, kd, feat), left on the device."""
+        with autocast:
+            logits_t = z_t = None
+            if teacher is not None:
+                with torch.no_grad():
+                    logits_t, z_t = teacher(x)
+            logits_s, loss_feat = model(x, z_t)
+            loss_ce = F.cross_entropy(logits_s.float(), y)
+            loss_kd = kd_loss(logits_s, logits_t, args.temperature) if uses_kd else zero
+            loss_feat = zero if loss_feat is None else loss_feat
+            loss = args.ce_weight * loss_ce + args.kd_weight * loss_kd + args.feat_weight * loss_feat
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        return torch.stack([loss_ce, loss_kd, loss_feat]).detach()
+
+    # --compile: on one GPU the graphs replay as CUDA graphs, since at batch 64 these models are bound by kernel
+    # launches. Shapes are static: the epoch's last, partial batch runs eagerly, so nothing compiles again.
+    mode = "reduce-overhead" if device.type == "cuda" and not distributed else None
+    compiled_step = torch.compile(train_step, mode=mode, dynamic=False) if args.compile else train_step
+    for epoch in range(start_epoch, args.epochs):
+        # Every random draw is a function of (seed, epoch, rank): a resumed run repeats the epochs it missed.
+        shared = torch.Generator(device=device).manual_seed(seed_of(args.seed, epoch, 0))  # one permutation for all
+        own = torch.Generator(device=device).manual_seed(seed_of(args.seed, epoch, 1 + rank))  # this rank's crops
+        order = torch.randperm(len(train_y), generator=shared, device=device)[rank * per_rank:(rank + 1) * per_rank]
+        model.train()
+        epoch_sums = torch.zeros(3, device=device)  # ce, kd, feat: summed on the device, read at log steps only
+        log_sums, log_steps, t_log, data_s, t_epoch = torch.zeros(3, device=device), 0, time.time(), 0.0, time.time()
+        for step in range(steps):
+            t_data = time.perf_counter()
+            idx = order[step * args.batch_size:(step + 1) * args.batch_size]
+            x, y = normalise(crop_flip(train_x[idx], own)), train_y[idx]
+            data_s += time.perf_counter() - t_data
+            terms = (compiled_step if len(idx) == args.batch_size else train_step)(x, y)
+            if args.compile and step == 1 and epoch == start_epoch and is_main:  # the graphs of the first two steps
+                print(f"compiled the training step in {time.time() - t_epoch:.0f} s", flush=True)
+            epoch_sums += terms
+            log_sums += terms
+            log_steps, done_steps = log_steps + 1, done_steps + 1
+            if (step + 1) % args.log_every == 0 or step + 1 == steps:
+                # The loop's only host-device sync; loss means over the ranks: every rank stops on a non-finite loss.
+                if distributed:
+                    dist.all_reduce(log_sums)
+                ce, kd, feat = (log_sums / (log_steps * world)).tolist()
+                if not all(map(math.isfinite, (ce, kd, feat))):
+                    fail(f"non-finite loss at epoch {epoch + 1} step {step + 1}: ce {ce} kd {kd} feat {feat}; last.pt "
+                         f"still holds epoch {epoch}; lower --lr, or resume with --amp bf16/off", code=3)
+                now = time.time()
+                if is_main:
+                    eta = datetime.timedelta(seconds=round((now - t_loop) / done_steps * (total_steps - done_steps)))
+                    losses = f"ce {ce:.3f}" + (f" kd {kd:.3f}" if uses_kd else "")
+                    losses += f" feat {feat:.3f}" if distiller is not None else ""
+                    lr_now, speed = float(optimizer.param_groups[0]["lr"]), log_steps * global_batch / (now - t_log)
+                    print(f"epoch {epoch + 1}/{args.epochs} step {step + 1}/{steps} | {losses} | lr {lr_now:.4g} | "
+                          f"{speed:.0f} img/s | data {1000 * data_s / log_steps:.1f} ms/step | eta {eta}")
+                log_sums.zero_()
+                log_steps, t_log, data_s = 0, now, 0.0
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        train_s = time.time() - t_epoch
+        images = min(steps * args.batch_size, per_rank) * world
+        run_images, run_train_s = run_images + images, run_train_s + train_s
+        if distributed:
+            dist.all_reduce(epoch_sums)
+        loss_means = (epoch_sums / (steps * world)).tolist()
+        epoch_lr = float(optimizer.param_groups[0]["lr"])
+        scheduler.step()
+
+        # ---- evaluation, checkpoint, record ----
+        if distributed:  # every rank scores the model rank 0 saves: its batch-norm statistics, not the local ones
+            for buffer in student.buffers():
+                dist.broadcast(buffer, 0)
+        metrics = evaluate(student, test_set, normalise)
+        del metrics["images"]
+        if metrics["top1"] > best:
+            best, best_epoch = metrics["top1"], epoch + 1
+        if is_main:
+            record = {"epoch": epoch + 1, "lr": epoch_lr, "loss_ce": loss_means[0],
+                      "loss_kd": loss_means[1] if uses_kd else None, "loss_feat": loss_means[2] if distiller else None,
+                      **metrics, "images_per_s": images / train_s, "epoch_s": time.time() - t_epoch,
+                      "peak_mem_mb": peak_memory_mb(device)}
+            if distiller is not None:  # every singular value of W_p, sorted (Figure 6.2); None unless it is linear
+                sv = projector_spectrum(distiller)
+                record["projector_sv"] = None if sv is None else sv.tolist()
+            weights = student.state_dict()  # also under "model", RepDistiller's key: torch.save stores it once
+            ckpt = {"model": weights, "student": weights, "distiller": distiller.state_dict() if distiller else None,
+                    "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                    "scaler": scaler.state_dict(), "epoch": epoch + 1, "best": best, "best_epoch": best_epoch,
+                    "args": args_json}
+            save_atomic(ckpt, out_dir / "last.pt")  # before the record: the two never disagree
+            if best_epoch == epoch + 1:
+                save_atomic(ckpt, out_dir / "best.pt")
+            with open(out_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+            print(f"epoch {epoch + 1}/{args.epochs} | top1 {metrics['top1']:.2f} top5 {metrics['top5']:.2f} | best "
+                  f"{best:.2f} (epoch {best_epoch}) | {record['epoch_s']:.0f} s | peak {record['peak_mem_mb']:.0f} MB")
+
+    # ---- summary ----
+    if is_main:
+        summary = {"metric": "top1", "best": best, "best_epoch": best_epoch, "last": record["top1"],
+                   "last_top5": record["top5"], "teacher": teacher_top1, "student_arch": args.student,
+                   "teacher_arch": args.teacher if teacher is not None else None, "distill": args.distill,
+                   "wall_s": time.time() - t_start, "images_per_s": run_images / run_train_s,
+                   "peak_mem_mb": peak_memory_mb(device), "world_size": world, "versions": versions()}
+        save_atomic(json.dumps(summary, indent=2) + "\n", out_dir / "summary.json")
+        print(f"done: best top1 {best:.2f} (epoch {best_epoch}), last top1 {record['top1']:.2f} | "
+              f"{summary['wall_s'] / 60:.1f} min | {out_dir}")
+    if distributed:
+        dist.destroy_process_group()
+    return summary
+
+
+# =====================================================================================================
+# Appendix: the plumbing a reader of the method can skip (data, model zoo, teacher weights, checkpoints)
+# =====================================================================================================
+# ---- data: the python release of CIFAR-100, held on the device as uint8 and augmented there per batch ----
 def build_data(args, is_main):
     """(train images, train labels, test images, test labels) as uint8 (N, 3, 32, 32) and int64 (N,): the python
     release in --data-dir (downloaded by rank 0 when missing), or --dummy's random set, the same on every rank."""
@@ -212,20 +486,18 @@ def build_data(args, is_main):
                 d = pickle.load(f, encoding="latin1")  # the official format is a pickle: only load files you trust
             x = np.asarray(d["data"])
             y = np.asarray(d["fine_labels"], dtype=np.int64)
-            if x.dtype != np.uint8 or x.ndim != 2 or x.shape[1] != 3072 or len(y) != len(x):
-                raise ValueError(f"'data' is {x.dtype} {x.shape} for {len(y)} labels, expected uint8 (N, 3072)")
-            if len(y) == 0 or y.min() < 0 or y.max() >= NUM_CLASSES:
-                raise ValueError(f"'fine_labels' must lie in 0..{NUM_CLASSES - 1}")
+            if x.dtype != np.uint8 or x.ndim != 2 or x.shape[1] != 3072 or len(y) != len(x) or len(y) == 0 \
+                    or y.min() < 0 or y.max() >= NUM_CLASSES:
+                raise ValueError(f"'data' is {x.dtype} {x.shape} for {len(y)} 'fine_labels', expected uint8 (N, 3072) "
+                                 f"and labels in 0..{NUM_CLASSES - 1}")
         except Exception as e:
-            fail(f"cannot read {path} ({type(e).__name__}: {e}); expected {LAYOUT} "
-                 f"(from {CIFAR_URL}), or pass --dummy")
+            fail(f"cannot read {path} ({type(e).__name__}: {e}); expected {LAYOUT} (from {CIFAR_URL}), or pass --dummy")
         splits += [torch.from_numpy(x).view(-1, 3, 32, 32), torch.from_numpy(y)]  # rows are planar R, G, B
     return splits
 
 
 class Normalise(nn.Module):
-    """uint8 images (B, 3, 32, 32) -> float inputs standardised with the CIFAR-100 channel statistics, which live
-    on the device as buffers: building them per batch would copy host to device."""
+    """uint8 (B, 3, 32, 32) -> standardised floats; the statistics are buffers on the device, not copied per batch."""
 
     def __init__(self, channels_last=False):
         super().__init__()
@@ -235,13 +507,6 @@ class Normalise(nn.Module):
 
     def forward(self, x):
         return ((x.float() - self.mean) / self.std).contiguous(memory_format=self.memory_format)
-
-
-def seed_of(seed, epoch, stream):
-    """A 32-bit seed that is a function of (seed, epoch, stream) and nothing else, each triple its own stream: 0 for
-    the epoch's permutation, which every rank shares, 1 + rank for that rank's crops and flips. (SeedSequence hashes
-    trailing zeros away, so the triple has a fixed length.)"""
-    return int(np.random.SeedSequence((seed, epoch, stream)).generate_state(1)[0])
 
 
 def crop_flip(x, generator):
@@ -257,17 +522,10 @@ def crop_flip(x, generator):
              rows.view(b, 1, 32, 1), cols.view(b, 1, 1, 32)]
 
 
-# ---------------------------------------------------------------------------------------------------
-# Models: RepDistiller's 22 CIFAR architectures with their exact parameter and buffer names. Each
-# forward returns (logits, z) with z the pooled penultimate feature (the classifier's input, the
-# feature the paper distils) and each model knows its width as `feat_dim`.
-# ---------------------------------------------------------------------------------------------------
-def conv3x3(cin, cout, stride=1, groups=1):
-    return nn.Conv2d(cin, cout, 3, stride, 1, groups=groups, bias=False)
-
-
-def conv1x1(cin, cout, stride=1, groups=1):
-    return nn.Conv2d(cin, cout, 1, stride, groups=groups, bias=False)
+# ---- models: RepDistiller's 22 CIFAR architectures with their exact parameter and buffer names. Each forward returns
+# (logits, z), z the pooled penultimate feature (the classifier's input, the one the paper distils) of width feat_dim.
+def conv(k, cin, cout, stride=1, groups=1):  # a k x k convolution without bias, "same" padding
+    return nn.Conv2d(cin, cout, k, stride, k // 2, groups=groups, bias=False)
 
 
 def stage(block, cin, cout, n, stride, *extra):
@@ -290,9 +548,9 @@ def init_weights(model, linear_std=None):
 class BasicBlock(nn.Module):  # CIFAR ResNets (resnet8 ... resnet110, resnet8x4, resnet32x4)
     def __init__(self, cin, cout, stride):
         super().__init__()
-        self.conv1, self.bn1 = conv3x3(cin, cout, stride), nn.BatchNorm2d(cout)
-        self.conv2, self.bn2 = conv3x3(cout, cout), nn.BatchNorm2d(cout)
-        self.downsample = (nn.Sequential(conv1x1(cin, cout, stride), nn.BatchNorm2d(cout))
+        self.conv1, self.bn1 = conv(3, cin, cout, stride), nn.BatchNorm2d(cout)
+        self.conv2, self.bn2 = conv(3, cout, cout), nn.BatchNorm2d(cout)
+        self.downsample = (nn.Sequential(conv(1, cin, cout, stride), nn.BatchNorm2d(cout))
                            if stride != 1 or cin != cout else None)
 
     def forward(self, x):
@@ -304,11 +562,10 @@ class CifarResNet(nn.Module):
     def __init__(self, depth, widths, num_classes=NUM_CLASSES):
         super().__init__()
         n = (depth - 2) // 6
-        self.conv1, self.bn1 = conv3x3(3, widths[0]), nn.BatchNorm2d(widths[0])
+        self.conv1, self.bn1 = conv(3, 3, widths[0]), nn.BatchNorm2d(widths[0])
         for i, (cin, cout, stride) in enumerate(zip(widths[:3], widths[1:], (1, 2, 2)), 1):
             self.add_module(f"layer{i}", stage(BasicBlock, cin, cout, n, stride))
-        self.fc = nn.Linear(widths[3], num_classes)
-        self.feat_dim = widths[3]
+        self.fc, self.feat_dim = nn.Linear(widths[3], num_classes), widths[3]
         init_weights(self)
 
     def forward(self, x):
@@ -321,10 +578,10 @@ class Bottleneck(nn.Module):  # ResNet50 (RepDistiller's resnetv2.py)
     def __init__(self, cin, cout, stride):
         super().__init__()
         planes = cout // 4
-        self.conv1, self.bn1 = conv1x1(cin, planes), nn.BatchNorm2d(planes)
-        self.conv2, self.bn2 = conv3x3(planes, planes, stride), nn.BatchNorm2d(planes)
-        self.conv3, self.bn3 = conv1x1(planes, cout), nn.BatchNorm2d(cout)
-        self.shortcut = (nn.Sequential(conv1x1(cin, cout, stride), nn.BatchNorm2d(cout))
+        self.conv1, self.bn1 = conv(1, cin, planes), nn.BatchNorm2d(planes)
+        self.conv2, self.bn2 = conv(3, planes, planes, stride), nn.BatchNorm2d(planes)
+        self.conv3, self.bn3 = conv(1, planes, cout), nn.BatchNorm2d(cout)
+        self.shortcut = (nn.Sequential(conv(1, cin, cout, stride), nn.BatchNorm2d(cout))
                          if stride != 1 or cin != cout else nn.Sequential())
 
     def forward(self, x):
@@ -335,13 +592,12 @@ class Bottleneck(nn.Module):  # ResNet50 (RepDistiller's resnetv2.py)
 class ResNet50(nn.Module):
     def __init__(self, num_classes=NUM_CLASSES):
         super().__init__()
-        self.conv1, self.bn1 = conv3x3(3, 64), nn.BatchNorm2d(64)
+        self.conv1, self.bn1 = conv(3, 3, 64), nn.BatchNorm2d(64)
         cin = 64
         for i, (cout, n, stride) in enumerate(zip((256, 512, 1024, 2048), (3, 4, 6, 3), (1, 2, 2, 2)), 1):
             self.add_module(f"layer{i}", stage(Bottleneck, cin, cout, n, stride))
             cin = cout
-        self.linear = nn.Linear(cin, num_classes)
-        self.feat_dim = cin
+        self.linear, self.feat_dim = nn.Linear(cin, num_classes), cin
         init_weights(self)
 
     def forward(self, x):
@@ -353,9 +609,9 @@ class ResNet50(nn.Module):
 class WideBlock(nn.Module):  # wide ResNets (wrn_16_1 ... wrn_40_2): pre-activation blocks
     def __init__(self, cin, cout, stride):
         super().__init__()
-        self.bn1, self.conv1 = nn.BatchNorm2d(cin), conv3x3(cin, cout, stride)
-        self.bn2, self.conv2 = nn.BatchNorm2d(cout), conv3x3(cout, cout)
-        self.convShortcut = conv1x1(cin, cout, stride) if cin != cout else None
+        self.bn1, self.conv1 = nn.BatchNorm2d(cin), conv(3, cin, cout, stride)
+        self.bn2, self.conv2 = nn.BatchNorm2d(cout), conv(3, cout, cout)
+        self.convShortcut = conv(1, cin, cout, stride) if cin != cout else None
 
     def forward(self, x):
         o = F.relu(self.bn1(x))
@@ -367,12 +623,11 @@ class WideResNet(nn.Module):
     def __init__(self, depth, widen, num_classes=NUM_CLASSES):
         super().__init__()
         n, widths = (depth - 4) // 6, (16, 16 * widen, 32 * widen, 64 * widen)
-        self.conv1 = conv3x3(3, 16)
+        self.conv1 = conv(3, 3, 16)
         for i, (cin, cout, stride) in enumerate(zip(widths[:3], widths[1:], (1, 2, 2)), 1):
             self.add_module(f"block{i}", nn.ModuleDict({"layer": stage(WideBlock, cin, cout, n, stride)}))
         self.bn1 = nn.BatchNorm2d(widths[3])
-        self.fc = nn.Linear(widths[3], num_classes)
-        self.feat_dim = widths[3]
+        self.fc, self.feat_dim = nn.Linear(widths[3], num_classes), widths[3]
         init_weights(self)
         nn.init.zeros_(self.fc.bias)  # as RepDistiller's wrn.py (the weight keeps PyTorch's default)
 
@@ -392,8 +647,7 @@ class VGG(nn.Module):  # vgg8 ... vgg19, the batch-norm variants, one global ave
                 layers += [nn.Conv2d(cin, w, 3, padding=1), nn.BatchNorm2d(w), nn.ReLU(inplace=True)]
                 cin = w
             self.add_module(f"block{i}", nn.Sequential(*layers[:-1]))  # the last ReLU is in forward
-        self.classifier = nn.Linear(cin, num_classes)
-        self.feat_dim = cin
+        self.classifier, self.feat_dim = nn.Linear(cin, num_classes), cin
         init_weights(self, linear_std=0.01)
 
     def forward(self, x):
@@ -405,8 +659,7 @@ class VGG(nn.Module):  # vgg8 ... vgg19, the batch-norm variants, one global ave
 
 
 def conv_bn_relu(cin, cout, k, stride):
-    return nn.Sequential(nn.Conv2d(cin, cout, k, stride, k // 2, bias=False), nn.BatchNorm2d(cout),
-                         nn.ReLU(inplace=True))
+    return nn.Sequential(conv(k, cin, cout, stride), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
 
 
 class InvertedResidual(nn.Module):  # MobileNetV2, the half-width variant of the benchmark
@@ -414,9 +667,9 @@ class InvertedResidual(nn.Module):  # MobileNetV2, the half-width variant of the
         super().__init__()
         h = cin * t
         self.use_res = stride == 1 and cin == cout
-        self.conv = nn.Sequential(conv1x1(cin, h), nn.BatchNorm2d(h), nn.ReLU(inplace=True),
-                                  conv3x3(h, h, stride, groups=h), nn.BatchNorm2d(h), nn.ReLU(inplace=True),
-                                  conv1x1(h, cout), nn.BatchNorm2d(cout))
+        self.conv = nn.Sequential(conv(1, cin, h), nn.BatchNorm2d(h), nn.ReLU(inplace=True),
+                                  conv(3, h, h, stride, groups=h), nn.BatchNorm2d(h), nn.ReLU(inplace=True),
+                                  conv(1, h, cout), nn.BatchNorm2d(cout))
 
     def forward(self, x):
         return x + self.conv(x) if self.use_res else self.conv(x)
@@ -433,8 +686,7 @@ class MobileNetV2(nn.Module):
             self.blocks.append(stage(InvertedResidual, cin, int(c * width), n, stride, expand))
             cin = int(c * width)
         self.conv2 = conv_bn_relu(cin, 1280, 1, 1)
-        self.classifier = nn.Sequential(nn.Linear(1280, num_classes))
-        self.feat_dim = 1280
+        self.classifier, self.feat_dim = nn.Sequential(nn.Linear(1280, num_classes)), 1280
         init_weights(self, linear_std=0.01)
 
     def forward(self, x):
@@ -455,9 +707,9 @@ class ShuffleV1Block(nn.Module):  # ShuffleNet V1, 3 groups
         super().__init__()
         mid, self.stride = cout // 4, stride
         self.g = 1 if cin == 24 else groups  # the stem's 24 channels are not grouped
-        self.conv1, self.bn1 = conv1x1(cin, mid, groups=self.g), nn.BatchNorm2d(mid)
-        self.conv2, self.bn2 = conv3x3(mid, mid, stride, groups=mid), nn.BatchNorm2d(mid)
-        self.conv3, self.bn3 = conv1x1(mid, cout, groups=groups), nn.BatchNorm2d(cout)
+        self.conv1, self.bn1 = conv(1, cin, mid, groups=self.g), nn.BatchNorm2d(mid)
+        self.conv2, self.bn2 = conv(3, mid, mid, stride, groups=mid), nn.BatchNorm2d(mid)
+        self.conv3, self.bn3 = conv(1, mid, cout, groups=groups), nn.BatchNorm2d(cout)
 
     def forward(self, x):
         out = channel_shuffle(F.relu(self.bn1(self.conv1(x))), self.g)
@@ -468,7 +720,7 @@ class ShuffleV1Block(nn.Module):  # ShuffleNet V1, 3 groups
 class ShuffleNetV1(nn.Module):
     def __init__(self, widths=(240, 480, 960), depths=(4, 8, 4), groups=3, num_classes=NUM_CLASSES):
         super().__init__()
-        self.conv1, self.bn1 = conv1x1(3, 24), nn.BatchNorm2d(24)
+        self.conv1, self.bn1 = conv(1, 3, 24), nn.BatchNorm2d(24)
         cin = 24
         for i, (cout, n) in enumerate(zip(widths, depths), 1):
             # The first block of a stage concatenates its input, so it only computes cout - cin channels.
@@ -476,8 +728,7 @@ class ShuffleNetV1(nn.Module):
             blocks += [ShuffleV1Block(cout, cout, 1, groups) for _ in range(n - 1)]
             self.add_module(f"layer{i}", nn.Sequential(*blocks))
             cin = cout
-        self.linear = nn.Linear(cin, num_classes)
-        self.feat_dim = cin
+        self.linear, self.feat_dim = nn.Linear(cin, num_classes), cin
 
     def forward(self, x):
         x = F.relu(self.bn1(self.conv1(x)))
@@ -489,9 +740,9 @@ class ShuffleV2Block(nn.Module):  # ShuffleNet V2 (1x): half the channels pass, 
     def __init__(self, c):
         super().__init__()
         c //= 2
-        self.conv1, self.bn1 = conv1x1(c, c), nn.BatchNorm2d(c)
-        self.conv2, self.bn2 = conv3x3(c, c, groups=c), nn.BatchNorm2d(c)
-        self.conv3, self.bn3 = conv1x1(c, c), nn.BatchNorm2d(c)
+        self.conv1, self.bn1 = conv(1, c, c), nn.BatchNorm2d(c)
+        self.conv2, self.bn2 = conv(3, c, c, groups=c), nn.BatchNorm2d(c)
+        self.conv3, self.bn3 = conv(1, c, c), nn.BatchNorm2d(c)
 
     def forward(self, x):
         x1, x2 = x.chunk(2, 1)
@@ -503,11 +754,11 @@ class ShuffleV2Down(nn.Module):
     def __init__(self, cin, cout):
         super().__init__()
         mid = cout // 2
-        self.conv1, self.bn1 = conv3x3(cin, cin, 2, groups=cin), nn.BatchNorm2d(cin)
-        self.conv2, self.bn2 = conv1x1(cin, mid), nn.BatchNorm2d(mid)
-        self.conv3, self.bn3 = conv1x1(cin, mid), nn.BatchNorm2d(mid)
-        self.conv4, self.bn4 = conv3x3(mid, mid, 2, groups=mid), nn.BatchNorm2d(mid)
-        self.conv5, self.bn5 = conv1x1(mid, mid), nn.BatchNorm2d(mid)
+        self.conv1, self.bn1 = conv(3, cin, cin, 2, groups=cin), nn.BatchNorm2d(cin)
+        self.conv2, self.bn2 = conv(1, cin, mid), nn.BatchNorm2d(mid)
+        self.conv3, self.bn3 = conv(1, cin, mid), nn.BatchNorm2d(mid)
+        self.conv4, self.bn4 = conv(3, mid, mid, 2, groups=mid), nn.BatchNorm2d(mid)
+        self.conv5, self.bn5 = conv(1, mid, mid), nn.BatchNorm2d(mid)
 
     def forward(self, x):
         left = F.relu(self.bn2(self.conv2(self.bn1(self.conv1(x)))))
@@ -518,15 +769,14 @@ class ShuffleV2Down(nn.Module):
 class ShuffleNetV2(nn.Module):
     def __init__(self, widths=(116, 232, 464, 1024), depths=(3, 7, 3), num_classes=NUM_CLASSES):
         super().__init__()
-        self.conv1, self.bn1 = conv1x1(3, 24), nn.BatchNorm2d(24)
+        self.conv1, self.bn1 = conv(1, 3, 24), nn.BatchNorm2d(24)
         cin = 24
         for i, (cout, n) in enumerate(zip(widths, depths), 1):
             blocks = [ShuffleV2Down(cin, cout)] + [ShuffleV2Block(cout) for _ in range(n)]
             self.add_module(f"layer{i}", nn.Sequential(*blocks))
             cin = cout
-        self.conv2, self.bn2 = conv1x1(cin, widths[3]), nn.BatchNorm2d(widths[3])
-        self.linear = nn.Linear(widths[3], num_classes)
-        self.feat_dim = widths[3]
+        self.conv2, self.bn2 = conv(1, cin, widths[3]), nn.BatchNorm2d(widths[3])
+        self.linear, self.feat_dim = nn.Linear(widths[3], num_classes), widths[3]
 
     def forward(self, x):
         x = self.layer3(self.layer2(self.layer1(F.relu(self.bn1(self.conv1(x))))))
@@ -546,9 +796,7 @@ ARCHS = {
     "ResNet50": ResNet50,
     **{f"wrn_{d}_{w}": partial(WideResNet, d, w) for d in (16, 40) for w in (1, 2)},
     **{f"vgg{d}": partial(VGG, stages) for d, stages in VGG_STAGES.items()},
-    "MobileNetV2": MobileNetV2,
-    "ShuffleV1": ShuffleNetV1,
-    "ShuffleV2": ShuffleNetV2,
+    "MobileNetV2": MobileNetV2, "ShuffleV1": ShuffleNetV1, "ShuffleV2": ShuffleNetV2,
 }
 SMALL_LR_ARCHS = ("MobileNetV2", "ShuffleV1", "ShuffleV2")  # the protocol trains these at lr 0.01
 
@@ -558,10 +806,10 @@ def build_student(args):
     return ARCHS[args.student]()
 
 
+# ---- teachers: the published weights, fetched once ----
 def fetch_teacher(arch, url, downloads):
-    """The published ``arch``: ``cifar_teachers/<arch>_vanilla/ckpt_epoch_240.pth`` of mdistiller's release tar,
-    downloaded once into torch's hub cache (``$TORCH_HOME``) by the process with ``downloads`` set (local rank 0)
-    while the others wait. Returns the checkpoint (weights under ``model``) and a line saying where it came from."""
+    """``cifar_teachers/<arch>_vanilla/ckpt_epoch_240.pth`` of mdistiller's release tar, downloaded once into torch's
+    hub cache by local rank 0 (``downloads``) while the others wait, and a line saying where it came from."""
     cache = Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(url).path).name
     if downloads and not cache.is_file():
         print(f"downloading {url} to {cache}", flush=True)
@@ -591,9 +839,8 @@ def fetch_teacher(arch, url, downloads):
 
 
 def build_teacher(args, downloads):
-    """The frozen teacher and where its weights came from: --teacher-ckpt, else the published teacher (fetched),
-    else, under --dummy, random weights. The third value is the test accuracy a published teacher must reproduce
-    (its checkpoint's ``accuracy``, else CRD's), None for the others."""
+    """The frozen teacher, where its weights came from (--teacher-ckpt, the published teacher, or --dummy's random
+    weights) and the test accuracy a published teacher must reproduce (its checkpoint's ``accuracy``, else CRD's)."""
     teacher, expected = ARCHS[args.teacher](), None
     if args.teacher_ckpt:
         load_weights(teacher, read_checkpoint(args.teacher_ckpt), args.teacher_ckpt, f"teacher {args.teacher}")
@@ -609,6 +856,30 @@ def build_teacher(args, downloads):
     return teacher.requires_grad_(False).eval(), origin, expected
 
 
+@torch.no_grad()
+def evaluate(model, test_set, normalise, batch_size=256):
+    """Top-1/top-5 (%) on the whole set, in float32 whatever --amp trains in: each rank scores its own contiguous
+    shard (no image dropped or counted twice) and the counts are summed across ranks; `images` is the number scored."""
+    images, labels = test_set
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    n, was_training = len(labels), model.training
+    model.eval()
+    start, stop = rank * n // world, (rank + 1) * n // world
+    counts = torch.zeros(3, device=labels.device, dtype=torch.float64)  # top-1 hits, top-5 hits, images
+    counts[2] = stop - start
+    for i in range(start, stop, batch_size):
+        j = min(i + batch_size, stop)
+        logits = model(normalise(images[i:j]))[0]
+        hits = logits.topk(5, 1).indices == labels[i:j, None]
+        counts[:2] += torch.stack([hits[:, 0].sum(), hits.any(1).sum()])
+    if dist.is_initialized():
+        dist.all_reduce(counts)
+    model.train(was_training)
+    top1, top5, n = counts.tolist()
+    return {"top1": 100 * top1 / n, "top5": 100 * top5 / n, "images": int(n)}
+
+
+# ---- checkpoints, and the helpers every script shares ----
 def read_checkpoint(path):
     """torch.load with weights_only=True: checkpoints are untrusted input (tensors and plain containers only)."""
     if not Path(path).is_file():
@@ -641,56 +912,20 @@ def load_weights(model, checkpoint, path, what):
     model.load_state_dict(state)
 
 
-# ---------------------------------------------------------------------------------------------------
-# Distillation: the student and the paper's distiller in one module, so that DDP keeps the projector
-# W_p identical on every rank (and averages its gradients like the student's).
-# ---------------------------------------------------------------------------------------------------
-class StudentWithDistiller(nn.Module):
-    def __init__(self, student, distiller):
-        super().__init__()
-        self.student, self.distiller = student, distiller
-
-    def forward(self, x, z_t=None):
-        logits, z_s = self.student(x)
-        return logits, self.distiller(z_s, z_t) if self.distiller is not None else None
-
-
-def kd_loss(logits_s, logits_t, T):
-    """Hinton's KD: KL(softmax(y_t / T) || softmax(y_s / T)), batch mean, times T^2 so that the gradient
-    scale does not depend on T."""
-    return F.kl_div(F.log_softmax(logits_s.float() / T, 1), F.log_softmax(logits_t.float() / T, 1),
-                    reduction="batchmean", log_target=True) * T * T
-
-
-@torch.no_grad()
-def evaluate(model, test_set, normalise, batch_size=256):
-    """Top-1/top-5 (%) on the whole set: each rank scores its own contiguous shard (no sample dropped or
-    counted twice), then the counts are summed across ranks; `images` is the number scored. Always in float32,
-    whatever the training precision: a score must not depend on --amp."""
-    images, labels = test_set
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    n = len(labels)
-    was_training = model.training
-    model.eval()
-    start, stop = rank * n // world, (rank + 1) * n // world
-    counts = torch.zeros(3, device=labels.device, dtype=torch.float64)  # top-1 hits, top-5 hits, images
-    counts[2] = stop - start
-    for i in range(start, stop, batch_size):
-        j = min(i + batch_size, stop)
-        logits = model(normalise(images[i:j]))[0]
-        hits = logits.topk(5, 1).indices == labels[i:j, None]
-        counts[:2] += torch.stack([hits[:, 0].sum(), hits.any(1).sum()])
-    if dist.is_initialized():
-        dist.all_reduce(counts)
-    model.train(was_training)
-    top1, top5, n = counts.tolist()
-    return {"top1": 100 * top1 / n, "top5": 100 * top5 / n, "images": int(n)}
-
-
 def save_atomic(obj, path):
-    """Rank 0 writes a temp file in the same folder, then renames it: a crash never leaves half a checkpoint."""
-    torch.save(obj, path.with_suffix(".tmp"))
-    os.replace(path.with_suffix(".tmp"), path)
+    """Write to a temp file in the same folder, then rename: a crash never leaves half a file, nor destroys the
+    previous one."""
+    tmp = Path(path).with_name(Path(path).name + ".tmp")
+    if isinstance(obj, str):
+        tmp.write_text(obj)
+    else:
+        torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def seed_of(*parts):
+    """A 32-bit seed that is a function of ``parts`` (seed, epoch, rank or index) and nothing else."""
+    return int(np.random.SeedSequence(parts).generate_state(1)[0])
 
 
 def peak_memory_mb(device):
@@ -703,284 +938,16 @@ def n_params(module):  # in millions
     return sum(p.numel() for p in module.parameters()) / 1e6 if module is not None else 0.0
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    t_start = time.time()
-
-    # ---- set-up: one code path; torchrun's RANK means DDP --------------------------------------------------
-    distributed = "RANK" in os.environ
-    rank, world = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if distributed else (0, 1)
-    is_main = rank == 0
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        fail("--device cuda but no GPU is visible; pass --device cpu")
-    if args.device.startswith("cuda"):
-        index = local_rank if distributed else torch.device(args.device).index or 0
-        device = torch.device("cuda", index)
-        torch.cuda.set_device(device)
-        torch.backends.cudnn.benchmark = True
-    else:
-        device = torch.device(args.device)
-    if distributed:
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    torch.manual_seed(args.seed)  # the same on every rank: a --dummy random teacher is one teacher, not one per rank
-    amp_dtype = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.amp]
-    autocast = torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
-    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
-    global_batch = args.batch_size * world
-    lr = args.lr * global_batch / 64  # linear scaling from the protocol's batch of 64
-
-    # ---- bad input: refused before anything is written -----------------------------------------------------
-    out_dir = Path(args.out_dir)
-    args_json = json.loads(json.dumps(vars(args), default=str))  # plain types, for weights_only loads
-    use_teacher = args.distill != "none" and not args.evaluate
-    if args.evaluate and not args.resume:
-        fail("--evaluate needs --resume PATH, the checkpoint whose student to score")
-    if out_dir.exists() and not out_dir.is_dir():
-        fail(f"--out-dir {out_dir} is a file; pass a folder")
-    if not (args.evaluate or args.resume) and ((out_dir / "args.json").exists() or (out_dir / "last.pt").exists()):
-        fail(f"{out_dir} already holds a run; pass --resume {out_dir}/last.pt to continue it, "
-             "or choose another --out-dir")
-    ckpt = read_checkpoint(args.resume) if args.resume else None
-    if ckpt is not None and not args.evaluate:  # checked here, before the data and the teacher's score
-        needed = {"student", "distiller", "optimizer", "scheduler", "scaler", "epoch", "best", "best_epoch", "args"}
-        if not isinstance(ckpt, dict) or not needed <= ckpt.keys() or not isinstance(ckpt["args"], dict):
-            fail(f"{args.resume} is not a training checkpoint of {PROG}; use it as --teacher-ckpt, "
-                 "or score it with --evaluate")
-        if ckpt["epoch"] >= args.epochs:
-            fail(f"{args.resume} has trained {ckpt['epoch']} epochs already; pass --epochs above {ckpt['epoch']}")
-        for flag in RESUME_MUST_MATCH:  # what makes it the same run; speed and logging flags may change
-            if ckpt["args"].get(flag) != args_json[flag]:
-                fail(f"{args.resume} was trained with --{flag.replace('_', '-')} {ckpt['args'].get(flag)}, "
-                     f"not {args_json[flag]}; pass that run's flags to resume it")
-    fetches = use_teacher and not args.teacher_ckpt and (args.teacher_url or not args.dummy)
-    if fetches and args.teacher not in PUBLISHED_TOP1:
-        fail(f"--teacher {args.teacher} has no published weights (the release holds {', '.join(PUBLISHED_TOP1)}); "
-             f"train it with 'python {PROG}.py --student {args.teacher} --distill none' and pass "
-             f"--teacher-ckpt runs/{PROG}-{args.teacher}-none/best.pt")
-    if use_teacher and args.teacher_ckpt and not Path(args.teacher_ckpt).is_file():
-        fail(f"--teacher-ckpt {args.teacher_ckpt}: no such file")
-
-    # ---- data: the whole set on the device -----------------------------------------------------------------
-    train_x, train_y, *test_set = (t.to(device) for t in build_data(args, is_main))
-    per_rank = len(train_y) // world  # each rank trains on its own slice of one shared permutation
-    steps = min(math.ceil(per_rank / args.batch_size), args.max_steps or math.inf)
-    normalise = Normalise(args.channels_last).to(device)
-
-    # ---- models: student, teacher, distiller ---------------------------------------------------------------
-    student = build_student(args)
-    if args.evaluate:
-        load_weights(student, ckpt, args.resume, f"student {args.student}")
-        metrics = evaluate(student.to(device, memory_format=memory_format), test_set, normalise)
-        if is_main:
-            print(f"{args.student} from {args.resume}: top1 {metrics['top1']:.2f} top5 {metrics['top5']:.2f} "
-                  f"on {metrics['images']} images")
-            out_dir.mkdir(parents=True, exist_ok=True)
-            record = {"checkpoint": str(args.resume), "student": args.student, **metrics}
-            (out_dir / "eval.json").write_text(json.dumps(record, indent=2) + "\n")
-        if distributed:
-            dist.destroy_process_group()
-        return metrics
-
-    teacher, teacher_origin, teacher_expected = build_teacher(args, local_rank == 0) if use_teacher else (None,) * 3
-    teacher_top1 = None
-    if teacher is not None:
-        teacher.to(device, memory_format=memory_format)
-        teacher_top1 = evaluate(teacher, test_set, normalise)["top1"]
-        # A published teacher's accuracy is its checksum: a wrong file or a wrong normalisation shows here.
-        if teacher_expected is not None and not args.dummy and abs(teacher_top1 - teacher_expected) > 1:
-            fail(f"the teacher ({teacher_origin}) scores {teacher_top1:.2f} on the test set, not the "
-                 f"{teacher_expected:.2f} it was published with; delete the cached tar under "
-                 f"{Path(torch.hub.get_dir()) / 'checkpoints'} and run again, or pass --teacher-ckpt")
-    distiller = None
-    if args.distill == "srd":  # W_p maps z_s (student width) to the teacher's width; widths come from the models
+def versions():
+    """The software of a run, for summary.json (None for a package that is not installed: no script needs timm
+    unless it uses it)."""
+    found = {}
+    for package in ("torch", "torchvision", "timm"):
         try:
-            distiller = FeatureDistiller(student.feat_dim, teacher.feat_dim, args.projector, args.norm, args.distance,
-                                         args.alpha, hidden=args.projector_hidden)
-        except ValueError as e:  # e.g. --projector none with different widths
-            fail(f"{e}")
-    model = StudentWithDistiller(student, distiller)
-    if args.sync_bn and distributed:
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # swaps modules inside: the handles stay valid
-    model.to(device, memory_format=memory_format)
-
-    # ---- optimisation: SGD on the student and the projector alike, step decay per epoch --------------------
-    # Under --compile the lr is a device tensor: the scheduler's decays then change a value in place, never a guard of
-    # the compiled step (no recompilation). Eagerly it stays a float, which costs no host-device sync per step.
-    as_lr = (lambda value: torch.tensor(float(value), device=device)) if args.compile else float
-    optimizer = torch.optim.SGD(model.parameters(), lr=as_lr(lr), momentum=args.momentum, weight_decay=args.wd)
-    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, args.lr_decay_epochs, args.lr_decay_rate)
-    scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
-
-    # ---- resume --------------------------------------------------------------------------------------------
-    start_epoch, best, best_epoch = 0, -1.0, 0
-    if ckpt is not None:
-        load_weights(student, ckpt["student"], args.resume, f"student {args.student}")
-        if distiller is not None:
-            load_weights(distiller, ckpt["distiller"], args.resume, "distiller")
-        optimizer.load_state_dict(ckpt["optimizer"])
-        for group in optimizer.param_groups:  # this run's lr type, whatever the saving run's --compile was
-            group["lr"] = as_lr(group["lr"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        scaler.load_state_dict(ckpt["scaler"] or {})
-        start_epoch, best, best_epoch = ckpt["epoch"], ckpt["best"], ckpt["best_epoch"]
-    if distributed:
-        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
-
-    # ---- outputs: the run writes from here on --------------------------------------------------------------
-    if is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        derived = {"world_size": world, "global_batch": global_batch, "scaled_lr": lr, "steps_per_epoch": steps}
-        (out_dir / "args.json").write_text(json.dumps({**vars(args), **derived}, indent=2) + "\n")
-        metrics_path = out_dir / "metrics.jsonl"
-        if args.resume and metrics_path.exists():  # forget epochs logged after the checkpoint was written
-            kept = [line for line in metrics_path.read_text().splitlines()
-                    if line.strip() and json.loads(line)["epoch"] <= start_epoch]
-            metrics_path.write_text("".join(line + "\n" for line in kept))
-        print("args: " + ", ".join(f"{k}={v}" for k, v in vars(args).items()))
-        print(f"world size {world} | device {device} | amp {args.amp} | global batch {global_batch} | lr {lr:g} | "
-              f"{steps} steps/epoch | params: student {n_params(student):.2f}M, distiller {n_params(distiller):.3f}M, "
-              f"teacher {n_params(teacher):.2f}M")
-
-    # ---- the teacher's score: measured with the models, where it checks a published teacher ----------------
-    if teacher is not None and is_main:
-        published = PUBLISHED_TOP1.get(args.teacher)
-        expected = f" (published: {teacher_expected:.2f})" if teacher_expected is not None else ""
-        print(f"teacher {args.teacher} ({teacher_origin}): top1 {teacher_top1:.2f}{expected}")
-        if args.teacher_ckpt and published and not args.dummy and teacher_top1 < published - 3:
-            print(f"warning: the teacher scores {teacher_top1:.2f}, far below the {published} of the public "
-                  f"{args.teacher}; check the checkpoint and --teacher")
-
-    # ---- training ------------------------------------------------------------------------------------------
-    total_steps, done_steps, t_loop = (args.epochs - start_epoch) * steps, 0, time.time()
-    run_images, run_train_s, last = 0, 0.0, {}
-    zero = torch.zeros((), device=device)  # an unused term: 0, so that one expression serves every mode
-    uses_kd = teacher is not None and args.kd_weight > 0  # srd's default has no KL term (the paper's CIFAR distiller)
-
-    def train_step(x, y):
-        """One step of the paper's objective; returns the unweighted loss terms (ce, kd, feat), left on the device."""
-        with autocast:
-            logits_t = z_t = None
-            if teacher is not None:
-                with torch.no_grad():
-                    logits_t, z_t = teacher(x)
-            logits_s, loss_feat = model(x, z_t)
-            loss_ce = F.cross_entropy(logits_s.float(), y)
-            loss_kd = kd_loss(logits_s, logits_t, args.temperature) if uses_kd else zero
-            loss_feat = zero if loss_feat is None else loss_feat
-            loss = args.ce_weight * loss_ce + args.kd_weight * loss_kd + args.feat_weight * loss_feat
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        return torch.stack([loss_ce, loss_kd, loss_feat]).detach()
-
-    # --compile: the whole step, teacher to SGD, as compiled graphs; on one GPU replayed as CUDA graphs, since at batch
-    # 64 these models are bound by kernel launches. Shapes are static: the epoch's last, partial batch runs eagerly,
-    # so nothing compiles again after the first steps.
-    mode = "reduce-overhead" if device.type == "cuda" and not distributed else None
-    compiled_step = torch.compile(train_step, mode=mode, dynamic=False) if args.compile else train_step
-    for epoch in range(start_epoch, args.epochs):
-        # Every random draw is a function of (seed, epoch, rank): a resumed run repeats the epochs it missed.
-        shared = torch.Generator(device=device).manual_seed(seed_of(args.seed, epoch, 0))  # one permutation for all
-        own = torch.Generator(device=device).manual_seed(seed_of(args.seed, epoch, 1 + rank))  # this rank's crops
-        order = torch.randperm(len(train_y), generator=shared, device=device)[rank * per_rank:(rank + 1) * per_rank]
-        model.train()
-        epoch_sums = torch.zeros(3, device=device)  # ce, kd, feat: summed on the device, read at log steps only
-        log_sums, log_steps, t_log, data_s, t_epoch = torch.zeros(3, device=device), 0, time.time(), 0.0, time.time()
-        for step in range(steps):
-            t_data = time.perf_counter()
-            idx = order[step * args.batch_size:(step + 1) * args.batch_size]
-            x, y = normalise(crop_flip(train_x[idx], own)), train_y[idx]
-            data_s += time.perf_counter() - t_data
-            terms = (compiled_step if len(idx) == args.batch_size else train_step)(x, y)
-            if args.compile and step == 1 and epoch == start_epoch and is_main:  # the graphs of the first two steps
-                print(f"compiled the training step in {time.time() - t_epoch:.0f} s", flush=True)
-            epoch_sums += terms
-            log_sums += terms
-            log_steps += 1
-            done_steps += 1
-            if (step + 1) % args.log_every == 0 or step + 1 == steps:
-                # The loop's only host-device sync: loss means since the last line, averaged over the ranks,
-                # so that every rank takes the same decision on a non-finite loss.
-                if distributed:
-                    dist.all_reduce(log_sums)
-                ce, kd, feat = (log_sums / (log_steps * world)).tolist()
-                if not all(map(math.isfinite, (ce, kd, feat))):
-                    fail(f"non-finite loss at epoch {epoch + 1} step {step + 1}: ce {ce} kd {kd} feat {feat}; last.pt "
-                         f"still holds epoch {epoch}; lower --lr, or resume with --amp bf16/off", code=3)
-                now = time.time()
-                if is_main:
-                    eta = (now - t_loop) / done_steps * (total_steps - done_steps)
-                    losses = f"ce {ce:.3f}" + (f" kd {kd:.3f}" if uses_kd else "")
-                    losses += f" feat {feat:.3f}" if distiller is not None else ""
-                    print(f"epoch {epoch + 1}/{args.epochs} step {step + 1}/{steps} | {losses} | "
-                          f"lr {float(optimizer.param_groups[0]['lr']):.4f} | "
-                          f"{log_steps * global_batch / (now - t_log):.0f} img/s | "
-                          f"data {1000 * data_s / log_steps:.1f} ms/step | "
-                          f"eta {datetime.timedelta(seconds=round(eta))}")
-                log_sums.zero_()
-                log_steps, t_log, data_s = 0, now, 0.0
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        train_s = time.time() - t_epoch
-        images = min(steps * args.batch_size, per_rank) * world
-        run_images, run_train_s = run_images + images, run_train_s + train_s
-        if distributed:
-            dist.all_reduce(epoch_sums)
-        loss_means = (epoch_sums / (steps * world)).tolist()
-        epoch_lr = float(optimizer.param_groups[0]["lr"])
-        scheduler.step()
-
-        # ---- evaluation, checkpoint, record: the full test set in float32 ----------------------------------
-        if distributed:  # every rank scores the model rank 0 saves: its batch-norm statistics, not the local ones
-            for buffer in student.buffers():
-                dist.broadcast(buffer, 0)
-        metrics = evaluate(student, test_set, normalise)
-        del metrics["images"]
-        if metrics["top1"] > best:
-            best, best_epoch = metrics["top1"], epoch + 1
-        if is_main:
-            last = {"epoch": epoch + 1, "lr": epoch_lr, "loss_ce": loss_means[0],
-                    "loss_kd": loss_means[1] if uses_kd else None,
-                    "loss_feat": loss_means[2] if distiller is not None else None, **metrics,
-                    "images_per_s": images / train_s, "epoch_s": time.time() - t_epoch,
-                    "peak_mem_mb": peak_memory_mb(device)}
-            if distiller is not None:  # every singular value of W_p, sorted (Figure 6.2); None unless it is linear
-                sv = projector_spectrum(distiller)
-                last["projector_sv"] = None if sv is None else sv.tolist()
-            # "model" is RepDistiller's and mdistiller's key; it shares its tensors with "student", so torch.save
-            # stores the weights once.
-            weights = student.state_dict()
-            ckpt = {"model": weights, "student": weights,
-                    "distiller": distiller.state_dict() if distiller is not None else None,
-                    "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "scaler": scaler.state_dict(), "epoch": epoch + 1, "best": best, "best_epoch": best_epoch,
-                    "args": args_json}
-            save_atomic(ckpt, out_dir / "last.pt")
-            if best_epoch == epoch + 1:
-                save_atomic(ckpt, out_dir / "best.pt")
-            with open(out_dir / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(last) + "\n")
-            print(f"epoch {epoch + 1}/{args.epochs} | top1 {metrics['top1']:.2f} top5 {metrics['top5']:.2f} | "
-                  f"best {best:.2f} (epoch {best_epoch}) | {last['epoch_s']:.0f} s | peak {last['peak_mem_mb']:.0f} MB")
-
-    # ---- summary: best AND last accuracy, labelled (papers on this benchmark quote either) -----------------
-    if is_main:
-        summary = {"metric": "top1", "best": best, "best_epoch": best_epoch, "last": last["top1"],
-                   "last_top5": last["top5"], "teacher": teacher_top1, "student_arch": args.student,
-                   "teacher_arch": args.teacher if teacher is not None else None, "distill": args.distill,
-                   "wall_s": time.time() - t_start, "images_per_s": run_images / run_train_s,
-                   "peak_mem_mb": peak_memory_mb(device), "world_size": world,
-                   "versions": {"python": platform.python_version(), "torch": torch.__version__,
-                                "torchvision": version("torchvision"), "timm": version("timm"),
-                                "cuda": torch.version.cuda}}
-        (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        print(f"done: best top1 {best:.2f} (epoch {best_epoch}), last top1 {last['top1']:.2f} | "
-              f"{summary['wall_s'] / 60:.1f} min | {out_dir}")
-    if distributed:
-        dist.destroy_process_group()
-    return last
+            found[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            found[package] = None
+    return {"python": platform.python_version(), **found, "cuda": torch.version.cuda}
 
 
 if __name__ == "__main__":
