@@ -93,6 +93,9 @@ def parse_args(argv=None):
     g.add_argument("--dummy", action="store_true",
                    help="random images of the right size and 1000 classes instead of --data-dir; with no "
                         "--teacher-ckpt the teacher is random (a speed benchmark without JPEG decoding)")
+    g.add_argument("--train-fraction", type=float, default=1.0,
+                   help="class-balanced share of the training set, the same images in every run with this value "
+                        "(the paper's Tables 6.1-6.3 use 0.2); the validation set stays whole")
     g.add_argument("--img-size", type=int, default=224,
                    help="training crop; validation resizes to img-size*256/224 and centre-crops img-size")
     g = p.add_argument_group("models")
@@ -116,7 +119,8 @@ def parse_args(argv=None):
     g.add_argument("--projector-hidden", type=int,
                    help="hidden width of the 'mlp' projector (default: the teacher's feature width)")
     g.add_argument("--distance", choices=DISTANCES, default="logsum",
-                   help="logsum: the paper's soft maximum; corr: the correlation distance of the official DeiT code")
+                   help="logsum: the paper's log sum |d|^alpha; corr: the official DeiT code's correlation form; mean: "
+                        "mean |d|^alpha (no log: Tables 6.3, 6.9); corr-nolog: the correlation form without log")
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int, default=100, help="training epochs")
     g.add_argument("--batch-size", type=int, help="images per process (default: 256 / number of processes)")
@@ -149,6 +153,8 @@ def parse_args(argv=None):
     args.batch_size = args.batch_size or max(1, 256 // int(os.environ.get("WORLD_SIZE", 1)))
     if args.workers is None:  # the machine's CPUs shared by its training processes
         args.workers = min(12, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+    if not 0 < args.train_fraction <= 1:
+        fail(f"--train-fraction must be in (0, 1], got {args.train_fraction}")
     args.out_dir = args.out_dir or (args.resume.parent if args.resume else
                                     Path("runs") / f"{PROG}-{args.student}-{args.distill}")
     return args
@@ -187,12 +193,22 @@ class Augmented(Dataset):
             return self.dataset[index]
 
 
+def balanced_subset(labels, fraction):
+    """Indices of round(fraction * n_c) images (at least one) of each class c, drawn by a generator of fixed
+    seed: a function of the labels and the fraction only, so every rank, every resume and every run with this
+    fraction trains on the same images (the paper's 20 % subset of ImageNet)."""
+    g, counts = torch.Generator().manual_seed(0), torch.bincount(labels).tolist()
+    keep = [members[torch.randperm(len(members), generator=g)[:max(1, round(fraction * len(members)))]]
+            for members in torch.split(labels.argsort(stable=True), counts) if len(members)]
+    return torch.cat(keep).sort().values.tolist()
+
+
 class DummyImages(Dataset):
     """``length`` random uint8 images with labels ``index % classes``, drawn from a fixed pool of 64 so that
     an item costs a copy, not a random draw: the loader never limits a --dummy benchmark."""
 
     def __init__(self, length, size, classes=DUMMY_CLASSES):
-        self.length, self.classes = length, classes
+        self.length, self.classes, self.targets = length, classes, torch.arange(length) % classes
         g = torch.Generator().manual_seed(0)
         self.pool = torch.randint(0, 256, (64, 3, size, size), dtype=torch.uint8, generator=g)
 
@@ -230,6 +246,9 @@ def build_data(args, device, rank, world):
             missing = sorted(set(train_set.classes) ^ set(val_set.classes))[:5]
             fail(f"train/ and val/ under {args.data_dir} have different class folders (e.g. {', '.join(missing)}); "
                  "both need one folder per class, with the same names")
+    classes = DUMMY_CLASSES if args.dummy else len(train_set.classes)
+    if args.train_fraction < 1:
+        train_set = Subset(train_set, balanced_subset(torch.as_tensor(train_set.targets), args.train_fraction))
     # Every rank takes the same number of full batches per step (drop_last twice): the distiller's global
     # batch gathers equal shares (torchdistill, which the paper ran, keeps the last partial batch: 143 images
     # at 256). Each rank evaluates images rank, rank + world, ...: none padded, none dropped.
@@ -237,7 +256,7 @@ def build_data(args, device, rank, world):
     kw = dict(num_workers=args.workers, pin_memory=device.type == "cuda", persistent_workers=args.workers > 0)
     return (DataLoader(Augmented(train_set, args.seed), args.batch_size, sampler=sampler, drop_last=True, **kw),
             DataLoader(Subset(val_set, range(rank, len(val_set), world)), args.batch_size, **kw),
-            DUMMY_CLASSES if args.dummy else len(train_set.classes))
+            classes)
 
 
 class Prepare:
@@ -263,17 +282,34 @@ def head_name(model):
     return next(name for name in HEADS if isinstance(getattr(model, name, None), nn.Module))
 
 
+def feature_point(model):
+    """The module whose input is z, the paper's "representation just before the output space": the input of
+    the classifier block's last linear layer, before the dropout in front of it (z_t has none: the teacher is in
+    eval mode). ResNet/RegNet: the pooled features (``fc``); MobileNetV2, EfficientNet: the pooled features;
+    MobileNetV3: the 1280-d Linear-Hardswish output, its last hidden layer (not the 960-d pooled map);
+    ConvNeXt: the pooled features after its LayerNorm; ViT: the class token after the encoder's LayerNorm."""
+    head = getattr(model, head_name(model))
+    layers = list(head.children()) if isinstance(head, nn.Sequential) else [head]
+    last = max((i for i, m in enumerate(layers) if isinstance(m, nn.Linear)), default=None)
+    if last is None:
+        return head  # no linear layer (SqueezeNet's convolutional head): its input map, pooled
+    while last > 0 and isinstance(layers[last - 1], nn.Dropout):
+        last -= 1
+    return layers[last]
+
+
 class WithFeatures(nn.Module):
-    """``model(x) -> (logits, z)``: z is the input of the model's final classifier block (``fc`` for
-    ResNets and RegNets, ``classifier`` for MobileNets and EfficientNets, whose dropout sits inside it,
-    ``heads`` for ViTs ...): the pooled penultimate feature. A forward pre-hook catches it, so the model
-    and its state-dict keys stay torchvision's own: a saved student loads into a plain
-    ``torchvision.models.resnet18()``."""
+    """``model(x) -> (logits, z)``, z the input of ``feature_point(model)``, pooled. A forward pre-hook
+    catches it, so the model and its state-dict keys stay torchvision's own: a saved student loads into a
+    plain ``torchvision.models.resnet18()``."""
 
     def __init__(self, model):
         super().__init__()
         self.model = model
-        getattr(model, head_name(model)).register_forward_pre_hook(self._keep)
+        for module in model.modules():  # an in-place dropout would overwrite the z the hook holds
+            if isinstance(module, nn.Dropout):
+                module.inplace = False
+        feature_point(model).register_forward_pre_hook(self._keep)
 
     def _keep(self, module, inputs):
         self._z = inputs[0]
@@ -281,7 +317,7 @@ class WithFeatures(nn.Module):
     def forward(self, x):
         logits = self.model(x)
         z, self._z = self._z, None
-        return logits, z.mean((2, 3)) if z.dim() == 4 else z.flatten(1)  # ConvNeXt/SqueezeNet pass maps
+        return logits, z.mean((2, 3)) if z.dim() == 4 else z.flatten(1)  # SqueezeNet passes maps
 
 
 def feature_dim(net, img_size):
@@ -296,14 +332,21 @@ def feature_dim(net, img_size):
     return dim
 
 
+def get_model(arch, classes, img_size):
+    model = models.get_model(arch, num_classes=classes)
+    if getattr(model, "image_size", img_size) != img_size:  # torchvision's ViTs embed a fixed number of patches
+        fail(f"{arch} takes {model.image_size}-px images only; pass --img-size {model.image_size}")
+    return model
+
+
 def build_student(args, classes):
-    return models.get_model(args.student, num_classes=classes)
+    return get_model(args.student, classes, args.img_size)
 
 
 def build_teacher(args, classes):
     """(teacher, weights tag, published top-1 or None): ``teacher(x) -> (logits, z_t)``, frozen, in eval mode
     (BN running statistics, no dropout), with --teacher-ckpt's weights, torchvision's, or random under --dummy."""
-    teacher, published = models.get_model(args.teacher, num_classes=classes), None
+    teacher, published = get_model(args.teacher, classes, args.img_size), None
     if args.teacher_ckpt:
         load_weights(teacher, read_checkpoint(args.teacher_ckpt), args.teacher_ckpt, "teacher checkpoint")
         tag = str(args.teacher_ckpt)
@@ -533,7 +576,8 @@ def main(argv=None):
         (out_dir / "args.json").write_text(json.dumps(args_json, indent=2))
         print(f"args: {json.dumps(args_json)}")
         print(f"world size {world} | device {device} | amp {args.amp} | global batch {global_batch} | lr {lr:g} | "
-              f"{steps} steps/epoch | {args.workers} workers/process | {classes} classes")
+              f"{steps} steps/epoch | {args.workers} workers/process | {classes} classes | "
+              f"{len(train_loader.dataset):,} training images")
         print(f"params: student {n_params(student):.2f}M | distiller {n_params(distiller):.3f}M | "
               f"teacher {n_params(teacher):.2f}M")
         if checkpoint is not None:
@@ -616,10 +660,9 @@ def main(argv=None):
                   **{f"loss_{n}": (v if u else None) for n, v, u in zip(terms, means, used)},
                   **metrics, "images_per_s": steps * global_batch / epoch_train_s,
                   "epoch_s": time.time() - t_epoch, "peak_mem_mb": peak_memory_mb(device)}
-        if distiller is not None:  # the paper's spectral view of W_p (None unless the projector is linear)
+        if distiller is not None:  # every singular value of W_p, sorted (Figure 6.2); None unless it is linear
             sv = projector_spectrum(distiller)
-            record["projector_sv"] = sv if sv is None else {"max": sv.max().item(), "min": sv.min().item(),
-                                                            "mean": sv.mean().item()}
+            record["projector_sv"] = None if sv is None else sv.tolist()
         if is_main:
             print(f"epoch {epoch + 1}/{args.epochs} | top1 {metrics['top1']:.2f} top5 {metrics['top5']:.2f} | "
                   f"best {best:.2f} (epoch {best_epoch}) | {record['epoch_s']:.1f} s | "
