@@ -71,6 +71,10 @@ STD = (0.229, 0.224, 0.225)
 # --dummy: ImageNet's training length and classes; a validation set of a few batches (chance accuracy on
 # random images: evaluating them only exercises the code).
 DUMMY_TRAIN, DUMMY_VAL, DUMMY_CLASSES = 1_281_167, 256, 1000
+# What makes a run the run it resumes: its data, architectures and distiller, and what the optimizer's and the
+# scheduler's states bring back (lr, momentum, weight decay, milestones), which a resume could not follow.
+RESUME_MUST_MATCH = ("dummy", "data_dir", "train_fraction", "img_size", "student", "teacher", "distill", "projector",
+                     "projector_hidden", "norm", "distance", "batch_size", "lr", "momentum", "wd", "lr_milestones")
 LAYOUT = ("<data-dir>/train/<class>/*.JPEG and <data-dir>/val/<class>/*.JPEG (the ImageFolder layout; "
           "sort the 50,000 validation images into class folders, e.g. with the valprep.sh script of "
           "pytorch/examples/imagenet)")
@@ -143,20 +147,28 @@ def parse_args(argv=None):
     g.add_argument("--max-steps", type=int, help="cap on steps per epoch (smoke tests, benchmarks)")
     g = p.add_argument_group("outputs")
     g.add_argument("--out-dir", type=Path,
-                   help="default: the folder of --resume, else runs/imagenet_kd-<student>-<distill>")
+                   help="output folder (default: the folder of --resume, else runs/<PROG>-<student>-<distill>, "
+                        "with -dummy for --dummy runs)")
     g.add_argument("--resume", type=Path, help="checkpoint (OUT/last.pt) to continue, or to evaluate with --evaluate")
     g.add_argument("--evaluate", action="store_true", help="evaluate the --resume checkpoint's student and exit")
     args = p.parse_args(argv)
     cuda = args.device.startswith("cuda")  # derived defaults, resolved once (args.json records them)
     args.amp = args.amp or ("bf16" if cuda else "off")
     args.channels_last = cuda if args.channels_last is None else args.channels_last
-    args.batch_size = args.batch_size or max(1, 256 // int(os.environ.get("WORLD_SIZE", 1)))
+    if args.batch_size is None:
+        args.batch_size = max(1, 256 // int(os.environ.get("WORLD_SIZE", 1)))
     if args.workers is None:  # the machine's CPUs shared by its training processes
         args.workers = min(12, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
     if not 0 < args.train_fraction <= 1:
         fail(f"--train-fraction must be in (0, 1], got {args.train_fraction}")
     args.out_dir = args.out_dir or (args.resume.parent if args.resume else
-                                    Path("runs") / f"{PROG}-{args.student}-{args.distill}")
+                                    Path("runs") / f"{PROG}-{args.student}-{args.distill}{'-dummy' * args.dummy}")
+    for name in ("epochs", "batch_size", "log_every", "max_steps", "alpha", "temperature"):
+        if getattr(args, name) is not None and getattr(args, name) <= 0:
+            fail(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    for name in ("lr", "wd"):
+        if getattr(args, name) is not None and getattr(args, name) < 0:
+            fail(f"--{name.replace('_', '-')} must not be negative, got {getattr(args, name)}")
     return args
 
 
@@ -232,7 +244,7 @@ def build_data(args, device, rank, world):
         for split, transform in transforms.items():
             folder = args.data_dir / split
             if not folder.is_dir():
-                fail(f"{folder} is not a directory; expected {LAYOUT}")
+                fail(f"{folder} is not a directory; expected {LAYOUT}; or try --dummy (random images)")
             if any(f.suffix.lower() in (".jpeg", ".jpg", ".png") for f in folder.iterdir()):
                 fail(f"{folder} holds images directly instead of one folder per class; expected {LAYOUT}")
             try:
@@ -348,7 +360,9 @@ def build_teacher(args, classes):
     (BN running statistics, no dropout), with --teacher-ckpt's weights, torchvision's, or random under --dummy."""
     teacher, published = get_model(args.teacher, classes, args.img_size), None
     if args.teacher_ckpt:
-        load_weights(teacher, read_checkpoint(args.teacher_ckpt), args.teacher_ckpt, "teacher checkpoint")
+        checkpoint = read_checkpoint(args.teacher_ckpt)
+        check_classes(teacher, checkpoint, args.teacher_ckpt, classes)
+        load_weights(teacher, checkpoint, args.teacher_ckpt, "teacher")
         tag = str(args.teacher_ckpt)
     elif args.dummy:
         tag = "random (--dummy without --teacher-ckpt)"
@@ -377,33 +391,48 @@ def build_teacher(args, classes):
 
 
 def read_checkpoint(path):
-    try:  # checkpoints are untrusted input: tensors and plain containers only
+    """torch.load with weights_only=True: checkpoints are untrusted input (tensors and plain containers only)."""
+    if not Path(path).is_file():
+        fail(f"{path}: no such file; pass the path of a checkpoint")
+    try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        fail(f"cannot read {path} ({type(e).__name__}: {str(e).splitlines()[0]}); "
-             "pass the path of a torch.save'd checkpoint or state dict")
+    except Exception as e:  # a truncated file, a text file, an unsafe pickle ...
+        reason = (str(e).strip().splitlines() or [""])[0][:160]
+        fail(f"{path} is not a torch checkpoint ({type(e).__name__}: {reason}); pass a file written by torch.save")
 
 
 def load_weights(model, checkpoint, path, what):
-    """Strict load of a bare state dict, or one under 'model', 'state_dict' or 'student'."""
+    """Load a state dict strictly: bare, or under 'model', 'state_dict' or 'student'; 'module.' and '_orig_mod.'
+    prefixes stripped. A mismatch fails naming a few missing, unexpected and wrongly shaped keys."""
     state = checkpoint
     if isinstance(state, dict):
         state = next((state[k] for k in ("model", "state_dict", "student") if isinstance(state.get(k), dict)), state)
-    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
-        fail(f"{what} {path} holds no state dict (looked at the top level and under 'model', 'state_dict', "
-             "'student'); pass a torch.save'd state dict")
+    if not isinstance(state, dict) or not state or not all(torch.is_tensor(v) for v in state.values()):
+        fail(f"{path} holds no state dict (nor one under 'model', 'state_dict' or 'student'); pass a model checkpoint")
     state = {re.sub(r"^((module|_orig_mod)\.)+", "", k): v for k, v in state.items()}
     own = model.state_dict()
-    missing, unexpected = sorted(own.keys() - state.keys()), sorted(state.keys() - own.keys())
-    resized = [k for k in own.keys() & state.keys() if own[k].shape != state[k].shape]
-    head = [k for k in sorted(resized) if k.split(".")[0] == head_name(model)]
-    if head:
-        fail(f"{what} {path} was trained for {state[head[-1]].shape[0]} classes but the data has "
-             f"{own[head[-1]].shape[0]}; pass a checkpoint trained on this dataset")
+    missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]  # absent in old files
+    unexpected = [k for k in state if k not in own]
+    resized = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
+               if k in state and state[k].shape != v.shape]
     if missing or unexpected or resized:
-        fail(f"{what} {path} does not fit {type(model).__name__}: missing {missing[:3]}, unexpected "
-             f"{unexpected[:3]}, other shapes {resized[:3]}; check --student/--teacher")
+        few = lambda keys: ", ".join(keys[:3]) + (f" (+{len(keys) - 3})" if len(keys) > 3 else "") or "none"
+        fail(f"{path} does not fit the {what}: missing {few(missing)}; unexpected {few(unexpected)}; "
+             f"wrong shape {few(resized)}; pass a checkpoint of that architecture")
     model.load_state_dict(state)
+
+
+def check_classes(model, checkpoint, path, classes):
+    """A checkpoint whose classifier has another number of rows than the data has classes: say so in those
+    words (load_weights would only name a wrongly shaped key)."""
+    key = [k for k in model.state_dict() if k.split(".")[0] == head_name(model)][-1]  # the logits layer's
+    states = [checkpoint, *(checkpoint.get(k) for k in ("model", "state_dict", "student"))] if isinstance(
+        checkpoint, dict) else []
+    rows = {v.shape[0] for state in states if isinstance(state, dict) for k, v in state.items()
+            if re.sub(r"^((module|_orig_mod)\.)+", "", k) == key and torch.is_tensor(v) and v.dim()}
+    if rows and classes not in rows:
+        fail(f"{path} was trained for {rows.pop()} classes but the data has {classes}; "
+             "pass a checkpoint trained on this dataset")
 
 
 class StudentWithDistiller(nn.Module):
@@ -448,9 +477,13 @@ def evaluate(model, loader, device, prepare):
 
 
 def save_atomic(obj, path):
-    """A reader never sees half a file, a crash never destroys the previous one."""
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
+    """Write to a temp file in the same folder, then rename: a crash never leaves half a file, nor destroys the
+    previous one."""
+    tmp = Path(path).with_name(Path(path).name + ".tmp")
+    if isinstance(obj, str):
+        tmp.write_text(obj)
+    else:
+        torch.save(obj, tmp)
     os.replace(tmp, path)
 
 
@@ -504,9 +537,21 @@ def main(argv=None):
     for role in ("student", "teacher"):
         if getattr(args, role) not in ARCHS:
             fail(f"unknown {role} architecture {getattr(args, role)!r}; choose from {', '.join(ARCHS)}")
+    if out_dir.exists() and not out_dir.is_dir():
+        fail(f"--out-dir {out_dir} is a file; pass a folder")
     if args.resume is None and ((out_dir / "args.json").exists() or (out_dir / "last.pt").exists()):
         fail(f"{out_dir} already holds a run; pass --resume {out_dir}/last.pt to continue it, "
              "or choose another --out-dir")
+    ckpt = read_checkpoint(args.resume) if args.resume else None
+    if ckpt is not None and not args.evaluate:  # --evaluate takes any student weights; a resume, this run's
+        if not (isinstance(ckpt, dict) and isinstance(ckpt.get("args"), dict) and isinstance(ckpt.get("epoch"), int)):
+            fail(f"{args.resume} is not a training checkpoint of {PROG}.py; pass the last.pt of one of its runs")
+        if ckpt["epoch"] >= args.epochs:
+            fail(f"{args.resume} has trained {ckpt['epoch']} epochs already; pass --epochs above {ckpt['epoch']}")
+        for flag in RESUME_MUST_MATCH:  # what makes it the same run; speed and logging flags may change
+            if ckpt["args"].get(flag) != args_json[flag]:
+                fail(f"{args.resume} was trained with --{flag.replace('_', '-')} {ckpt['args'].get(flag)}, "
+                     f"not {args_json[flag]}; pass that run's flags to resume it")
 
     # ---- data ----------------------------------------------------------------------------------------------
     train_loader, val_loader, classes = build_data(args, device, rank, world)
@@ -517,9 +562,8 @@ def main(argv=None):
 
     # ---- models: student (with --resume's weights), teacher, distiller; --evaluate ends here ---------------
     student = build_student(args, classes)
-    checkpoint = read_checkpoint(args.resume) if args.resume else None
-    if checkpoint is not None:
-        load_weights(student, checkpoint, args.resume, "--resume checkpoint")
+    if ckpt is not None:
+        load_weights(student, ckpt, args.resume, "student")
     teacher, teacher_tag, published = (build_teacher(args, classes) if args.distill != "none" and not args.evaluate
                                        else (None, None, None))  # --evaluate scores the student alone
     model = StudentWithDistiller(student, None)  # the distiller joins once both feature widths are known
@@ -536,7 +580,8 @@ def main(argv=None):
         if is_main:
             print(f"{args.resume}: top1 {metrics['top1']:.2f} top5 {metrics['top5']:.2f} on {metrics['images']} images")
             out_dir.mkdir(parents=True, exist_ok=True)
-            (out_dir / "eval.json").write_text(json.dumps({**metrics, "checkpoint": str(args.resume)}, indent=2))
+            metrics["checkpoint"] = str(args.resume)
+            save_atomic(json.dumps(metrics, indent=2) + "\n", out_dir / "eval.json")
         if distributed:
             dist.destroy_process_group()
         return metrics
@@ -556,31 +601,32 @@ def main(argv=None):
 
     # ---- resume --------------------------------------------------------------------------------------------
     start_epoch, best, best_epoch = 0, None, None
-    if checkpoint is not None:
+    if ckpt is not None:
         try:
             if distiller is not None:
-                distiller.load_state_dict(checkpoint["distiller"])
-            optimizer.load_state_dict(checkpoint["optimizer"])
-            scheduler.load_state_dict(checkpoint["scheduler"])
-            scaler.load_state_dict(checkpoint["scaler"])
-            start_epoch, best, best_epoch = checkpoint["epoch"], checkpoint["best"], checkpoint.get("best_epoch")
+                distiller.load_state_dict(ckpt["distiller"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+            scheduler.load_state_dict(ckpt["scheduler"])
+            scaler.load_state_dict(ckpt["scaler"])
+            start_epoch, best, best_epoch = ckpt["epoch"], ckpt["best"], ckpt.get("best_epoch")
         except (KeyError, TypeError, ValueError, RuntimeError) as e:
             fail(f"{args.resume} is not a checkpoint of this run ({type(e).__name__}: {str(e).splitlines()[0]}); "
                  "resume with the flags it was trained with")
-        if start_epoch >= args.epochs:
-            fail(f"{args.resume} has already trained {start_epoch} epochs; pass --epochs above {start_epoch}")
 
     # ---- outputs -------------------------------------------------------------------------------------------
     if is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "args.json").write_text(json.dumps(args_json, indent=2))
+        save_atomic(json.dumps(args_json, indent=2) + "\n", out_dir / "args.json")
+        if ckpt is not None and (out_dir / "metrics.jsonl").is_file():  # forget the epochs after the checkpoint
+            lines = (out_dir / "metrics.jsonl").read_text().splitlines(keepends=True)
+            save_atomic("".join(line for line in lines if json.loads(line)["epoch"] <= start_epoch), out_dir / "metrics.jsonl")
         print(f"args: {json.dumps(args_json)}")
         print(f"world size {world} | device {device} | amp {args.amp} | global batch {global_batch} | lr {lr:g} | "
               f"{steps} steps/epoch | {args.workers} workers/process | {classes} classes | "
               f"{len(train_loader.dataset):,} training images")
         print(f"params: student {n_params(student):.2f}M | distiller {n_params(distiller):.3f}M | "
               f"teacher {n_params(teacher):.2f}M")
-        if checkpoint is not None:
+        if ckpt is not None:
             print(f"resuming {args.resume}: {start_epoch} epochs done, best top1 {best:.2f}")
 
     # ---- the teacher's score -------------------------------------------------------------------------------
@@ -667,8 +713,6 @@ def main(argv=None):
             print(f"epoch {epoch + 1}/{args.epochs} | top1 {metrics['top1']:.2f} top5 {metrics['top5']:.2f} | "
                   f"best {best:.2f} (epoch {best_epoch}) | {record['epoch_s']:.1f} s | "
                   f"peak mem {record['peak_mem_mb']:.0f} MB", flush=True)
-            with open(out_dir / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(record) + "\n")
             checkpoint = {"student": student.state_dict(),
                           "distiller": distiller.state_dict() if distiller is not None else None,
                           "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
@@ -677,9 +721,11 @@ def main(argv=None):
             save_atomic(checkpoint, out_dir / "last.pt")
             if best_epoch == epoch + 1:
                 save_atomic(checkpoint, out_dir / "best.pt")
+            with open(out_dir / "metrics.jsonl", "a") as f:  # after last.pt: the two never disagree
+                f.write(json.dumps(record) + "\n")
 
     # ---- summary -------------------------------------------------------------------------------------------
-    if is_main and start_epoch < args.epochs:  # (--epochs 0 trains nothing)
+    if is_main:
         summary = {"metric": "top1", "best": best, "best_epoch": best_epoch, "last": metrics["top1"],
                    "last_top5": metrics["top5"], "teacher": teacher_metrics["top1"] if teacher is not None else None,
                    "teacher_weights": teacher_tag, "teacher_published": published,
@@ -688,13 +734,19 @@ def main(argv=None):
                    "versions": {"python": platform.python_version(), "torch": torch.__version__,
                                 "torchvision": torchvision.__version__, "timm": importlib.metadata.version("timm"),
                                 "cuda": torch.version.cuda}}
-        (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        save_atomic(json.dumps(summary, indent=2) + "\n", out_dir / "summary.json")
         teacher_top1 = f", teacher {summary['teacher']:.2f}" if teacher is not None else ""
         print(f"done: best top1 {best:.2f} (epoch {best_epoch}), last {metrics['top1']:.2f}{teacher_top1}; "
               f"outputs in {out_dir}")
     if distributed:
         dist.destroy_process_group()
+    return summary if is_main else None
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:  # one line, not a traceback: where the run stands and how to go on
+        last = Path(parse_args().out_dir) / "last.pt"
+        fail(f"interrupted; continue with --resume {last}" if last.is_file() else "interrupted before the first "
+             "epoch ended; nothing to resume", 130)

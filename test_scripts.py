@@ -397,9 +397,12 @@ IMAGENET_TINY = ["--img-size", 32, "--teacher", "resnet18", "--batch-size", 4, "
 
 @pytest.fixture(scope="module")
 def imagenet_data(tmp_path_factory):
+    return imagenet_write_data(tmp_path_factory.mktemp("imagenet"))
+
+
+def imagenet_write_data(root):
     from PIL import Image
 
-    root = tmp_path_factory.mktemp("imagenet")
     g = torch.Generator().manual_seed(0)
     for split, counts in (("train", (4, 4, 4)), ("val", (2, 2, 1))):
         for wnid, count in zip(("n01440764", "n01443537", "n01484850"), counts):
@@ -413,6 +416,45 @@ def imagenet_data(tmp_path_factory):
     torch.save({"model": {f"module.{k}": v for k, v in teacher.items()}}, root / "teacher.pt")
     torch.save(torchvision.models.resnet18(num_classes=5).state_dict(), root / "teacher5.pt")
     return root
+
+
+@pytest.fixture
+def one_thread():
+    """In-process runs on one thread, as OMP_NUM_THREADS=1 gives the subprocesses (two threads on two busy
+    cores ran a --dummy step 5x slower here)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# For the shared bad-input test: a --dummy run of one step at 32 px, and the same on the tiny folder.
+IMAGENET_FAMILY = dict(
+    script=IMAGENET,
+    dummy=["--dummy", *map(str, IMAGENET_TINY), "--max-steps", "1", "--workers", "0"],
+    real=lambda tmp_path: ["--data-dir", str(imagenet_write_data(tmp_path / "imagenet")), *map(str, IMAGENET_TINY),
+                           "--teacher-ckpt", str(tmp_path / "imagenet" / "teacher.pt"), "--max-steps", "1", "--workers", "0"],
+    other_projector=["--projector", "mlp"],
+)
+
+
+def test_imagenet_resume_forgets_later_epochs(tmp_path, capsys, one_thread):
+    import imagenet_kd
+
+    # A run of 2 epochs, then a resume from its epoch-1 checkpoint: metrics.jsonl keeps epoch 1 once and the
+    # new epoch 2, not the old one beside it; each record is written after its last.pt.
+    run, out = IMAGENET_FAMILY["dummy"], tmp_path / "run"
+    imagenet_kd.main(run + ["--epochs", "1", "--out-dir", str(out)])
+    (out / "last.pt").rename(tmp_path / "epoch1.pt")
+    (out / "best.pt").unlink()
+    imagenet_kd.main(run + ["--epochs", "2", "--resume", str(tmp_path / "epoch1.pt"), "--out-dir", str(out)])
+    first_two = read_jsonl(out / "metrics.jsonl")
+    summary = imagenet_kd.main(run + ["--epochs", "2", "--resume", str(tmp_path / "epoch1.pt"), "--out-dir", str(out)])
+    records = read_jsonl(out / "metrics.jsonl")
+    assert [r["epoch"] for r in first_two] == [r["epoch"] for r in records] == [1, 2]
+    assert records[0] == first_two[0] and records[1]["loss_ce"] == first_two[1]["loss_ce"]
+    assert summary["last"] == records[-1]["top1"] and load_checkpoint(out / "last.pt")["epoch"] == 2
+    assert "resuming" in capsys.readouterr().out
 
 
 def imagenet_args(data, out_dir, *extra):
@@ -519,7 +561,7 @@ def test_imagenet_torchrun_two_processes(imagenet_data, tmp_path):
     assert evaluated["images"] == 5 and evaluated["top1"] == pytest.approx(record["top1"])
 
 
-def test_imagenet_train_fraction_and_spectrum(imagenet_data, tmp_path, capsys):
+def test_imagenet_train_fraction_and_spectrum(imagenet_data, tmp_path, capsys, one_thread):
     import imagenet_kd
 
     # round(0.2 * n_c), at least one, of every class c; the same draw every time.
@@ -550,7 +592,7 @@ IMAGENET_PAIRS = [("regnet_y_400mf", "mobilenet_v2", 440, 1280, 32), ("vit_b_32"
 
 
 @pytest.mark.parametrize("teacher, student, t_dim, s_dim, size", IMAGENET_PAIRS)
-def test_imagenet_ablation_pairs(teacher, student, t_dim, s_dim, size):
+def test_imagenet_ablation_pairs(teacher, student, t_dim, s_dim, size, one_thread):
     import imagenet_kd
     from common import FeatureDistiller
 
