@@ -3,39 +3,30 @@
 
     loss = CE(y_s, y) + 1.0 * KL(softmax(y_t) || softmax(y_s)) + 2.0 * log sum |BN(z_s W_p) - BN(z_t)|^4
 
-``z_s``, ``z_t`` are the representations just before the output space (the input of each model's last
-linear layer: the pooled 512-d features of both ResNets), ``W_p`` a linear projector trained with the
-student, BN a batch norm without affine parameters on both sides. The protocol is torchdistill's standard
-configuration, which the paper ran: 100 epochs, SGD with momentum 0.9, lr 0.1 at a global batch of 256
-(scaled linearly with it), weight decay 1e-4, lr x0.1 at epochs 30, 60 and 90.
+``z_s``, ``z_t`` are the representations just before the output space (the pooled 512-d features of both
+ResNets), ``W_p`` a linear projector trained with the student, BN a batch norm without affine parameters
+on both sides. The protocol is torchdistill's standard configuration, which the paper ran: 100 epochs, SGD
+with momentum 0.9, lr 0.1 at a global batch of 256 (scaled linearly), weight decay 1e-4, lr x0.1 at epochs
+30, 60 and 90. Expected top-1: 71.87 (the paper's SRD row, top-5 error 9.29: thesis Table 6.6; the official
+code's README calls it a re-run) and 71.63 (the paper's figure according to the first author's torchdistill
+PR #446); teacher 73.31 (torchvision's ResNet34_Weights.IMAGENET1K_V1); ResNet-18 alone 69.76
+(torchvision's published model, its own 90-epoch recipe, not a --distill none run of this script).
 
-Expected top-1 on the validation set: the paper's SRD row, 71.87 (top-5 error 9.29; thesis Table 6.6; the
-official code's README calls it a re-run), and 71.63, the figure the first author's torchdistill PR #446
-gives as the paper's; the teacher scores 73.31 (torchvision's ResNet34_Weights.IMAGENET1K_V1); ResNet-18
-alone is 69.76 (torchvision's published model, its own 90-epoch recipe, not a --distill none run here).
-
-One GPU, 8 GPUs, two machines of 8 GPUs (``--batch-size`` is per process; by default the global batch
-stays 256 and the lr follows it linearly)::
+One GPU, 8 GPUs, two machines of 8 GPUs (``--batch-size`` is per process; the global batch stays 256)::
 
     python imagenet_kd.py --data-dir /data/imagenet
     torchrun --nproc_per_node=8 imagenet_kd.py --data-dir /data/imagenet
     torchrun --nnodes=2 --nproc_per_node=8 --rdzv-backend=c10d --rdzv-endpoint=HOST:29500 \\
         imagenet_kd.py --data-dir /data/imagenet
 
-``--data-dir`` is ImageNet in the ImageFolder layout (``train/<wnid>/*.JPEG``, ``val/<wnid>/*.JPEG``);
-the teacher's weights come from torchvision (downloaded once into the torch hub cache) or ``--teacher-ckpt``.
-``--dummy`` runs everything on random images (no files, a random teacher): the speed benchmark without
-JPEG decoding. Any torchvision pair works: the paper's ablations (Tables 6.1-6.3) distil RegNetY into
-MobileNetV2, ViT into MobileNetV3, ConvNeXt into EfficientNet-B0 and ResNet-50 into ResNet-18.
-
-A run prints the teacher's top-1 first (73.3 for the default teacher), then one line per
-``--log-every`` steps::
-
-    epoch 1/100 step 100/5004 | ce 6.712 kd 0.052 feat 7.391 | lr 0.1 | 2310 img/s | data 0.4 ms/step | eta 2 days, 1:02:03
-
-and the validation top-1/top-5 after every epoch. It writes ``args.json``, ``metrics.jsonl``,
-``last.pt``, ``best.pt`` and ``summary.json`` into ``--out-dir``; ``--resume OUT/last.pt`` continues
-exactly where a run stopped.
+``--data-dir`` is ImageNet in the ImageFolder layout; the teacher's weights come from torchvision (fetched
+once into the torch hub cache) or ``--teacher-ckpt``; ``--dummy`` runs on random images (the speed benchmark
+without JPEG decoding). Any torchvision pair works: the paper's ablations (Tables 6.1-6.3) distil RegNetY
+into MobileNetV2, ViT into MobileNetV3, ConvNeXt into EfficientNet-B0 and ResNet-50 into ResNet-18 on a
+class-balanced 20 % of the training set (``--train-fraction 0.2``). A run prints the teacher's top-1, a
+line per ``--log-every`` steps and the validation top-1/top-5 per epoch, and writes ``args.json``,
+``metrics.jsonl``, ``last.pt``, ``best.pt`` and ``summary.json`` into ``--out-dir``; ``--resume
+OUT/last.pt`` continues exactly.
 """
 import argparse
 import importlib.metadata
@@ -55,7 +46,6 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-import torchvision
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 from torchvision import datasets, models
@@ -81,16 +71,22 @@ LAYOUT = ("<data-dir>/train/<class>/*.JPEG and <data-dir>/val/<class>/*.JPEG (th
 
 
 def fail(msg, code=2):
-    """One line on stderr (rank 0 speaks for all), then exit: 2 for bad input, before anything is written;
-    3 for a run that cannot go on."""
+    """One line on stderr, then exit: 2 for bad input (before anything is written), 3 for a run that cannot go
+    on, 130 when interrupted. Under torchrun rank 0 speaks for all; every rank exits."""
     if os.environ.get("RANK", "0") == "0":
         print(f"{PROG}: error: {msg}", file=sys.stderr)
     sys.exit(code)
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """argparse's "(default: X)", except for defaults resolved after parsing (None), whose help says them."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None or action.default is False else super()._get_help_string(action)
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     p.error = lambda message: fail(f"{message}; see --help")
     g = p.add_argument_group("data")
     g.add_argument("--data-dir", type=Path, default=Path("data/imagenet"), help=f"ImageNet root: {LAYOUT}")
@@ -103,8 +99,8 @@ def parse_args(argv=None):
     g.add_argument("--img-size", type=int, default=224,
                    help="training crop; validation resizes to img-size*256/224 and centre-crops img-size")
     g = p.add_argument_group("models")
-    g.add_argument("--student", default="resnet18", help="torchvision classification model, trained from scratch")
-    g.add_argument("--teacher", default="resnet34", help="torchvision classification model, frozen")
+    g.add_argument("--student", default="resnet18", metavar="ARCH", help="torchvision classification model, trained from scratch")
+    g.add_argument("--teacher", default="resnet34", metavar="ARCH", help="torchvision classification model, frozen")
     g.add_argument("--teacher-ckpt", type=Path, help="teacher weights (a state dict, or one under 'model', "
                    "'state_dict' or 'student'); default: torchvision's pretrained --teacher-weights")
     g.add_argument("--teacher-weights", default="DEFAULT",
@@ -127,6 +123,7 @@ def parse_args(argv=None):
                         "mean |d|^alpha (no log: Tables 6.3, 6.9); corr-nolog: the correlation form without log")
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int, default=100, help="training epochs")
+    g.add_argument("--max-steps", type=int, help="cap on the steps of each epoch (smoke tests, benchmarks)")
     g.add_argument("--batch-size", type=int, help="images per process (default: 256 / number of processes)")
     g.add_argument("--lr", type=float, default=0.1, help="SGD lr per 256 images of global batch (scaled linearly)")
     g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
@@ -136,15 +133,15 @@ def parse_args(argv=None):
     g.add_argument("--amp", choices=("off", "bf16", "fp16"), help="autocast dtype (default: bf16 on CUDA, off on CPU; "
                    "the paper trained in float32, --amp off)")
     g.add_argument("--channels-last", action=argparse.BooleanOptionalAction,
-                   help="NHWC memory format, faster convolutions on tensor cores (default: on with CUDA, off on CPU)")
-    g.add_argument("--compile", action="store_true", help="torch.compile the student, distiller and teacher")
+                   help="NHWC memory layout, faster convolutions on GPUs (default: on with CUDA, off on CPU)")
+    g.add_argument("--compile", action="store_true", help="torch.compile the forwards of the student "
+                   "with its distiller and of the teacher; the losses, backward and optimizer step run eagerly")
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
     g.add_argument("--sync-bn", action="store_true", help="batch-norm statistics over the global batch (DDP, CUDA)")
     g.add_argument("--workers", type=int,
-                   help="data-loading processes per training process (default: CPUs per training process, at most 12)")
+                   help="data-loading processes per training process (default: its share of the cores, at most 12)")
     g.add_argument("--seed", type=int, default=0, help="seed of initialisation, shuffling and augmentation")
     g.add_argument("--log-every", type=int, default=100, help="steps between log lines")
-    g.add_argument("--max-steps", type=int, help="cap on steps per epoch (smoke tests, benchmarks)")
     g = p.add_argument_group("outputs")
     g.add_argument("--out-dir", type=Path,
                    help="output folder (default: the folder of --resume, else runs/<PROG>-<student>-<distill>, "
@@ -157,8 +154,8 @@ def parse_args(argv=None):
     args.channels_last = cuda if args.channels_last is None else args.channels_last
     if args.batch_size is None:
         args.batch_size = max(1, 256 // int(os.environ.get("WORLD_SIZE", 1)))
-    if args.workers is None:  # the machine's CPUs shared by its training processes
-        args.workers = min(12, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+    if args.workers is None:  # never more than the cores
+        args.workers = max(1, min(12, len(os.sched_getaffinity(0)) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
     if not 0 < args.train_fraction <= 1:
         fail(f"--train-fraction must be in (0, 1], got {args.train_fraction}")
     args.out_dir = args.out_dir or (args.resume.parent if args.resume else
@@ -172,14 +169,306 @@ def parse_args(argv=None):
     return args
 
 
-# ---------------------------------------------------------------------------------------------------
-# Data: ImageFolder decoded and augmented by loader workers as uint8; normalised on the device.
-# ---------------------------------------------------------------------------------------------------
-def seed_of(*parts):
-    """A 32-bit seed that is a function of ``parts`` (seed, epoch, rank or index) and nothing else."""
-    return int(np.random.SeedSequence(parts).generate_state(1)[0])
+def feature_point(model):
+    """The module whose input is z, the paper's "representation just before the output space": the input of
+    the classifier block's last linear layer, before the dropout in front of it (z_t has none: the teacher is in
+    eval mode). ResNet/RegNet: the pooled features (``fc``); MobileNetV2, EfficientNet: the pooled features;
+    MobileNetV3: the 1280-d Linear-Hardswish output, its last hidden layer (not the 960-d pooled map);
+    ConvNeXt: the pooled features after its LayerNorm; ViT: the class token after the encoder's LayerNorm."""
+    head = getattr(model, head_name(model))
+    layers = list(head.children()) if isinstance(head, nn.Sequential) else [head]
+    last = max((i for i, m in enumerate(layers) if isinstance(m, nn.Linear)), default=None)
+    if last is None:
+        return head  # no linear layer (SqueezeNet's convolutional head): its input map, pooled
+    while last > 0 and isinstance(layers[last - 1], nn.Dropout):
+        last -= 1
+    return layers[last]
 
 
+class WithFeatures(nn.Module):
+    """``model(x) -> (logits, z)``, z the input of ``feature_point(model)``, pooled. A forward pre-hook
+    catches it, so the model and its state-dict keys stay torchvision's own: a saved student loads into a
+    plain ``torchvision.models.resnet18()``."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+        for module in model.modules():  # an in-place dropout would overwrite the z the hook holds
+            if isinstance(module, nn.Dropout):
+                module.inplace = False
+        feature_point(model).register_forward_pre_hook(self._keep)
+
+    def _keep(self, module, inputs):
+        self._z = inputs[0]
+
+    def forward(self, x):
+        logits = self.model(x)
+        z, self._z = self._z, None
+        return logits, z.mean((2, 3)) if z.dim() == 4 else z.flatten(1)  # SqueezeNet passes maps
+
+
+class StudentWithDistiller(nn.Module):
+    """The student and the distiller in one module: DDP averages the projector's gradients with the
+    student's, so W_p is identical on every rank."""
+
+    def __init__(self, student, distiller):
+        super().__init__()
+        self.student, self.distiller = WithFeatures(student), distiller
+
+    def forward(self, x, z_t=None):
+        logits, z_s = self.student(x)
+        return logits, (self.distiller(z_s, z_t) if self.distiller is not None else None)
+
+
+def kd_loss(logits_s, logits_t, T):
+    """Hinton's KD term: KL(softmax(y_t / T) || softmax(y_s / T)), batch mean, times T^2 so that its gradients
+    keep their scale as T changes."""
+    return F.kl_div(F.log_softmax(logits_s.float() / T, 1), F.log_softmax(logits_t.float() / T, 1),
+                    reduction="batchmean", log_target=True) * T * T
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    t_start = time.time()
+
+    # ---- set-up: one code path; torchrun's RANK means DDP ----
+    distributed = "RANK" in os.environ
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    is_main = rank == 0
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        fail(f"unknown --device {args.device!r}; pass cuda, cuda:N or cpu")
+    if device.type == "cuda":  # one process per GPU under torchrun; an explicit index for set_device
+        if not torch.cuda.is_available():
+            fail(f"--device {args.device} but CUDA is not available; pass --device cpu")
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) if distributed else device.index or 0)
+        torch.cuda.set_device(device)
+        torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick its fastest kernels
+        torch.set_float32_matmul_precision("high")  # TF32 where --amp off leaves float32 matmuls
+    if distributed:
+        cuda = device.type == "cuda"
+        dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
+    torch.manual_seed(args.seed)  # the same on every rank: the teacher (not DDP-synchronised) is identical on all
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp)
+    autocast = torch.autocast(device.type, dtype=dtype) if dtype else nullcontext()
+    global_batch = args.batch_size * world
+    lr = args.lr * global_batch / 256  # linear scaling rule (Goyal et al.)
+    prepare = Prepare(device, args.channels_last)
+    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+    out_dir = args.out_dir
+    args_json = json.loads(json.dumps(vars(args), default=str))  # plain types, for weights_only loads
+
+    # ---- bad input: refused before anything is written ----
+    if args.sync_bn and world > 1 and device.type != "cuda":
+        fail("--sync-bn needs CUDA (SyncBatchNorm has no CPU kernel); drop it on CPU")
+    if args.evaluate and args.resume is None:
+        fail("--evaluate needs --resume PATH, the checkpoint whose student to evaluate")
+    for role in ("student", "teacher"):
+        if getattr(args, role) not in ARCHS:
+            fail(f"unknown {role} architecture {getattr(args, role)!r}; choose from {', '.join(ARCHS)}")
+    if out_dir.exists() and not out_dir.is_dir():
+        fail(f"--out-dir {out_dir} is a file; pass a folder")
+    if args.resume is None and ((out_dir / "args.json").exists() or (out_dir / "last.pt").exists()):
+        fail(f"{out_dir} already holds a run; pass --resume {out_dir}/last.pt to continue it, or choose another --out-dir")
+    ckpt = read_checkpoint(args.resume) if args.resume else None
+    if ckpt is not None and not args.evaluate:  # --evaluate takes any student weights; a resume, this run's
+        if not (isinstance(ckpt, dict) and isinstance(ckpt.get("args"), dict) and isinstance(ckpt.get("epoch"), int)):
+            fail(f"{args.resume} is not a training checkpoint of {PROG}.py; pass the last.pt of one of its runs")
+        if ckpt["epoch"] >= args.epochs:
+            fail(f"{args.resume} has trained {ckpt['epoch']} epochs already; pass --epochs above {ckpt['epoch']}")
+        for flag in RESUME_MUST_MATCH:  # what makes it the same run; speed and logging flags may change
+            if ckpt["args"].get(flag) != args_json[flag]:
+                fail(f"{args.resume} was trained with --{flag.replace('_', '-')} {ckpt['args'].get(flag)}, "
+                     f"not {args_json[flag]}; pass that run's flags to resume it")
+
+    # ---- data ----
+    train_loader, val_loader, classes = build_data(args, device, rank, world)
+    steps = min(len(train_loader), args.max_steps or len(train_loader))
+    if steps == 0 and not args.evaluate:
+        fail(f"the training set ({len(train_loader.dataset)} images) is smaller than one global batch of "
+             f"{global_batch}; lower --batch-size")
+
+    # ---- models: student, teacher, distiller ----
+    student = build_student(args, classes)
+    if ckpt is not None:
+        load_weights(student, ckpt, args.resume, "student")
+    teacher, teacher_tag, published = (build_teacher(args, classes) if args.distill != "none" and not args.evaluate
+                                       else (None, None, None))  # --evaluate scores the student alone
+    model = StudentWithDistiller(student, None)  # the distiller joins once both feature widths are known
+    distiller = None
+    if teacher is not None and args.distill == "srd":  # W_p maps the student's feature width to the teacher's
+        distiller = model.distiller = FeatureDistiller(
+            feature_dim(model.student, args.img_size), feature_dim(teacher, args.img_size),
+            args.projector, args.norm, args.distance, args.alpha, hidden=args.projector_hidden)
+    model.to(device, memory_format=memory_format)
+    if teacher is not None:
+        teacher.to(device, memory_format=memory_format)
+    if args.evaluate:
+        metrics = {**evaluate(student, val_loader, device, prepare), "checkpoint": str(args.resume)}
+        if is_main:
+            print(f"{args.resume}: top1 {metrics['top1']:.2f} top5 {metrics['top5']:.2f} on {metrics['images']} images")
+            out_dir.mkdir(parents=True, exist_ok=True)
+            save_atomic(json.dumps(metrics, indent=2) + "\n", out_dir / "eval.json")
+        if distributed:
+            dist.destroy_process_group()
+        return metrics
+
+    # ---- optimisation ----
+    if args.sync_bn:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # the student's BNs (the distiller's see all rows)
+    if distributed:
+        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None, gradient_as_bucket_view=True)
+    if args.compile:
+        model = torch.compile(model)
+        teacher = torch.compile(teacher) if teacher is not None else None
+    # Weight decay on every parameter (torchvision's reference recipe); the projector W_p trains with the student.
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=args.momentum, weight_decay=args.wd)
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, args.lr_milestones, gamma=0.1)
+    scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
+
+    # ---- resume ----
+    start_epoch, best, best_epoch = 0, None, None
+    if ckpt is not None:
+        try:
+            if distiller is not None:
+                distiller.load_state_dict(ckpt["distiller"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+            scheduler.load_state_dict(ckpt["scheduler"])
+            scaler.load_state_dict(ckpt["scaler"])
+            start_epoch, best, best_epoch = ckpt["epoch"], ckpt["best"], ckpt.get("best_epoch")
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:
+            fail(f"{args.resume} is not a checkpoint of this run ({type(e).__name__}: {str(e).splitlines()[0]}); "
+                 "resume with the flags it was trained with")
+
+    # ---- outputs: the run writes from here on ----
+    if is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        save_atomic(json.dumps(args_json, indent=2) + "\n", out_dir / "args.json")
+        if ckpt is not None and (out_dir / "metrics.jsonl").is_file():  # forget the epochs after the checkpoint
+            lines = (out_dir / "metrics.jsonl").read_text().splitlines(keepends=True)
+            save_atomic("".join(s for s in lines if json.loads(s)["epoch"] <= start_epoch), out_dir / "metrics.jsonl")
+        print("args: " + json.dumps(args_json))
+        print(f"world size {world} | device {device} | amp {args.amp} | global batch {global_batch} | lr {lr:g} | "
+              f"{steps} steps/epoch | params: student {n_params(student):.2f}m, distiller {n_params(distiller):.2f}m, "
+              f"teacher {n_params(teacher):.2f}m | {args.workers} workers/process | {classes} classes | "
+              f"{len(train_loader.dataset):,} training images")
+        if ckpt is not None:
+            print(f"resuming {args.resume}: {start_epoch} epochs done, best top1 {best:.2f} (epoch {best_epoch})")
+
+    # ---- the teacher's score ----
+    teacher_metrics = evaluate(teacher.model, val_loader, device, prepare) if teacher is not None else None
+    if is_main and teacher is not None:
+        top1, top5 = teacher_metrics["top1"], teacher_metrics["top5"]
+        print(f"teacher {args.teacher} ({teacher_tag}): top1 {top1:.2f} top5 {top5:.2f}")
+        if published is not None and abs(top1 - published) > 1.0:
+            print(f"warning: the teacher scores {top1:.2f} top-1 where torchvision publishes {published:.2f}: "
+                  "check --data-dir (the full validation set, class folders named by wnid) and --img-size 224")
+
+    # ---- training ----
+    zero = torch.zeros((), device=device)
+    terms, used = ("ce", "kd", "feat"), (True, teacher is not None, distiller is not None)
+    t_loop, total_steps, train_time = time.time(), steps * (args.epochs - start_epoch), 0.0
+    for epoch in range(start_epoch, args.epochs):
+        torch.manual_seed(seed_of(args.seed, epoch, rank))  # dropout and the like: a function of (seed, epoch, rank)
+        train_loader.sampler.set_epoch(epoch)
+        epoch_lr = optimizer.param_groups[0]["lr"]
+        interval, epoch_sums = torch.zeros(3, device=device), torch.zeros(3, dtype=torch.float64)
+        t_epoch = t_log = t_ready = time.time()
+        data_time, last_log = 0.0, 0
+        for step, (x, y) in enumerate(train_loader, 1):
+            data_time += time.time() - t_ready
+            x, y = prepare(x, y)
+            with autocast:
+                logits_t = z_t = None
+                if teacher is not None:
+                    with torch.no_grad():
+                        logits_t, z_t = teacher(x)
+                logits_s, loss_feat = model(x, z_t)
+                loss_ce = F.cross_entropy(logits_s, y)
+                loss_kd = zero if teacher is None else kd_loss(logits_s, logits_t, args.temperature)
+                loss_feat = zero if loss_feat is None else loss_feat
+                loss = args.ce_weight * loss_ce + args.kd_weight * loss_kd + args.feat_weight * loss_feat
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            interval += torch.stack([loss_ce, loss_kd, loss_feat]).detach().float()
+
+            if step % args.log_every == 0 or step == steps:  # the only host-device syncs of the loop
+                if distributed:
+                    dist.all_reduce(interval)
+                means = (interval / ((step - last_log) * world)).tolist()
+                epoch_sums += interval.double().cpu()
+                interval.zero_()
+                losses = " ".join(f"{n} {v:.3f}" for n, v, u in zip(terms, means, used) if u)
+                if not all(np.isfinite(means)):
+                    fail(f"non-finite loss at epoch {epoch + 1} step {step}: {losses}; "
+                         f"{out_dir}/last.pt holds the last finished epoch", 3)
+                now, done = time.time(), (epoch - start_epoch) * steps + step
+                if is_main:
+                    eta = (now - t_loop) / done * (total_steps - done)
+                    rate = (step - last_log) * global_batch / (now - t_log)
+                    print(f"epoch {epoch + 1}/{args.epochs} step {step}/{steps} | {losses} | lr {epoch_lr:.4g} | "
+                          f"{rate:.{0 if rate >= 100 else 1}f} img/s | data {1000 * data_time / (step - last_log):.1f} "
+                          f"ms/step | eta {timedelta(seconds=round(eta))}", flush=True)
+                t_log, data_time, last_log = now, 0.0, step
+            if step == steps:
+                break
+            t_ready = time.time()
+        scheduler.step()
+        epoch_train_s = time.time() - t_epoch
+        train_time += epoch_train_s
+
+        # ---- evaluation, checkpoint, record ----
+        if distributed:  # each rank's last step left its own BN statistics: score rank 0's, the ones it saves
+            for buffer in student.buffers():
+                dist.broadcast(buffer, 0)
+        metrics = evaluate(student, val_loader, device, prepare)
+        if best is None or metrics["top1"] > best:
+            best, best_epoch = metrics["top1"], epoch + 1
+        means = (epoch_sums / (steps * world)).tolist()
+        record = {"epoch": epoch + 1, "lr": epoch_lr,
+                  **{f"loss_{n}": (v if u else None) for n, v, u in zip(terms, means, used)},
+                  **metrics, "images_per_s": steps * global_batch / epoch_train_s,
+                  "epoch_s": time.time() - t_epoch, "peak_mem_mb": peak_memory_mb(device)}
+        if distiller is not None:  # every singular value of W_p, sorted (Figure 6.2); None unless it is linear
+            sv = projector_spectrum(distiller)
+            record["projector_sv"] = None if sv is None else sv.tolist()
+        if is_main:
+            print(f"epoch {epoch + 1}/{args.epochs} | top1 {metrics['top1']:.2f} top5 {metrics['top5']:.2f} | "
+                  f"best {best:.2f} (epoch {best_epoch}) | {record['epoch_s']:.0f} s | "
+                  f"peak {record['peak_mem_mb']:.0f} MB", flush=True)
+            checkpoint = {"student": student.state_dict(),
+                          "distiller": distiller.state_dict() if distiller is not None else None,
+                          "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                          "scaler": scaler.state_dict(), "epoch": epoch + 1, "best": best, "best_epoch": best_epoch,
+                          "args": args_json}
+            save_atomic(checkpoint, out_dir / "last.pt")
+            if best_epoch == epoch + 1:
+                save_atomic(checkpoint, out_dir / "best.pt")
+            with open(out_dir / "metrics.jsonl", "a") as f:  # after last.pt: the two never disagree
+                f.write(json.dumps(record) + "\n")
+
+    # ---- summary ----
+    summary = {"metric": "top1", "best": best, "best_epoch": best_epoch, "last": metrics["top1"],
+               "teacher": teacher_metrics["top1"] if teacher is not None else None, "student_arch": args.student,
+               "teacher_arch": args.teacher, "distill": args.distill, "wall_s": time.time() - t_start,
+               "images_per_s": total_steps * global_batch / train_time, "peak_mem_mb": peak_memory_mb(device),
+               "world_size": world, "versions": versions(), "last_top5": metrics["top5"],
+               "teacher_weights": teacher_tag, "teacher_published": published}
+    if is_main:
+        save_atomic(json.dumps(summary, indent=2) + "\n", out_dir / "summary.json")
+        print(f"done: best top1 {best:.2f} (epoch {best_epoch}), last top1 {metrics['top1']:.2f} | "
+              f"{summary['wall_s'] / 60:.1f} min | {out_dir}")
+    if distributed:
+        dist.destroy_process_group()
+    return summary
+
+
+# =====================================================================================================
+# Appendix: the plumbing a reader of the method can skip (data, model zoo, teacher weights, checkpoints)
+# =====================================================================================================
 class EpochSampler(DistributedSampler):
     """DistributedSampler (this rank's shard of a per-epoch permutation) that yields (epoch, index)."""
 
@@ -287,49 +576,8 @@ class Prepare:
         return images, labels.to(self.device, non_blocking=True)
 
 
-# ---------------------------------------------------------------------------------------------------
-# Models: torchvision classifiers that also return the input of their final classifier.
-# ---------------------------------------------------------------------------------------------------
 def head_name(model):
     return next(name for name in HEADS if isinstance(getattr(model, name, None), nn.Module))
-
-
-def feature_point(model):
-    """The module whose input is z, the paper's "representation just before the output space": the input of
-    the classifier block's last linear layer, before the dropout in front of it (z_t has none: the teacher is in
-    eval mode). ResNet/RegNet: the pooled features (``fc``); MobileNetV2, EfficientNet: the pooled features;
-    MobileNetV3: the 1280-d Linear-Hardswish output, its last hidden layer (not the 960-d pooled map);
-    ConvNeXt: the pooled features after its LayerNorm; ViT: the class token after the encoder's LayerNorm."""
-    head = getattr(model, head_name(model))
-    layers = list(head.children()) if isinstance(head, nn.Sequential) else [head]
-    last = max((i for i, m in enumerate(layers) if isinstance(m, nn.Linear)), default=None)
-    if last is None:
-        return head  # no linear layer (SqueezeNet's convolutional head): its input map, pooled
-    while last > 0 and isinstance(layers[last - 1], nn.Dropout):
-        last -= 1
-    return layers[last]
-
-
-class WithFeatures(nn.Module):
-    """``model(x) -> (logits, z)``, z the input of ``feature_point(model)``, pooled. A forward pre-hook
-    catches it, so the model and its state-dict keys stay torchvision's own: a saved student loads into a
-    plain ``torchvision.models.resnet18()``."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-        for module in model.modules():  # an in-place dropout would overwrite the z the hook holds
-            if isinstance(module, nn.Dropout):
-                module.inplace = False
-        feature_point(model).register_forward_pre_hook(self._keep)
-
-    def _keep(self, module, inputs):
-        self._z = inputs[0]
-
-    def forward(self, x):
-        logits = self.model(x)
-        z, self._z = self._z, None
-        return logits, z.mean((2, 3)) if z.dim() == 4 else z.flatten(1)  # SqueezeNet passes maps
 
 
 def feature_dim(net, img_size):
@@ -423,35 +671,14 @@ def load_weights(model, checkpoint, path, what):
 
 
 def check_classes(model, checkpoint, path, classes):
-    """A checkpoint whose classifier has another number of rows than the data has classes: say so in those
-    words (load_weights would only name a wrongly shaped key)."""
+    """Name a class-count mismatch in those words (load_weights would name a wrongly shaped key)."""
     key = [k for k in model.state_dict() if k.split(".")[0] == head_name(model)][-1]  # the logits layer's
-    states = [checkpoint, *(checkpoint.get(k) for k in ("model", "state_dict", "student"))] if isinstance(
-        checkpoint, dict) else []
-    rows = {v.shape[0] for state in states if isinstance(state, dict) for k, v in state.items()
+    nested = [checkpoint.get(k) for k in ("model", "state_dict", "student")] if isinstance(checkpoint, dict) else []
+    rows = {v.shape[0] for state in (checkpoint, *nested) if isinstance(state, dict) for k, v in state.items()
             if re.sub(r"^((module|_orig_mod)\.)+", "", k) == key and torch.is_tensor(v) and v.dim()}
     if rows and classes not in rows:
         fail(f"{path} was trained for {rows.pop()} classes but the data has {classes}; "
              "pass a checkpoint trained on this dataset")
-
-
-class StudentWithDistiller(nn.Module):
-    """The student and the distiller in one module: DDP averages the projector's gradients with the
-    student's, so W_p is identical on every rank."""
-
-    def __init__(self, student, distiller):
-        super().__init__()
-        self.student, self.distiller = WithFeatures(student), distiller
-
-    def forward(self, x, z_t=None):
-        logits, z_s = self.student(x)
-        return logits, (self.distiller(z_s, z_t) if self.distiller is not None else None)
-
-
-def kd_loss(logits_s, logits_t, T):
-    """KL(p_t || p_s) at temperature T, batch mean, times T^2 so its gradients keep their scale as T changes."""
-    return F.kl_div(F.log_softmax(logits_s.float() / T, 1), F.log_softmax(logits_t.float() / T, 1),
-                    reduction="batchmean", log_target=True) * T ** 2
 
 
 @torch.no_grad()
@@ -496,252 +723,21 @@ def peak_memory_mb(device):
 def n_params(module):
     return sum(p.numel() for p in module.parameters()) / 1e6 if module is not None else 0
 
+def seed_of(*parts):
+    """A 32-bit seed that is a function of ``parts`` (seed, epoch, rank or index) and nothing else."""
+    return int(np.random.SeedSequence(parts).generate_state(1)[0])
 
-def main(argv=None):
-    args = parse_args(argv)
-    t_start = time.time()
 
-    # ---- set-up: one code path for one process and for torchrun (which sets RANK) --------------------------
-    distributed = "RANK" in os.environ
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    is_main = rank == 0
-    try:
-        device = torch.device(args.device)
-    except RuntimeError:
-        fail(f"unknown --device {args.device!r}; pass cuda, cuda:N or cpu")
-    if device.type == "cuda":  # one process per GPU under torchrun; an explicit index for set_device
-        if not torch.cuda.is_available():
-            fail(f"--device {args.device} but CUDA is not available; pass --device cpu")
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) if distributed else device.index or 0)
-        torch.cuda.set_device(device)
-        torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick its fastest kernels
-        torch.set_float32_matmul_precision("high")  # TF32 where --amp off leaves float32 matmuls
-    if distributed:
-        cuda = device.type == "cuda"
-        dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
-    torch.manual_seed(args.seed)  # the same initialisation on every rank (the frozen teacher is not DDP-synchronised)
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp)
-    autocast = torch.autocast(device.type, dtype=dtype) if dtype else nullcontext()
-    global_batch = args.batch_size * world
-    lr = args.lr * global_batch / 256  # linear scaling rule (Goyal et al.)
-    prepare = Prepare(device, args.channels_last)
-    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
-    out_dir = args.out_dir
-    args_json = json.loads(json.dumps(vars(args), default=str))  # plain types, for weights_only loads
-
-    # ---- bad input -----------------------------------------------------------------------------------------
-    if args.sync_bn and world > 1 and device.type != "cuda":
-        fail("--sync-bn needs CUDA (SyncBatchNorm has no CPU kernel); drop it on CPU")
-    if args.evaluate and args.resume is None:
-        fail("--evaluate needs --resume PATH, the checkpoint whose student to evaluate")
-    for role in ("student", "teacher"):
-        if getattr(args, role) not in ARCHS:
-            fail(f"unknown {role} architecture {getattr(args, role)!r}; choose from {', '.join(ARCHS)}")
-    if out_dir.exists() and not out_dir.is_dir():
-        fail(f"--out-dir {out_dir} is a file; pass a folder")
-    if args.resume is None and ((out_dir / "args.json").exists() or (out_dir / "last.pt").exists()):
-        fail(f"{out_dir} already holds a run; pass --resume {out_dir}/last.pt to continue it, "
-             "or choose another --out-dir")
-    ckpt = read_checkpoint(args.resume) if args.resume else None
-    if ckpt is not None and not args.evaluate:  # --evaluate takes any student weights; a resume, this run's
-        if not (isinstance(ckpt, dict) and isinstance(ckpt.get("args"), dict) and isinstance(ckpt.get("epoch"), int)):
-            fail(f"{args.resume} is not a training checkpoint of {PROG}.py; pass the last.pt of one of its runs")
-        if ckpt["epoch"] >= args.epochs:
-            fail(f"{args.resume} has trained {ckpt['epoch']} epochs already; pass --epochs above {ckpt['epoch']}")
-        for flag in RESUME_MUST_MATCH:  # what makes it the same run; speed and logging flags may change
-            if ckpt["args"].get(flag) != args_json[flag]:
-                fail(f"{args.resume} was trained with --{flag.replace('_', '-')} {ckpt['args'].get(flag)}, "
-                     f"not {args_json[flag]}; pass that run's flags to resume it")
-
-    # ---- data ----------------------------------------------------------------------------------------------
-    train_loader, val_loader, classes = build_data(args, device, rank, world)
-    steps = min(len(train_loader), args.max_steps or len(train_loader))
-    if steps == 0 and not args.evaluate:
-        fail(f"the training set ({len(train_loader.dataset)} images) is smaller than one global batch of "
-             f"{global_batch}; lower --batch-size")
-
-    # ---- models: student (with --resume's weights), teacher, distiller; --evaluate ends here ---------------
-    student = build_student(args, classes)
-    if ckpt is not None:
-        load_weights(student, ckpt, args.resume, "student")
-    teacher, teacher_tag, published = (build_teacher(args, classes) if args.distill != "none" and not args.evaluate
-                                       else (None, None, None))  # --evaluate scores the student alone
-    model = StudentWithDistiller(student, None)  # the distiller joins once both feature widths are known
-    distiller = None
-    if teacher is not None and args.distill == "srd":  # W_p maps the student's feature width to the teacher's
-        distiller = model.distiller = FeatureDistiller(
-            feature_dim(model.student, args.img_size), feature_dim(teacher, args.img_size),
-            args.projector, args.norm, args.distance, args.alpha, hidden=args.projector_hidden)
-    model.to(device, memory_format=memory_format)
-    if teacher is not None:
-        teacher.to(device, memory_format=memory_format)
-    if args.evaluate:
-        metrics = evaluate(student, val_loader, device, prepare)
-        if is_main:
-            print(f"{args.resume}: top1 {metrics['top1']:.2f} top5 {metrics['top5']:.2f} on {metrics['images']} images")
-            out_dir.mkdir(parents=True, exist_ok=True)
-            metrics["checkpoint"] = str(args.resume)
-            save_atomic(json.dumps(metrics, indent=2) + "\n", out_dir / "eval.json")
-        if distributed:
-            dist.destroy_process_group()
-        return metrics
-
-    # ---- optimisation --------------------------------------------------------------------------------------
-    if args.sync_bn:
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # the student's BNs (the distiller's see all rows)
-    if distributed:
-        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None, gradient_as_bucket_view=True)
-    if args.compile:
-        model = torch.compile(model)
-        teacher = torch.compile(teacher) if teacher is not None else None
-    # Weight decay on every parameter (torchvision's reference recipe); the projector W_p trains with the student.
-    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=args.momentum, weight_decay=args.wd)
-    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, args.lr_milestones, gamma=0.1)
-    scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
-
-    # ---- resume --------------------------------------------------------------------------------------------
-    start_epoch, best, best_epoch = 0, None, None
-    if ckpt is not None:
+def versions():
+    """The software of a run, for summary.json (None for a package that is not installed: no script needs timm
+    unless it uses it)."""
+    found = {}
+    for package in ("torch", "torchvision", "timm"):
         try:
-            if distiller is not None:
-                distiller.load_state_dict(ckpt["distiller"])
-            optimizer.load_state_dict(ckpt["optimizer"])
-            scheduler.load_state_dict(ckpt["scheduler"])
-            scaler.load_state_dict(ckpt["scaler"])
-            start_epoch, best, best_epoch = ckpt["epoch"], ckpt["best"], ckpt.get("best_epoch")
-        except (KeyError, TypeError, ValueError, RuntimeError) as e:
-            fail(f"{args.resume} is not a checkpoint of this run ({type(e).__name__}: {str(e).splitlines()[0]}); "
-                 "resume with the flags it was trained with")
-
-    # ---- outputs -------------------------------------------------------------------------------------------
-    if is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        save_atomic(json.dumps(args_json, indent=2) + "\n", out_dir / "args.json")
-        if ckpt is not None and (out_dir / "metrics.jsonl").is_file():  # forget the epochs after the checkpoint
-            lines = (out_dir / "metrics.jsonl").read_text().splitlines(keepends=True)
-            save_atomic("".join(line for line in lines if json.loads(line)["epoch"] <= start_epoch), out_dir / "metrics.jsonl")
-        print(f"args: {json.dumps(args_json)}")
-        print(f"world size {world} | device {device} | amp {args.amp} | global batch {global_batch} | lr {lr:g} | "
-              f"{steps} steps/epoch | {args.workers} workers/process | {classes} classes | "
-              f"{len(train_loader.dataset):,} training images")
-        print(f"params: student {n_params(student):.2f}M | distiller {n_params(distiller):.3f}M | "
-              f"teacher {n_params(teacher):.2f}M")
-        if ckpt is not None:
-            print(f"resuming {args.resume}: {start_epoch} epochs done, best top1 {best:.2f}")
-
-    # ---- the teacher's score -------------------------------------------------------------------------------
-    teacher_metrics = evaluate(teacher.model, val_loader, device, prepare) if teacher is not None else None
-    if is_main and teacher is not None:
-        top1, top5 = teacher_metrics["top1"], teacher_metrics["top5"]
-        print(f"teacher {args.teacher} ({teacher_tag}): top1 {top1:.2f} top5 {top5:.2f}")
-        if published is not None and abs(top1 - published) > 1.0:
-            print(f"warning: the teacher scores {top1:.2f} top-1 where torchvision publishes {published:.2f}: "
-                  "check --data-dir (the full validation set, class folders named by wnid) and --img-size 224")
-
-    # ---- training ------------------------------------------------------------------------------------------
-    zero = torch.zeros((), device=device)
-    terms, used = ("ce", "kd", "feat"), (True, teacher is not None, distiller is not None)
-    t_loop, total_steps, train_time = time.time(), steps * (args.epochs - start_epoch), 0.0
-    for epoch in range(start_epoch, args.epochs):
-        torch.manual_seed(seed_of(args.seed, epoch, rank))  # dropout and the like: a function of (seed, epoch, rank)
-        train_loader.sampler.set_epoch(epoch)
-        epoch_lr = optimizer.param_groups[0]["lr"]
-        interval, epoch_sums = torch.zeros(3, device=device), torch.zeros(3, dtype=torch.float64)
-        t_epoch = t_log = t_ready = time.time()
-        data_time, last_log = 0.0, 0
-        for step, (x, y) in enumerate(train_loader, 1):
-            data_time += time.time() - t_ready
-            x, y = prepare(x, y)
-            with autocast:
-                logits_t = z_t = None
-                if teacher is not None:
-                    with torch.no_grad():
-                        logits_t, z_t = teacher(x)
-                logits_s, loss_feat = model(x, z_t)
-                loss_ce = F.cross_entropy(logits_s, y)
-                loss_kd = zero if teacher is None else kd_loss(logits_s, logits_t, args.temperature)
-                loss_feat = zero if loss_feat is None else loss_feat
-                loss = args.ce_weight * loss_ce + args.kd_weight * loss_kd + args.feat_weight * loss_feat
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            interval += torch.stack([loss_ce, loss_kd, loss_feat]).detach().float()
-
-            if step % args.log_every == 0 or step == steps:  # the only host-device syncs of the loop
-                if distributed:
-                    dist.all_reduce(interval)
-                means = (interval / ((step - last_log) * world)).tolist()
-                epoch_sums += interval.double().cpu()
-                interval.zero_()
-                losses = " ".join(f"{n} {v:.3f}" for n, v, u in zip(terms, means, used) if u)
-                if not all(np.isfinite(means)):
-                    fail(f"non-finite loss at epoch {epoch + 1} step {step}: {losses}; "
-                         f"{out_dir}/last.pt holds the last finished epoch", 3)
-                now, done = time.time(), (epoch - start_epoch) * steps + step
-                if is_main:
-                    eta = (now - t_loop) / done * (total_steps - done)
-                    rate = (step - last_log) * global_batch / (now - t_log)
-                    print(f"epoch {epoch + 1}/{args.epochs} step {step}/{steps} | {losses} | lr {epoch_lr:.4g} | "
-                          f"{rate:.{0 if rate >= 100 else 1}f} img/s | "
-                          f"data {1000 * data_time / (step - last_log):.1f} ms/step | "
-                          f"eta {timedelta(seconds=round(eta))}", flush=True)
-                t_log, data_time, last_log = now, 0.0, step
-            if step == steps:
-                break
-            t_ready = time.time()
-        scheduler.step()
-        epoch_train_s = time.time() - t_epoch
-        train_time += epoch_train_s
-
-        # ---- evaluation, checkpoint, record ----------------------------------------------------------------
-        if distributed:  # each rank's last step left its own BN statistics: score rank 0's, the ones it saves
-            for buffer in student.buffers():
-                dist.broadcast(buffer, 0)
-        metrics = evaluate(student, val_loader, device, prepare)
-        if best is None or metrics["top1"] > best:
-            best, best_epoch = metrics["top1"], epoch + 1
-        means = (epoch_sums / (steps * world)).tolist()
-        record = {"epoch": epoch + 1, "lr": epoch_lr,
-                  **{f"loss_{n}": (v if u else None) for n, v, u in zip(terms, means, used)},
-                  **metrics, "images_per_s": steps * global_batch / epoch_train_s,
-                  "epoch_s": time.time() - t_epoch, "peak_mem_mb": peak_memory_mb(device)}
-        if distiller is not None:  # every singular value of W_p, sorted (Figure 6.2); None unless it is linear
-            sv = projector_spectrum(distiller)
-            record["projector_sv"] = None if sv is None else sv.tolist()
-        if is_main:
-            print(f"epoch {epoch + 1}/{args.epochs} | top1 {metrics['top1']:.2f} top5 {metrics['top5']:.2f} | "
-                  f"best {best:.2f} (epoch {best_epoch}) | {record['epoch_s']:.1f} s | "
-                  f"peak mem {record['peak_mem_mb']:.0f} MB", flush=True)
-            checkpoint = {"student": student.state_dict(),
-                          "distiller": distiller.state_dict() if distiller is not None else None,
-                          "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                          "scaler": scaler.state_dict(), "epoch": epoch + 1, "best": best, "best_epoch": best_epoch,
-                          "args": args_json}
-            save_atomic(checkpoint, out_dir / "last.pt")
-            if best_epoch == epoch + 1:
-                save_atomic(checkpoint, out_dir / "best.pt")
-            with open(out_dir / "metrics.jsonl", "a") as f:  # after last.pt: the two never disagree
-                f.write(json.dumps(record) + "\n")
-
-    # ---- summary -------------------------------------------------------------------------------------------
-    if is_main:
-        summary = {"metric": "top1", "best": best, "best_epoch": best_epoch, "last": metrics["top1"],
-                   "last_top5": metrics["top5"], "teacher": teacher_metrics["top1"] if teacher is not None else None,
-                   "teacher_weights": teacher_tag, "teacher_published": published,
-                   "wall_s": time.time() - t_start, "images_per_s": total_steps * global_batch / train_time,
-                   "peak_mem_mb": peak_memory_mb(device), "world_size": world,
-                   "versions": {"python": platform.python_version(), "torch": torch.__version__,
-                                "torchvision": torchvision.__version__, "timm": importlib.metadata.version("timm"),
-                                "cuda": torch.version.cuda}}
-        save_atomic(json.dumps(summary, indent=2) + "\n", out_dir / "summary.json")
-        teacher_top1 = f", teacher {summary['teacher']:.2f}" if teacher is not None else ""
-        print(f"done: best top1 {best:.2f} (epoch {best_epoch}), last {metrics['top1']:.2f}{teacher_top1}; "
-              f"outputs in {out_dir}")
-    if distributed:
-        dist.destroy_process_group()
-    return summary if is_main else None
-
+            found[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            found[package] = None
+    return {"python": platform.python_version(), **found, "cuda": torch.version.cuda}
 
 if __name__ == "__main__":
     try:
