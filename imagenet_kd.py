@@ -134,8 +134,9 @@ def parse_args(argv=None):
                    "the paper trained in float32, --amp off)")
     g.add_argument("--channels-last", action=argparse.BooleanOptionalAction,
                    help="NHWC memory layout, faster convolutions on GPUs (default: on with CUDA, off on CPU)")
-    g.add_argument("--compile", action="store_true", help="torch.compile the forwards of the student "
-                   "with its distiller and of the teacher; the losses, backward and optimizer step run eagerly")
+    g.add_argument("--compile", action="store_true", help="torch.compile the student with its distiller, and the "
+                   "teacher: one graph each, with no break, its backward compiled too (DDP splits the student's at "
+                   "its gradient buckets); the loss terms, the scaler and the optimizer step run eagerly")
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
     g.add_argument("--sync-bn", action="store_true", help="batch-norm statistics over the global batch (DDP, CUDA)")
     g.add_argument("--workers", type=int,
@@ -717,11 +718,12 @@ def save_atomic(obj, path):
 def peak_memory_mb(device):
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # the process's max RSS (KiB on Linux)
 
 
-def n_params(module):
-    return sum(p.numel() for p in module.parameters()) / 1e6 if module is not None else 0
+def n_params(module):  # in millions
+    return sum(p.numel() for p in module.parameters()) / 1e6 if module is not None else 0.0
+
 
 def seed_of(*parts):
     """A 32-bit seed that is a function of ``parts`` (seed, epoch, rank or index) and nothing else."""
