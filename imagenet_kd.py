@@ -3,35 +3,30 @@
 
     loss = CE(y_s, y) + 1.0 * KL(softmax(y_t) || softmax(y_s)) + 2.0 * log sum |BN(z_s W_p) - BN(z_t)|^4
 
-``z_s``, ``z_t`` are the pooled penultimate features (the input of each model's final classifier,
-512-d for both ResNets), ``W_p`` a linear projector trained with the student, BN a batch norm without
-affine parameters on both sides. The protocol is the official code's: 100 epochs, SGD with momentum 0.9,
-lr 0.1 per 256 images of global batch, weight decay 1e-4, lr x0.1 at epochs 30, 60 and 90, global
-batch 256. Expected top-1: teacher 73.31, paper 71.63, authors' re-run 71.87, torchdistill 71.92; ResNet-18
-alone 69.76 is torchvision's published model (its own 90-epoch recipe), not a --distill none run of this script.
+``z_s``, ``z_t`` are the representations just before the output space (the pooled 512-d features of both
+ResNets), ``W_p`` a linear projector trained with the student, BN a batch norm without affine parameters
+on both sides. The protocol is torchdistill's standard configuration, which the paper ran: 100 epochs, SGD
+with momentum 0.9, lr 0.1 at a global batch of 256 (scaled linearly), weight decay 1e-4, lr x0.1 at epochs
+30, 60 and 90. Expected top-1: 71.87 (the paper's SRD row, top-5 error 9.29: thesis Table 6.6; the official
+code's README calls it a re-run) and 71.63 (the paper's figure according to the first author's torchdistill
+PR #446); teacher 73.31 (torchvision's ResNet34_Weights.IMAGENET1K_V1); ResNet-18 alone 69.76
+(torchvision's published model, its own 90-epoch recipe, not a --distill none run of this script).
 
-One GPU, 8 GPUs, two machines of 8 GPUs (``--batch-size`` is per process; by default the global batch
-stays 256 and the lr follows it linearly)::
+One GPU, 8 GPUs, two machines of 8 GPUs (``--batch-size`` is per process; the global batch stays 256)::
 
     python imagenet_kd.py --data-dir /data/imagenet
     torchrun --nproc_per_node=8 imagenet_kd.py --data-dir /data/imagenet
     torchrun --nnodes=2 --nproc_per_node=8 --rdzv-backend=c10d --rdzv-endpoint=HOST:29500 \\
         imagenet_kd.py --data-dir /data/imagenet
 
-``--data-dir`` is ImageNet in the ImageFolder layout (``train/<wnid>/*.JPEG``, ``val/<wnid>/*.JPEG``);
-the teacher's weights come from torchvision (``ResNet34_Weights.IMAGENET1K_V1``, downloaded once into
-the torch hub cache) or ``--teacher-ckpt``. ``--dummy`` runs everything on random images (no files, a
-random teacher): the speed benchmark without JPEG decoding. Any torchvision pair works, e.g.
-``--teacher resnet50 --student mobilenet_v2``.
-
-A run prints the teacher's top-1 first (73.3 for the default teacher), then one line per
-``--log-every`` steps::
-
-    epoch 1/100 step 100/5004 | ce 6.712 kd 0.052 feat 7.391 | lr 0.1 | 2310 img/s | data 0.4 ms/step | eta 2 days, 1:02:03
-
-and the validation top-1/top-5 after every epoch. It writes ``args.json``, ``metrics.jsonl``,
-``last.pt``, ``best.pt`` and ``summary.json`` into ``--out-dir``; ``--resume OUT/last.pt`` continues
-exactly where a run stopped.
+``--data-dir`` is ImageNet in the ImageFolder layout; the teacher's weights come from torchvision (fetched
+once into the torch hub cache) or ``--teacher-ckpt``; ``--dummy`` runs on random images (the speed benchmark
+without JPEG decoding). Any torchvision pair works: the paper's ablations (Tables 6.1-6.3) distil RegNetY
+into MobileNetV2, ViT into MobileNetV3, ConvNeXt into EfficientNet-B0 and ResNet-50 into ResNet-18 on a
+class-balanced 20 % of the training set (``--train-fraction 0.2``). A run prints the teacher's top-1, a
+line per ``--log-every`` steps and the validation top-1/top-5 per epoch, and writes ``args.json``,
+``metrics.jsonl``, ``last.pt``, ``best.pt`` and ``summary.json`` into ``--out-dir``; ``--resume
+OUT/last.pt`` continues exactly.
 """
 import argparse
 import importlib.metadata
@@ -51,7 +46,6 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-import torchvision
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 from torchvision import datasets, models
@@ -67,37 +61,51 @@ STD = (0.229, 0.224, 0.225)
 # --dummy: ImageNet's training length and classes; a validation set of a few batches (chance accuracy on
 # random images: evaluating them only exercises the code).
 DUMMY_TRAIN, DUMMY_VAL, DUMMY_CLASSES = 1_281_167, 256, 1000
+# What makes a run the run it resumes: its data, architectures and distiller, and what the optimizer's and the
+# scheduler's states bring back (lr, momentum, weight decay, milestones), which a resume could not follow.
+RESUME_MUST_MATCH = ("dummy", "data_dir", "train_fraction", "img_size", "student", "teacher", "distill", "projector",
+                     "projector_hidden", "norm", "distance", "batch_size", "lr", "momentum", "wd", "lr_milestones")
 LAYOUT = ("<data-dir>/train/<class>/*.JPEG and <data-dir>/val/<class>/*.JPEG (the ImageFolder layout; "
           "sort the 50,000 validation images into class folders, e.g. with the valprep.sh script of "
           "pytorch/examples/imagenet)")
 
 
 def fail(msg, code=2):
-    """One line on stderr (rank 0 speaks for all), then exit: 2 for bad input, before anything is written;
-    3 for a run that cannot go on."""
+    """One line on stderr, then exit: 2 for bad input (before anything is written), 3 for a run that cannot go
+    on, 130 when interrupted. Under torchrun rank 0 speaks for all; every rank exits."""
     if os.environ.get("RANK", "0") == "0":
         print(f"{PROG}: error: {msg}", file=sys.stderr)
     sys.exit(code)
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """argparse's "(default: X)", except for defaults resolved after parsing (None), whose help says them."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None or action.default is False else super()._get_help_string(action)
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     p.error = lambda message: fail(f"{message}; see --help")
     g = p.add_argument_group("data")
     g.add_argument("--data-dir", type=Path, default=Path("data/imagenet"), help=f"ImageNet root: {LAYOUT}")
     g.add_argument("--dummy", action="store_true",
                    help="random images of the right size and 1000 classes instead of --data-dir; with no "
                         "--teacher-ckpt the teacher is random (a speed benchmark without JPEG decoding)")
+    g.add_argument("--train-fraction", type=float, default=1.0,
+                   help="class-balanced share of the training set, the same images in every run with this value "
+                        "(the paper's Tables 6.1-6.3 use 0.2); the validation set stays whole")
     g.add_argument("--img-size", type=int, default=224,
                    help="training crop; validation resizes to img-size*256/224 and centre-crops img-size")
     g = p.add_argument_group("models")
-    g.add_argument("--student", default="resnet18", help="torchvision classification model, trained from scratch")
-    g.add_argument("--teacher", default="resnet34", help="torchvision classification model, frozen")
+    g.add_argument("--student", default="resnet18", metavar="ARCH", help="torchvision classification model, trained from scratch")
+    g.add_argument("--teacher", default="resnet34", metavar="ARCH", help="torchvision classification model, frozen")
     g.add_argument("--teacher-ckpt", type=Path, help="teacher weights (a state dict, or one under 'model', "
                    "'state_dict' or 'student'); default: torchvision's pretrained --teacher-weights")
     g.add_argument("--teacher-weights", default="DEFAULT",
-                   help="tag of torchvision's weight enum for the teacher, e.g. IMAGENET1K_V1")
+                   help="tag of torchvision's weight enum for the teacher (DEFAULT: torchvision's best; for "
+                        "resnet34 the only one, IMAGENET1K_V1, which the paper used)")
     g = p.add_argument_group("distillation")
     g.add_argument("--distill", choices=("none", "kd", "srd"), default="srd",
                    help="none: CE only; kd: CE + KL; srd: CE + KL + feature loss (the paper)")
@@ -108,163 +116,88 @@ def parse_args(argv=None):
     g.add_argument("--alpha", type=float, default=4.0, help="exponent of the log-sum distance")
     g.add_argument("--norm", choices=NORMS, default="bn", help="normalisation of both features")
     g.add_argument("--projector", choices=PROJECTORS, default="linear", help="projector W_p on the student feature")
+    g.add_argument("--projector-hidden", type=int,
+                   help="hidden width of the 'mlp' projector (default: the teacher's feature width)")
     g.add_argument("--distance", choices=DISTANCES, default="logsum",
-                   help="logsum: the paper's soft maximum; corr: the correlation distance of the official DeiT code")
+                   help="logsum: the paper's log sum |d|^alpha; corr: the official DeiT code's correlation form; mean: "
+                        "mean |d|^alpha (no log: Tables 6.3, 6.9); corr-nolog: the correlation form without log")
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int, default=100, help="training epochs")
+    g.add_argument("--max-steps", type=int, help="cap on the steps of each epoch (smoke tests, benchmarks)")
     g.add_argument("--batch-size", type=int, help="images per process (default: 256 / number of processes)")
     g.add_argument("--lr", type=float, default=0.1, help="SGD lr per 256 images of global batch (scaled linearly)")
     g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
     g.add_argument("--wd", type=float, default=1e-4, help="weight decay")
     g.add_argument("--lr-milestones", type=int, nargs="+", default=[30, 60, 90], help="epochs where lr drops x0.1")
     g = p.add_argument_group("system")
-    g.add_argument("--amp", choices=("off", "bf16", "fp16"), help="autocast dtype (default: bf16 on CUDA, off on CPU)")
+    g.add_argument("--amp", choices=("off", "bf16", "fp16"), help="autocast dtype (default: bf16 on CUDA, off on CPU; "
+                   "the paper trained in float32, --amp off)")
     g.add_argument("--channels-last", action=argparse.BooleanOptionalAction,
-                   help="NHWC memory format, faster convolutions on tensor cores (default: on with CUDA, off on CPU)")
-    g.add_argument("--compile", action="store_true", help="torch.compile the student, distiller and teacher")
+                   help="NHWC memory layout, faster convolutions on GPUs (default: on with CUDA, off on CPU)")
+    g.add_argument("--compile", action="store_true", help="torch.compile the student with its distiller, and the "
+                   "teacher: one graph each, with no break, its backward compiled too (DDP splits the student's at "
+                   "its gradient buckets); the loss terms, the scaler and the optimizer step run eagerly")
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
     g.add_argument("--sync-bn", action="store_true", help="batch-norm statistics over the global batch (DDP, CUDA)")
     g.add_argument("--workers", type=int,
-                   help="data-loading processes per training process (default: CPUs per training process, at most 12)")
+                   help="data-loading processes per training process (default: its share of the cores, at most 12)")
     g.add_argument("--seed", type=int, default=0, help="seed of initialisation, shuffling and augmentation")
     g.add_argument("--log-every", type=int, default=100, help="steps between log lines")
-    g.add_argument("--max-steps", type=int, help="cap on steps per epoch (smoke tests, benchmarks)")
     g = p.add_argument_group("outputs")
     g.add_argument("--out-dir", type=Path,
-                   help="default: the folder of --resume, else runs/imagenet_kd-<student>-<distill>")
+                   help="output folder (default: the folder of --resume, else runs/<PROG>-<student>-<distill>, "
+                        "with -dummy for --dummy runs)")
     g.add_argument("--resume", type=Path, help="checkpoint (OUT/last.pt) to continue, or to evaluate with --evaluate")
     g.add_argument("--evaluate", action="store_true", help="evaluate the --resume checkpoint's student and exit")
     args = p.parse_args(argv)
     cuda = args.device.startswith("cuda")  # derived defaults, resolved once (args.json records them)
     args.amp = args.amp or ("bf16" if cuda else "off")
     args.channels_last = cuda if args.channels_last is None else args.channels_last
-    args.batch_size = args.batch_size or max(1, 256 // int(os.environ.get("WORLD_SIZE", 1)))
-    if args.workers is None:  # the machine's CPUs shared by its training processes
-        args.workers = min(12, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+    if args.batch_size is None:
+        args.batch_size = max(1, 256 // int(os.environ.get("WORLD_SIZE", 1)))
+    if args.workers is None:  # never more than the cores
+        args.workers = max(1, min(12, len(os.sched_getaffinity(0)) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
+    if not 0 < args.train_fraction <= 1:
+        fail(f"--train-fraction must be in (0, 1], got {args.train_fraction}")
     args.out_dir = args.out_dir or (args.resume.parent if args.resume else
-                                    Path("runs") / f"{PROG}-{args.student}-{args.distill}")
+                                    Path("runs") / f"{PROG}-{args.student}-{args.distill}{'-dummy' * args.dummy}")
+    for name in ("epochs", "batch_size", "log_every", "max_steps", "alpha", "temperature"):
+        if getattr(args, name) is not None and getattr(args, name) <= 0:
+            fail(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    for name in ("lr", "wd"):
+        if getattr(args, name) is not None and getattr(args, name) < 0:
+            fail(f"--{name.replace('_', '-')} must not be negative, got {getattr(args, name)}")
     return args
 
 
-# ---------------------------------------------------------------------------------------------------
-# Data: ImageFolder decoded and augmented by loader workers as uint8; normalised on the device.
-# ---------------------------------------------------------------------------------------------------
-def seed_of(*parts):
-    """A 32-bit seed that is a function of ``parts`` (seed, epoch, rank or index) and nothing else."""
-    return int(np.random.SeedSequence(parts).generate_state(1)[0])
-
-
-class EpochSampler(DistributedSampler):
-    """DistributedSampler (this rank's shard of a per-epoch permutation) that yields (epoch, index)."""
-
-    def __iter__(self):
-        return ((self.epoch, i) for i in super().__iter__())
-
-
-class Augmented(Dataset):
-    """Draws the random augmentation of image ``index`` in epoch ``epoch`` from a generator seeded by
-    (seed, epoch, index): independent of workers, persistent workers and world size, so a resumed run
-    sees exactly the images the uninterrupted run would have."""
-
-    def __init__(self, dataset, seed):
-        self.dataset, self.seed = dataset, seed
-
-    def __len__(self):
-        return len(self.dataset)
-
-    def __getitem__(self, item):
-        epoch, index = item
-        with torch.random.fork_rng(devices=[]):  # transforms v2 draw from torch's global CPU generator
-            torch.default_generator.manual_seed(seed_of(self.seed, epoch, index))
-            return self.dataset[index]
-
-
-class DummyImages(Dataset):
-    """``length`` random uint8 images with labels ``index % classes``, drawn from a fixed pool of 64 so that
-    an item costs a copy, not a random draw: the loader never limits a --dummy benchmark."""
-
-    def __init__(self, length, size, classes=DUMMY_CLASSES):
-        self.length, self.classes = length, classes
-        g = torch.Generator().manual_seed(0)
-        self.pool = torch.randint(0, 256, (64, 3, size, size), dtype=torch.uint8, generator=g)
-
-    def __len__(self):
-        return self.length
-
-    def __getitem__(self, index):
-        return self.pool[index % len(self.pool)], index % self.classes  # collation copies it
-
-
-def build_data(args, device, rank, world):
-    """(training loader, validation loader, classes): this rank's shards of the train/val ImageFolders (or
-    --dummy images) as uint8 batches; a folder in the wrong layout fails with the expected one."""
-    if args.dummy:
-        train_set, val_set = DummyImages(DUMMY_TRAIN, args.img_size), DummyImages(DUMMY_VAL, args.img_size)
-    else:
-        folders, transforms = {}, {  # PIL decodes (it copes with ImageNet's few CMYK and greyscale JPEGs), resizes
-            "train": v2.Compose([v2.RandomResizedCrop(args.img_size), v2.RandomHorizontalFlip(), v2.PILToTensor()]),
-            "val": v2.Compose([v2.Resize(round(args.img_size * 256 / 224)), v2.CenterCrop(args.img_size),
-                               v2.PILToTensor()])}
-        for split, transform in transforms.items():
-            folder = args.data_dir / split
-            if not folder.is_dir():
-                fail(f"{folder} is not a directory; expected {LAYOUT}")
-            if any(f.suffix.lower() in (".jpeg", ".jpg", ".png") for f in folder.iterdir()):
-                fail(f"{folder} holds images directly instead of one folder per class; expected {LAYOUT}")
-            try:
-                folders[split] = datasets.ImageFolder(folder, transform=transform)
-            except (FileNotFoundError, OSError) as e:
-                reason = str(e).split(". Supported")[0]
-                fail(f"{folder} is not a class-per-folder image dataset ({reason[:150]}"
-                     f"{'...' * (len(reason) > 150)}); expected {LAYOUT}")
-        train_set, val_set = folders["train"], folders["val"]
-        if train_set.classes != val_set.classes:
-            missing = sorted(set(train_set.classes) ^ set(val_set.classes))[:5]
-            fail(f"train/ and val/ under {args.data_dir} have different class folders (e.g. {', '.join(missing)}); "
-                 "both need one folder per class, with the same names")
-    # Every rank takes the same number of full batches per step (drop_last twice): the distiller's global
-    # batch gathers equal shares. Each rank evaluates images rank, rank + world, ...: none padded, none dropped.
-    sampler = EpochSampler(train_set, num_replicas=world, rank=rank, shuffle=True, seed=args.seed, drop_last=True)
-    kw = dict(num_workers=args.workers, pin_memory=device.type == "cuda", persistent_workers=args.workers > 0)
-    return (DataLoader(Augmented(train_set, args.seed), args.batch_size, sampler=sampler, drop_last=True, **kw),
-            DataLoader(Subset(val_set, range(rank, len(val_set), world)), args.batch_size, **kw),
-            DUMMY_CLASSES if args.dummy else len(train_set.classes))
-
-
-class Prepare:
-    """uint8 NCHW batch on the host -> normalised float on the device: a quarter of the bytes of
-    float32 to copy, and the normalisation runs on the accelerator instead of in the loader workers."""
-
-    def __init__(self, device, channels_last):
-        self.device, self.channels_last = device, channels_last
-        self.mean = torch.tensor(MEAN, device=device).view(1, 3, 1, 1) * 255
-        self.std = torch.tensor(STD, device=device).view(1, 3, 1, 1) * 255
-
-    def __call__(self, images, labels):
-        images = (images.to(self.device, non_blocking=True).float() - self.mean) / self.std
-        if self.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        return images, labels.to(self.device, non_blocking=True)
-
-
-# ---------------------------------------------------------------------------------------------------
-# Models: torchvision classifiers that also return the input of their final classifier.
-# ---------------------------------------------------------------------------------------------------
-def head_name(model):
-    return next(name for name in HEADS if isinstance(getattr(model, name, None), nn.Module))
+def feature_point(model):
+    """The module whose input is z, the paper's "representation just before the output space": the input of
+    the classifier block's last linear layer, before the dropout in front of it (z_t has none: the teacher is in
+    eval mode). ResNet/RegNet: the pooled features (``fc``); MobileNetV2, EfficientNet: the pooled features;
+    MobileNetV3: the 1280-d Linear-Hardswish output, its last hidden layer (not the 960-d pooled map);
+    ConvNeXt: the pooled features after its LayerNorm; ViT: the class token after the encoder's LayerNorm."""
+    head = getattr(model, head_name(model))
+    layers = list(head.children()) if isinstance(head, nn.Sequential) else [head]
+    last = max((i for i, m in enumerate(layers) if isinstance(m, nn.Linear)), default=None)
+    if last is None:
+        return head  # no linear layer (SqueezeNet's convolutional head): its input map, pooled
+    while last > 0 and isinstance(layers[last - 1], nn.Dropout):
+        last -= 1
+    return layers[last]
 
 
 class WithFeatures(nn.Module):
-    """``model(x) -> (logits, z)``: z is the input of the model's final classifier block (``fc`` for
-    ResNets and RegNets, ``classifier`` for MobileNets and EfficientNets, whose dropout sits inside it,
-    ``heads`` for ViTs ...): the pooled penultimate feature. A forward pre-hook catches it, so the model
-    and its state-dict keys stay torchvision's own: a saved student loads into a plain
-    ``torchvision.models.resnet18()``."""
+    """``model(x) -> (logits, z)``, z the input of ``feature_point(model)``, pooled. A forward pre-hook
+    catches it, so the model and its state-dict keys stay torchvision's own: a saved student loads into a
+    plain ``torchvision.models.resnet18()``."""
 
     def __init__(self, model):
         super().__init__()
         self.model = model
-        getattr(model, head_name(model)).register_forward_pre_hook(self._keep)
+        for module in model.modules():  # an in-place dropout would overwrite the z the hook holds
+            if isinstance(module, nn.Dropout):
+                module.inplace = False
+        feature_point(model).register_forward_pre_hook(self._keep)
 
     def _keep(self, module, inputs):
         self._z = inputs[0]
@@ -272,86 +205,7 @@ class WithFeatures(nn.Module):
     def forward(self, x):
         logits = self.model(x)
         z, self._z = self._z, None
-        return logits, z.mean((2, 3)) if z.dim() == 4 else z.flatten(1)  # ConvNeXt/SqueezeNet pass maps
-
-
-def feature_dim(net, img_size):
-    """The feature width, read from a dry forward in eval mode (never hard-coded); every submodule's
-    mode is restored, so the frozen teacher stays in eval mode."""
-    modes = [(module, module.training) for module in net.modules()]
-    net.eval()
-    with torch.no_grad():
-        dim = net(torch.zeros(1, 3, img_size, img_size))[1].shape[1]
-    for module, training in modes:
-        module.training = training
-    return dim
-
-
-def build_student(args, classes):
-    return models.get_model(args.student, num_classes=classes)
-
-
-def build_teacher(args, classes):
-    """(teacher, weights tag, published top-1 or None): ``teacher(x) -> (logits, z_t)``, frozen, in eval mode
-    (BN running statistics, no dropout), with --teacher-ckpt's weights, torchvision's, or random under --dummy."""
-    teacher, published = models.get_model(args.teacher, num_classes=classes), None
-    if args.teacher_ckpt:
-        load_weights(teacher, read_checkpoint(args.teacher_ckpt), args.teacher_ckpt, "teacher checkpoint")
-        tag = str(args.teacher_ckpt)
-    elif args.dummy:
-        tag = "random (--dummy without --teacher-ckpt)"
-    else:
-        if classes != 1000:
-            fail(f"torchvision's pretrained {args.teacher} has 1000 classes but {args.data_dir} has {classes}; "
-                 "pass --teacher-ckpt trained on this dataset")
-        first = int(os.environ.get("LOCAL_RANK", 0)) == 0
-        if dist.is_initialized() and not first:
-            dist.barrier()  # local rank 0 fills the hub cache first; the others then read it
-        try:
-            weights = models.get_model_weights(args.teacher)[args.teacher_weights]
-        except (KeyError, ValueError):
-            fail(f"torchvision has no weights {args.teacher_weights!r} for {args.teacher}; pass --teacher-ckpt "
-                 f"or one of {', '.join(w.name for w in models.get_model_weights(args.teacher))}")
-        try:
-            state = weights.get_state_dict(progress=int(os.environ.get("RANK", 0)) == 0, check_hash=True)
-        except Exception as e:
-            fail(f"cannot download the teacher's weights {weights} ({type(e).__name__}: {str(e).splitlines()[0]}); "
-                 "pass --teacher-ckpt PATH, or run once with network access to fill the torch hub cache")
-        if dist.is_initialized() and first:
-            dist.barrier()
-        load_weights(teacher, state, str(weights), "teacher weights")
-        tag, published = str(weights), weights.meta["_metrics"]["ImageNet-1K"]["acc@1"]
-    return WithFeatures(teacher).requires_grad_(False).eval(), tag, published
-
-
-def read_checkpoint(path):
-    try:  # checkpoints are untrusted input: tensors and plain containers only
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        fail(f"cannot read {path} ({type(e).__name__}: {str(e).splitlines()[0]}); "
-             "pass the path of a torch.save'd checkpoint or state dict")
-
-
-def load_weights(model, checkpoint, path, what):
-    """Strict load of a bare state dict, or one under 'model', 'state_dict' or 'student'."""
-    state = checkpoint
-    if isinstance(state, dict):
-        state = next((state[k] for k in ("model", "state_dict", "student") if isinstance(state.get(k), dict)), state)
-    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
-        fail(f"{what} {path} holds no state dict (looked at the top level and under 'model', 'state_dict', "
-             "'student'); pass a torch.save'd state dict")
-    state = {re.sub(r"^((module|_orig_mod)\.)+", "", k): v for k, v in state.items()}
-    own = model.state_dict()
-    missing, unexpected = sorted(own.keys() - state.keys()), sorted(state.keys() - own.keys())
-    resized = [k for k in own.keys() & state.keys() if own[k].shape != state[k].shape]
-    head = [k for k in sorted(resized) if k.split(".")[0] == head_name(model)]
-    if head:
-        fail(f"{what} {path} was trained for {state[head[-1]].shape[0]} classes but the data has "
-             f"{own[head[-1]].shape[0]}; pass a checkpoint trained on this dataset")
-    if missing or unexpected or resized:
-        fail(f"{what} {path} does not fit {type(model).__name__}: missing {missing[:3]}, unexpected "
-             f"{unexpected[:3]}, other shapes {resized[:3]}; check --student/--teacher")
-    model.load_state_dict(state)
+        return logits, z.mean((2, 3)) if z.dim() == 4 else z.flatten(1)  # SqueezeNet passes maps
 
 
 class StudentWithDistiller(nn.Module):
@@ -368,55 +222,17 @@ class StudentWithDistiller(nn.Module):
 
 
 def kd_loss(logits_s, logits_t, T):
-    """KL(p_t || p_s) at temperature T, batch mean, times T^2 so its gradients keep their scale as T changes."""
+    """Hinton's KD term: KL(softmax(y_t / T) || softmax(y_s / T)), batch mean, times T^2 so that its gradients
+    keep their scale as T changes."""
     return F.kl_div(F.log_softmax(logits_s.float() / T, 1), F.log_softmax(logits_t.float() / T, 1),
-                    reduction="batchmean", log_target=True) * T ** 2
-
-
-@torch.no_grad()
-def evaluate(model, loader, device, prepare):
-    """Top-1/top-5 over the whole evaluation set (each rank scores its shard, the counts are all-reduced), in
-    float32 whatever --amp trains in: a score must not depend on the speed flags (bf16 keeps 8 significant
-    bits, enough to flip near-tied predictions)."""
-    was_training = model.training
-    model.eval()
-    hits, n = torch.zeros(2, device=device, dtype=torch.float64), 0  # top-1 and top-5 hits, images
-    for images, labels in loader:
-        n += len(labels)
-        images, labels = prepare(images, labels)
-        logits = model(images)
-        correct = logits.topk(min(5, logits.shape[1]), dim=1).indices == labels[:, None]
-        hits += torch.stack([correct[:, 0].sum(), correct.any(1).sum()])
-    counts = torch.cat([hits, hits.new_tensor([n])])
-    if dist.is_initialized():
-        dist.all_reduce(counts)
-    model.train(was_training)
-    top1, top5, n = counts.tolist()
-    return {"top1": 100 * top1 / max(n, 1), "top5": 100 * top5 / max(n, 1), "images": int(n)}
-
-
-def save_atomic(obj, path):
-    """A reader never sees half a file, a crash never destroys the previous one."""
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def peak_memory_mb(device):
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-
-
-def n_params(module):
-    return sum(p.numel() for p in module.parameters()) / 1e6 if module is not None else 0
+                    reduction="batchmean", log_target=True) * T * T
 
 
 def main(argv=None):
     args = parse_args(argv)
     t_start = time.time()
 
-    # ---- set-up: one code path for one process and for torchrun (which sets RANK) --------------------------
+    # ---- set-up: one code path; torchrun's RANK means DDP ----
     distributed = "RANK" in os.environ
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     is_main = rank == 0
@@ -434,7 +250,7 @@ def main(argv=None):
     if distributed:
         cuda = device.type == "cuda"
         dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
-    torch.manual_seed(args.seed)  # the same initialisation on every rank (the frozen teacher is not DDP-synchronised)
+    torch.manual_seed(args.seed)  # the same on every rank: the teacher (not DDP-synchronised) is identical on all
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp)
     autocast = torch.autocast(device.type, dtype=dtype) if dtype else nullcontext()
     global_batch = args.batch_size * world
@@ -444,7 +260,7 @@ def main(argv=None):
     out_dir = args.out_dir
     args_json = json.loads(json.dumps(vars(args), default=str))  # plain types, for weights_only loads
 
-    # ---- bad input -----------------------------------------------------------------------------------------
+    # ---- bad input: refused before anything is written ----
     if args.sync_bn and world > 1 and device.type != "cuda":
         fail("--sync-bn needs CUDA (SyncBatchNorm has no CPU kernel); drop it on CPU")
     if args.evaluate and args.resume is None:
@@ -452,22 +268,32 @@ def main(argv=None):
     for role in ("student", "teacher"):
         if getattr(args, role) not in ARCHS:
             fail(f"unknown {role} architecture {getattr(args, role)!r}; choose from {', '.join(ARCHS)}")
+    if out_dir.exists() and not out_dir.is_dir():
+        fail(f"--out-dir {out_dir} is a file; pass a folder")
     if args.resume is None and ((out_dir / "args.json").exists() or (out_dir / "last.pt").exists()):
-        fail(f"{out_dir} already holds a run; pass --resume {out_dir}/last.pt to continue it, "
-             "or choose another --out-dir")
+        fail(f"{out_dir} already holds a run; pass --resume {out_dir}/last.pt to continue it, or choose another --out-dir")
+    ckpt = read_checkpoint(args.resume) if args.resume else None
+    if ckpt is not None and not args.evaluate:  # --evaluate takes any student weights; a resume, this run's
+        if not (isinstance(ckpt, dict) and isinstance(ckpt.get("args"), dict) and isinstance(ckpt.get("epoch"), int)):
+            fail(f"{args.resume} is not a training checkpoint of {PROG}.py; pass the last.pt of one of its runs")
+        if ckpt["epoch"] >= args.epochs:
+            fail(f"{args.resume} has trained {ckpt['epoch']} epochs already; pass --epochs above {ckpt['epoch']}")
+        for flag in RESUME_MUST_MATCH:  # what makes it the same run; speed and logging flags may change
+            if ckpt["args"].get(flag) != args_json[flag]:
+                fail(f"{args.resume} was trained with --{flag.replace('_', '-')} {ckpt['args'].get(flag)}, "
+                     f"not {args_json[flag]}; pass that run's flags to resume it")
 
-    # ---- data ----------------------------------------------------------------------------------------------
+    # ---- data ----
     train_loader, val_loader, classes = build_data(args, device, rank, world)
     steps = min(len(train_loader), args.max_steps or len(train_loader))
     if steps == 0 and not args.evaluate:
         fail(f"the training set ({len(train_loader.dataset)} images) is smaller than one global batch of "
              f"{global_batch}; lower --batch-size")
 
-    # ---- models: student (with --resume's weights), teacher, distiller; --evaluate ends here ---------------
+    # ---- models: student, teacher, distiller ----
     student = build_student(args, classes)
-    checkpoint = read_checkpoint(args.resume) if args.resume else None
-    if checkpoint is not None:
-        load_weights(student, checkpoint, args.resume, "--resume checkpoint")
+    if ckpt is not None:
+        load_weights(student, ckpt, args.resume, "student")
     teacher, teacher_tag, published = (build_teacher(args, classes) if args.distill != "none" and not args.evaluate
                                        else (None, None, None))  # --evaluate scores the student alone
     model = StudentWithDistiller(student, None)  # the distiller joins once both feature widths are known
@@ -475,21 +301,21 @@ def main(argv=None):
     if teacher is not None and args.distill == "srd":  # W_p maps the student's feature width to the teacher's
         distiller = model.distiller = FeatureDistiller(
             feature_dim(model.student, args.img_size), feature_dim(teacher, args.img_size),
-            args.projector, args.norm, args.distance, args.alpha)
+            args.projector, args.norm, args.distance, args.alpha, hidden=args.projector_hidden)
     model.to(device, memory_format=memory_format)
     if teacher is not None:
         teacher.to(device, memory_format=memory_format)
     if args.evaluate:
-        metrics = evaluate(student, val_loader, device, prepare)
+        metrics = {**evaluate(student, val_loader, device, prepare), "checkpoint": str(args.resume)}
         if is_main:
             print(f"{args.resume}: top1 {metrics['top1']:.2f} top5 {metrics['top5']:.2f} on {metrics['images']} images")
             out_dir.mkdir(parents=True, exist_ok=True)
-            (out_dir / "eval.json").write_text(json.dumps({**metrics, "checkpoint": str(args.resume)}, indent=2))
+            save_atomic(json.dumps(metrics, indent=2) + "\n", out_dir / "eval.json")
         if distributed:
             dist.destroy_process_group()
         return metrics
 
-    # ---- optimisation --------------------------------------------------------------------------------------
+    # ---- optimisation ----
     if args.sync_bn:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # the student's BNs (the distiller's see all rows)
     if distributed:
@@ -502,35 +328,36 @@ def main(argv=None):
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, args.lr_milestones, gamma=0.1)
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
 
-    # ---- resume --------------------------------------------------------------------------------------------
+    # ---- resume ----
     start_epoch, best, best_epoch = 0, None, None
-    if checkpoint is not None:
+    if ckpt is not None:
         try:
             if distiller is not None:
-                distiller.load_state_dict(checkpoint["distiller"])
-            optimizer.load_state_dict(checkpoint["optimizer"])
-            scheduler.load_state_dict(checkpoint["scheduler"])
-            scaler.load_state_dict(checkpoint["scaler"])
-            start_epoch, best, best_epoch = checkpoint["epoch"], checkpoint["best"], checkpoint.get("best_epoch")
+                distiller.load_state_dict(ckpt["distiller"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+            scheduler.load_state_dict(ckpt["scheduler"])
+            scaler.load_state_dict(ckpt["scaler"])
+            start_epoch, best, best_epoch = ckpt["epoch"], ckpt["best"], ckpt.get("best_epoch")
         except (KeyError, TypeError, ValueError, RuntimeError) as e:
             fail(f"{args.resume} is not a checkpoint of this run ({type(e).__name__}: {str(e).splitlines()[0]}); "
                  "resume with the flags it was trained with")
-        if start_epoch >= args.epochs:
-            fail(f"{args.resume} has already trained {start_epoch} epochs; pass --epochs above {start_epoch}")
 
-    # ---- outputs -------------------------------------------------------------------------------------------
+    # ---- outputs: the run writes from here on ----
     if is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "args.json").write_text(json.dumps(args_json, indent=2))
-        print(f"args: {json.dumps(args_json)}")
+        save_atomic(json.dumps(args_json, indent=2) + "\n", out_dir / "args.json")
+        if ckpt is not None and (out_dir / "metrics.jsonl").is_file():  # forget the epochs after the checkpoint
+            lines = (out_dir / "metrics.jsonl").read_text().splitlines(keepends=True)
+            save_atomic("".join(s for s in lines if json.loads(s)["epoch"] <= start_epoch), out_dir / "metrics.jsonl")
+        print("args: " + json.dumps(args_json))
         print(f"world size {world} | device {device} | amp {args.amp} | global batch {global_batch} | lr {lr:g} | "
-              f"{steps} steps/epoch | {args.workers} workers/process | {classes} classes")
-        print(f"params: student {n_params(student):.2f}M | distiller {n_params(distiller):.3f}M | "
-              f"teacher {n_params(teacher):.2f}M")
-        if checkpoint is not None:
-            print(f"resuming {args.resume}: {start_epoch} epochs done, best top1 {best:.2f}")
+              f"{steps} steps/epoch | params: student {n_params(student):.2f}m, distiller {n_params(distiller):.2f}m, "
+              f"teacher {n_params(teacher):.2f}m | {args.workers} workers/process | {classes} classes | "
+              f"{len(train_loader.dataset):,} training images")
+        if ckpt is not None:
+            print(f"resuming {args.resume}: {start_epoch} epochs done, best top1 {best:.2f} (epoch {best_epoch})")
 
-    # ---- the teacher's score -------------------------------------------------------------------------------
+    # ---- the teacher's score ----
     teacher_metrics = evaluate(teacher.model, val_loader, device, prepare) if teacher is not None else None
     if is_main and teacher is not None:
         top1, top5 = teacher_metrics["top1"], teacher_metrics["top5"]
@@ -539,7 +366,7 @@ def main(argv=None):
             print(f"warning: the teacher scores {top1:.2f} top-1 where torchvision publishes {published:.2f}: "
                   "check --data-dir (the full validation set, class folders named by wnid) and --img-size 224")
 
-    # ---- training ------------------------------------------------------------------------------------------
+    # ---- training ----
     zero = torch.zeros((), device=device)
     terms, used = ("ce", "kd", "feat"), (True, teacher is not None, distiller is not None)
     t_loop, total_steps, train_time = time.time(), steps * (args.epochs - start_epoch), 0.0
@@ -584,9 +411,8 @@ def main(argv=None):
                     eta = (now - t_loop) / done * (total_steps - done)
                     rate = (step - last_log) * global_batch / (now - t_log)
                     print(f"epoch {epoch + 1}/{args.epochs} step {step}/{steps} | {losses} | lr {epoch_lr:.4g} | "
-                          f"{rate:.{0 if rate >= 100 else 1}f} img/s | "
-                          f"data {1000 * data_time / (step - last_log):.1f} ms/step | "
-                          f"eta {timedelta(seconds=round(eta))}", flush=True)
+                          f"{rate:.{0 if rate >= 100 else 1}f} img/s | data {1000 * data_time / (step - last_log):.1f} "
+                          f"ms/step | eta {timedelta(seconds=round(eta))}", flush=True)
                 t_log, data_time, last_log = now, 0.0, step
             if step == steps:
                 break
@@ -595,7 +421,7 @@ def main(argv=None):
         epoch_train_s = time.time() - t_epoch
         train_time += epoch_train_s
 
-        # ---- evaluation, checkpoint, record ----------------------------------------------------------------
+        # ---- evaluation, checkpoint, record ----
         if distributed:  # each rank's last step left its own BN statistics: score rank 0's, the ones it saves
             for buffer in student.buffers():
                 dist.broadcast(buffer, 0)
@@ -607,16 +433,13 @@ def main(argv=None):
                   **{f"loss_{n}": (v if u else None) for n, v, u in zip(terms, means, used)},
                   **metrics, "images_per_s": steps * global_batch / epoch_train_s,
                   "epoch_s": time.time() - t_epoch, "peak_mem_mb": peak_memory_mb(device)}
-        if distiller is not None:  # the paper's spectral view of W_p (None unless the projector is linear)
+        if distiller is not None:  # every singular value of W_p, sorted (Figure 6.2); None unless it is linear
             sv = projector_spectrum(distiller)
-            record["projector_sv"] = sv if sv is None else {"max": sv.max().item(), "min": sv.min().item(),
-                                                            "mean": sv.mean().item()}
+            record["projector_sv"] = None if sv is None else sv.tolist()
         if is_main:
             print(f"epoch {epoch + 1}/{args.epochs} | top1 {metrics['top1']:.2f} top5 {metrics['top5']:.2f} | "
-                  f"best {best:.2f} (epoch {best_epoch}) | {record['epoch_s']:.1f} s | "
-                  f"peak mem {record['peak_mem_mb']:.0f} MB", flush=True)
-            with open(out_dir / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(record) + "\n")
+                  f"best {best:.2f} (epoch {best_epoch}) | {record['epoch_s']:.0f} s | "
+                  f"peak {record['peak_mem_mb']:.0f} MB", flush=True)
             checkpoint = {"student": student.state_dict(),
                           "distiller": distiller.state_dict() if distiller is not None else None,
                           "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
@@ -625,24 +448,303 @@ def main(argv=None):
             save_atomic(checkpoint, out_dir / "last.pt")
             if best_epoch == epoch + 1:
                 save_atomic(checkpoint, out_dir / "best.pt")
+            with open(out_dir / "metrics.jsonl", "a") as f:  # after last.pt: the two never disagree
+                f.write(json.dumps(record) + "\n")
 
-    # ---- summary -------------------------------------------------------------------------------------------
-    if is_main and start_epoch < args.epochs:  # (--epochs 0 trains nothing)
-        summary = {"metric": "top1", "best": best, "best_epoch": best_epoch, "last": metrics["top1"],
-                   "last_top5": metrics["top5"], "teacher": teacher_metrics["top1"] if teacher is not None else None,
-                   "teacher_weights": teacher_tag, "teacher_published": published,
-                   "wall_s": time.time() - t_start, "images_per_s": total_steps * global_batch / train_time,
-                   "peak_mem_mb": peak_memory_mb(device), "world_size": world,
-                   "versions": {"python": platform.python_version(), "torch": torch.__version__,
-                                "torchvision": torchvision.__version__, "timm": importlib.metadata.version("timm"),
-                                "cuda": torch.version.cuda}}
-        (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-        teacher_top1 = f", teacher {summary['teacher']:.2f}" if teacher is not None else ""
-        print(f"done: best top1 {best:.2f} (epoch {best_epoch}), last {metrics['top1']:.2f}{teacher_top1}; "
-              f"outputs in {out_dir}")
+    # ---- summary ----
+    summary = {"metric": "top1", "best": best, "best_epoch": best_epoch, "last": metrics["top1"],
+               "teacher": teacher_metrics["top1"] if teacher is not None else None, "student_arch": args.student,
+               "teacher_arch": args.teacher, "distill": args.distill, "wall_s": time.time() - t_start,
+               "images_per_s": total_steps * global_batch / train_time, "peak_mem_mb": peak_memory_mb(device),
+               "world_size": world, "versions": versions(), "last_top5": metrics["top5"],
+               "teacher_weights": teacher_tag, "teacher_published": published}
+    if is_main:
+        save_atomic(json.dumps(summary, indent=2) + "\n", out_dir / "summary.json")
+        print(f"done: best top1 {best:.2f} (epoch {best_epoch}), last top1 {metrics['top1']:.2f} | "
+              f"{summary['wall_s'] / 60:.1f} min | {out_dir}")
     if distributed:
         dist.destroy_process_group()
+    return summary
 
+
+# =====================================================================================================
+# Appendix: the plumbing a reader of the method can skip (data, model zoo, teacher weights, checkpoints)
+# =====================================================================================================
+class EpochSampler(DistributedSampler):
+    """DistributedSampler (this rank's shard of a per-epoch permutation) that yields (epoch, index)."""
+
+    def __iter__(self):
+        return ((self.epoch, i) for i in super().__iter__())
+
+
+class Augmented(Dataset):
+    """Draws the random augmentation of image ``index`` in epoch ``epoch`` from a generator seeded by
+    (seed, epoch, index): independent of workers, persistent workers and world size, so a resumed run
+    sees exactly the images the uninterrupted run would have."""
+
+    def __init__(self, dataset, seed):
+        self.dataset, self.seed = dataset, seed
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, item):
+        epoch, index = item
+        with torch.random.fork_rng(devices=[]):  # transforms v2 draw from torch's global CPU generator
+            torch.default_generator.manual_seed(seed_of(self.seed, epoch, index))
+            return self.dataset[index]
+
+
+def balanced_subset(labels, fraction):
+    """Indices of round(fraction * n_c) images (at least one) of each class c, drawn by a generator of fixed
+    seed: a function of the labels and the fraction only, so every rank, every resume and every run with this
+    fraction trains on the same images (the paper's 20 % subset of ImageNet)."""
+    g, counts = torch.Generator().manual_seed(0), torch.bincount(labels).tolist()
+    keep = [members[torch.randperm(len(members), generator=g)[:max(1, round(fraction * len(members)))]]
+            for members in torch.split(labels.argsort(stable=True), counts) if len(members)]
+    return torch.cat(keep).sort().values.tolist()
+
+
+class DummyImages(Dataset):
+    """``length`` random uint8 images with labels ``index % classes``, drawn from a fixed pool of 64 so that
+    an item costs a copy, not a random draw: the loader never limits a --dummy benchmark."""
+
+    def __init__(self, length, size, classes=DUMMY_CLASSES):
+        self.length, self.classes, self.targets = length, classes, torch.arange(length) % classes
+        g = torch.Generator().manual_seed(0)
+        self.pool = torch.randint(0, 256, (64, 3, size, size), dtype=torch.uint8, generator=g)
+
+    def __len__(self):
+        return self.length
+
+    def __getitem__(self, index):
+        return self.pool[index % len(self.pool)], index % self.classes  # collation copies it
+
+
+def build_data(args, device, rank, world):
+    """(training loader, validation loader, classes): this rank's shards of the train/val ImageFolders (or
+    --dummy images) as uint8 batches; a folder in the wrong layout fails with the expected one."""
+    if args.dummy:
+        train_set, val_set = DummyImages(DUMMY_TRAIN, args.img_size), DummyImages(DUMMY_VAL, args.img_size)
+    else:
+        folders, transforms = {}, {  # PIL decodes (it copes with ImageNet's few CMYK and greyscale JPEGs), resizes
+            "train": v2.Compose([v2.RandomResizedCrop(args.img_size), v2.RandomHorizontalFlip(), v2.PILToTensor()]),
+            "val": v2.Compose([v2.Resize(round(args.img_size * 256 / 224)), v2.CenterCrop(args.img_size),
+                               v2.PILToTensor()])}
+        for split, transform in transforms.items():
+            folder = args.data_dir / split
+            if not folder.is_dir():
+                fail(f"{folder} is not a directory; expected {LAYOUT}; or try --dummy (random images)")
+            if any(f.suffix.lower() in (".jpeg", ".jpg", ".png") for f in folder.iterdir()):
+                fail(f"{folder} holds images directly instead of one folder per class; expected {LAYOUT}")
+            try:
+                folders[split] = datasets.ImageFolder(folder, transform=transform)
+            except (FileNotFoundError, OSError) as e:
+                reason = str(e).split(". Supported")[0]
+                fail(f"{folder} is not a class-per-folder image dataset ({reason[:150]}"
+                     f"{'...' * (len(reason) > 150)}); expected {LAYOUT}")
+        train_set, val_set = folders["train"], folders["val"]
+        if train_set.classes != val_set.classes:
+            missing = sorted(set(train_set.classes) ^ set(val_set.classes))[:5]
+            fail(f"train/ and val/ under {args.data_dir} have different class folders (e.g. {', '.join(missing)}); "
+                 "both need one folder per class, with the same names")
+    classes = DUMMY_CLASSES if args.dummy else len(train_set.classes)
+    if args.train_fraction < 1:
+        train_set = Subset(train_set, balanced_subset(torch.as_tensor(train_set.targets), args.train_fraction))
+    # Every rank takes the same number of full batches per step (drop_last twice): the distiller's global
+    # batch gathers equal shares (torchdistill, which the paper ran, keeps the last partial batch: 143 images
+    # at 256). Each rank evaluates images rank, rank + world, ...: none padded, none dropped.
+    sampler = EpochSampler(train_set, num_replicas=world, rank=rank, shuffle=True, seed=args.seed, drop_last=True)
+    kw = dict(num_workers=args.workers, pin_memory=device.type == "cuda", persistent_workers=args.workers > 0)
+    return (DataLoader(Augmented(train_set, args.seed), args.batch_size, sampler=sampler, drop_last=True, **kw),
+            DataLoader(Subset(val_set, range(rank, len(val_set), world)), args.batch_size, **kw),
+            classes)
+
+
+class Prepare:
+    """uint8 NCHW batch on the host -> normalised float on the device: a quarter of the bytes of
+    float32 to copy, and the normalisation runs on the accelerator instead of in the loader workers."""
+
+    def __init__(self, device, channels_last):
+        self.device, self.channels_last = device, channels_last
+        self.mean = torch.tensor(MEAN, device=device).view(1, 3, 1, 1) * 255
+        self.std = torch.tensor(STD, device=device).view(1, 3, 1, 1) * 255
+
+    def __call__(self, images, labels):
+        images = (images.to(self.device, non_blocking=True).float() - self.mean) / self.std
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        return images, labels.to(self.device, non_blocking=True)
+
+
+def head_name(model):
+    return next(name for name in HEADS if isinstance(getattr(model, name, None), nn.Module))
+
+
+def feature_dim(net, img_size):
+    """The feature width, read from a dry forward in eval mode (never hard-coded); every submodule's
+    mode is restored, so the frozen teacher stays in eval mode."""
+    modes = [(module, module.training) for module in net.modules()]
+    net.eval()
+    with torch.no_grad():
+        dim = net(torch.zeros(1, 3, img_size, img_size))[1].shape[1]
+    for module, training in modes:
+        module.training = training
+    return dim
+
+
+def get_model(arch, classes, img_size):
+    model = models.get_model(arch, num_classes=classes)
+    if getattr(model, "image_size", img_size) != img_size:  # torchvision's ViTs embed a fixed number of patches
+        fail(f"{arch} takes {model.image_size}-px images only; pass --img-size {model.image_size}")
+    return model
+
+
+def build_student(args, classes):
+    return get_model(args.student, classes, args.img_size)
+
+
+def build_teacher(args, classes):
+    """(teacher, weights tag, published top-1 or None): ``teacher(x) -> (logits, z_t)``, frozen, in eval mode
+    (BN running statistics, no dropout), with --teacher-ckpt's weights, torchvision's, or random under --dummy."""
+    teacher, published = get_model(args.teacher, classes, args.img_size), None
+    if args.teacher_ckpt:
+        checkpoint = read_checkpoint(args.teacher_ckpt)
+        check_classes(teacher, checkpoint, args.teacher_ckpt, classes)
+        load_weights(teacher, checkpoint, args.teacher_ckpt, "teacher")
+        tag = str(args.teacher_ckpt)
+    elif args.dummy:
+        tag = "random (--dummy without --teacher-ckpt)"
+    else:
+        if classes != 1000:
+            fail(f"torchvision's pretrained {args.teacher} has 1000 classes but {args.data_dir} has {classes}; "
+                 "pass --teacher-ckpt trained on this dataset")
+        first = int(os.environ.get("LOCAL_RANK", 0)) == 0
+        if dist.is_initialized() and not first:
+            dist.barrier()  # local rank 0 fills the hub cache first; the others then read it
+        try:
+            weights = models.get_model_weights(args.teacher)[args.teacher_weights]
+        except (KeyError, ValueError):
+            fail(f"torchvision has no weights {args.teacher_weights!r} for {args.teacher}; pass --teacher-ckpt "
+                 f"or one of {', '.join(w.name for w in models.get_model_weights(args.teacher))}")
+        try:
+            state = weights.get_state_dict(progress=int(os.environ.get("RANK", 0)) == 0, check_hash=True)
+        except Exception as e:
+            fail(f"cannot download the teacher's weights {weights} ({type(e).__name__}: {str(e).splitlines()[0]}); "
+                 "pass --teacher-ckpt PATH, or run once with network access to fill the torch hub cache")
+        if dist.is_initialized() and first:
+            dist.barrier()
+        load_weights(teacher, state, str(weights), "teacher weights")
+        tag, published = str(weights), weights.meta["_metrics"]["ImageNet-1K"]["acc@1"]
+    return WithFeatures(teacher).requires_grad_(False).eval(), tag, published
+
+
+def read_checkpoint(path):
+    """torch.load with weights_only=True: checkpoints are untrusted input (tensors and plain containers only)."""
+    if not Path(path).is_file():
+        fail(f"{path}: no such file; pass the path of a checkpoint")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a truncated file, a text file, an unsafe pickle ...
+        reason = (str(e).strip().splitlines() or [""])[0][:160]
+        fail(f"{path} is not a torch checkpoint ({type(e).__name__}: {reason}); pass a file written by torch.save")
+
+
+def load_weights(model, checkpoint, path, what):
+    """Load a state dict strictly: bare, or under 'model', 'state_dict' or 'student'; 'module.' and '_orig_mod.'
+    prefixes stripped. A mismatch fails naming a few missing, unexpected and wrongly shaped keys."""
+    state = checkpoint
+    if isinstance(state, dict):
+        state = next((state[k] for k in ("model", "state_dict", "student") if isinstance(state.get(k), dict)), state)
+    if not isinstance(state, dict) or not state or not all(torch.is_tensor(v) for v in state.values()):
+        fail(f"{path} holds no state dict (nor one under 'model', 'state_dict' or 'student'); pass a model checkpoint")
+    state = {re.sub(r"^((module|_orig_mod)\.)+", "", k): v for k, v in state.items()}
+    own = model.state_dict()
+    missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]  # absent in old files
+    unexpected = [k for k in state if k not in own]
+    resized = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
+               if k in state and state[k].shape != v.shape]
+    if missing or unexpected or resized:
+        few = lambda keys: ", ".join(keys[:3]) + (f" (+{len(keys) - 3})" if len(keys) > 3 else "") or "none"
+        fail(f"{path} does not fit the {what}: missing {few(missing)}; unexpected {few(unexpected)}; "
+             f"wrong shape {few(resized)}; pass a checkpoint of that architecture")
+    model.load_state_dict(state)
+
+
+def check_classes(model, checkpoint, path, classes):
+    """Name a class-count mismatch in those words (load_weights would name a wrongly shaped key)."""
+    key = [k for k in model.state_dict() if k.split(".")[0] == head_name(model)][-1]  # the logits layer's
+    nested = [checkpoint.get(k) for k in ("model", "state_dict", "student")] if isinstance(checkpoint, dict) else []
+    rows = {v.shape[0] for state in (checkpoint, *nested) if isinstance(state, dict) for k, v in state.items()
+            if re.sub(r"^((module|_orig_mod)\.)+", "", k) == key and torch.is_tensor(v) and v.dim()}
+    if rows and classes not in rows:
+        fail(f"{path} was trained for {rows.pop()} classes but the data has {classes}; "
+             "pass a checkpoint trained on this dataset")
+
+
+@torch.no_grad()
+def evaluate(model, loader, device, prepare):
+    """Top-1/top-5 over the whole evaluation set (each rank scores its shard, the counts are all-reduced), in
+    float32 whatever --amp trains in: a score must not depend on the speed flags (bf16 keeps 8 significant
+    bits, enough to flip near-tied predictions)."""
+    was_training = model.training
+    model.eval()
+    hits, n = torch.zeros(2, device=device, dtype=torch.float64), 0  # top-1 and top-5 hits, images
+    for images, labels in loader:
+        n += len(labels)
+        images, labels = prepare(images, labels)
+        logits = model(images)
+        correct = logits.topk(min(5, logits.shape[1]), dim=1).indices == labels[:, None]
+        hits += torch.stack([correct[:, 0].sum(), correct.any(1).sum()])
+    counts = torch.cat([hits, hits.new_tensor([n])])
+    if dist.is_initialized():
+        dist.all_reduce(counts)
+    model.train(was_training)
+    top1, top5, n = counts.tolist()
+    return {"top1": 100 * top1 / max(n, 1), "top5": 100 * top5 / max(n, 1), "images": int(n)}
+
+
+def save_atomic(obj, path):
+    """Write to a temp file in the same folder, then rename: a crash never leaves half a file, nor destroys the
+    previous one."""
+    tmp = Path(path).with_name(Path(path).name + ".tmp")
+    if isinstance(obj, str):
+        tmp.write_text(obj)
+    else:
+        torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def peak_memory_mb(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # the process's max RSS (KiB on Linux)
+
+
+def n_params(module):  # in millions
+    return sum(p.numel() for p in module.parameters()) / 1e6 if module is not None else 0.0
+
+
+def seed_of(*parts):
+    """A 32-bit seed that is a function of ``parts`` (seed, epoch, rank or index) and nothing else."""
+    return int(np.random.SeedSequence(parts).generate_state(1)[0])
+
+
+def versions():
+    """The software of a run, for summary.json (None for a package that is not installed: no script needs timm
+    unless it uses it)."""
+    found = {}
+    for package in ("torch", "torchvision", "timm"):
+        try:
+            found[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            found[package] = None
+    return {"python": platform.python_version(), **found, "cuda": torch.version.cuda}
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:  # one line, not a traceback: where the run stands and how to go on
+        last = Path(parse_args().out_dir) / "last.pt"
+        fail(f"interrupted; continue with --resume {last}" if last.is_file() else "interrupted before the first "
+             "epoch ended; nothing to resume", 130)

@@ -474,9 +474,12 @@ IMAGENET_TINY = ["--img-size", 32, "--teacher", "resnet18", "--batch-size", 4, "
 
 @pytest.fixture(scope="module")
 def imagenet_data(tmp_path_factory):
+    return imagenet_write_data(tmp_path_factory.mktemp("imagenet"))
+
+
+def imagenet_write_data(root):
     from PIL import Image
 
-    root = tmp_path_factory.mktemp("imagenet")
     g = torch.Generator().manual_seed(0)
     for split, counts in (("train", (4, 4, 4)), ("val", (2, 2, 1))):
         for wnid, count in zip(("n01440764", "n01443537", "n01484850"), counts):
@@ -490,6 +493,45 @@ def imagenet_data(tmp_path_factory):
     torch.save({"model": {f"module.{k}": v for k, v in teacher.items()}}, root / "teacher.pt")
     torch.save(torchvision.models.resnet18(num_classes=5).state_dict(), root / "teacher5.pt")
     return root
+
+
+@pytest.fixture
+def one_thread():
+    """In-process runs on one thread, as OMP_NUM_THREADS=1 gives the subprocesses (two threads on two busy
+    cores ran a --dummy step 5x slower here)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# For the shared bad-input test: a --dummy run of one step at 32 px, and the same on the tiny folder.
+IMAGENET_FAMILY = dict(
+    script=IMAGENET,
+    dummy=["--dummy", *map(str, IMAGENET_TINY), "--max-steps", "1", "--workers", "0"],
+    real=lambda tmp_path: ["--data-dir", str(imagenet_write_data(tmp_path / "imagenet")), *map(str, IMAGENET_TINY),
+                           "--teacher-ckpt", str(tmp_path / "imagenet" / "teacher.pt"), "--max-steps", "1", "--workers", "0"],
+    other_projector=["--projector", "mlp"],
+)
+
+
+def test_imagenet_resume_forgets_later_epochs(tmp_path, capsys, one_thread):
+    import imagenet_kd
+
+    # A run of 2 epochs, then a resume from its epoch-1 checkpoint: metrics.jsonl keeps epoch 1 once and the
+    # new epoch 2, not the old one beside it; each record is written after its last.pt.
+    run, out = IMAGENET_FAMILY["dummy"], tmp_path / "run"
+    imagenet_kd.main(run + ["--epochs", "1", "--out-dir", str(out)])
+    (out / "last.pt").rename(tmp_path / "epoch1.pt")
+    (out / "best.pt").unlink()
+    imagenet_kd.main(run + ["--epochs", "2", "--resume", str(tmp_path / "epoch1.pt"), "--out-dir", str(out)])
+    first_two = read_jsonl(out / "metrics.jsonl")
+    summary = imagenet_kd.main(run + ["--epochs", "2", "--resume", str(tmp_path / "epoch1.pt"), "--out-dir", str(out)])
+    records = read_jsonl(out / "metrics.jsonl")
+    assert [r["epoch"] for r in first_two] == [r["epoch"] for r in records] == [1, 2]
+    assert records[0] == first_two[0] and records[1]["loss_ce"] == first_two[1]["loss_ce"]
+    assert summary["last"] == records[-1]["top1"] and load_checkpoint(out / "last.pt")["epoch"] == 2
+    assert "resuming" in capsys.readouterr().out
 
 
 def imagenet_args(data, out_dir, *extra):
@@ -509,7 +551,8 @@ def test_imagenet_train_nonfinite_and_exact_resume(imagenet_data, tmp_path):
         assert all(isinstance(r[k], float) and r[k] == r[k] for k in ("loss_ce", "loss_kd", "loss_feat"))
         assert r["lr"] == pytest.approx(0.1 * 4 / 256)
         assert r["top1"] * 5 / 100 == pytest.approx(round(r["top1"] * 5 / 100))  # k right out of 5 images
-        assert r["projector_sv"]["max"] >= r["projector_sv"]["mean"] >= r["projector_sv"]["min"] > 0
+        sv = r["projector_sv"]  # every singular value of the 512x512 W_p, sorted (Figure 6.2)
+        assert len(sv) == 512 and sv == sorted(sv, reverse=True) and sv[-1] > 0
     summary = json.loads((full / "summary.json").read_text())
     assert summary["metric"] == "top1" and summary["last"] == records[-1]["top1"] and summary["world_size"] == 1
     assert summary["best"] == max(r["top1"] for r in records) and summary["teacher"] is not None
@@ -593,6 +636,65 @@ def test_imagenet_torchrun_two_processes(imagenet_data, tmp_path):
                         "--resume", tmp_path / "last.pt", "--out-dir", tmp_path / "eval"))
     evaluated = json.loads((tmp_path / "eval" / "eval.json").read_text())
     assert evaluated["images"] == 5 and evaluated["top1"] == pytest.approx(record["top1"])
+
+
+def test_imagenet_train_fraction_and_spectrum(imagenet_data, tmp_path, capsys, one_thread):
+    import imagenet_kd
+
+    # round(0.2 * n_c), at least one, of every class c; the same draw every time.
+    labels = torch.tensor([0] * 10 + [1] * 5 + [2] * 1 + [4] * 3)
+    kept = imagenet_kd.balanced_subset(labels, 0.2)
+    assert torch.bincount(labels[kept]).tolist() == [2, 1, 1, 0, 1] and kept == imagenet_kd.balanced_subset(labels, 0.2)
+    # Half of each class of the tiny folder (2 of 4 images, one step of 4); a student whose feature (440-d)
+    # is narrower than the teacher's (512-d): W_p has min(440, 512) singular values. Two epochs in one go and
+    # one epoch + resume train on the same images to the same weights.
+    run = ["--student", "regnet_y_400mf", "--train-fraction", "0.5", "--workers", "0"]
+    imagenet_kd.main(list(map(str, imagenet_args(imagenet_data, tmp_path / "full", *run, "--epochs", 2))))
+    assert "| 6 training images" in capsys.readouterr().out
+    imagenet_kd.main(list(map(str, imagenet_args(imagenet_data, tmp_path / "part", *run, "--epochs", 1))))
+    imagenet_kd.main(list(map(str, imagenet_args(imagenet_data, tmp_path / "part", *run, "--epochs", 2,
+                                                 "--resume", tmp_path / "part" / "last.pt"))))
+    full, part = (load_checkpoint(tmp_path / d / "last.pt") for d in ("full", "part"))
+    for key in ("student", "distiller"):
+        assert all(torch.equal(v, part[key][k]) for k, v in full[key].items()), key
+    for record in read_jsonl(tmp_path / "full" / "metrics.jsonl"):
+        sv = record["projector_sv"]
+        assert len(sv) == 440 and sv == sorted(sv, reverse=True)
+
+
+# The paper's ablation pairs (Tables 6.1-6.3), at the smallest models of each family and the smallest image
+# size torchvision allows (ViTs embed 224-px images only): (teacher, student, z_t width, z_s width, size).
+IMAGENET_PAIRS = [("regnet_y_400mf", "mobilenet_v2", 440, 1280, 32), ("vit_b_32", "mobilenet_v3_large", 768, 1280, 224),
+                  ("convnext_tiny", "efficientnet_b0", 768, 1280, 32), ("resnet50", "resnet18", 2048, 512, 32)]
+
+
+@pytest.mark.parametrize("teacher, student, t_dim, s_dim, size", IMAGENET_PAIRS)
+def test_imagenet_ablation_pairs(teacher, student, t_dim, s_dim, size, one_thread):
+    import imagenet_kd
+    from common import FeatureDistiller
+
+    torch.manual_seed(0)
+    args = imagenet_kd.parse_args(["--dummy", "--teacher", teacher, "--student", student, "--img-size", str(size)])
+    teacher_net = imagenet_kd.build_teacher(args, 10)[0]
+    model = imagenet_kd.StudentWithDistiller(imagenet_kd.build_student(args, 10), None)
+    assert imagenet_kd.feature_dim(teacher_net, size) == t_dim and imagenet_kd.feature_dim(model.student, size) == s_dim
+    model.distiller = FeatureDistiller(s_dim, t_dim)
+    dropped = []  # the student's dropout output, when its head has one: z_s must be its input
+    for m in model.student.model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.register_forward_hook(lambda module, inputs, output: dropped.append((inputs[0], output)))
+    x, y = torch.randn(2, 3, size, size), torch.tensor([0, 1])
+    with torch.no_grad():
+        logits_t, z_t = teacher_net(x)
+    logits_s, loss_feat = model(x, z_t)
+    z_s = model.student(x)[1]
+    loss = torch.nn.functional.cross_entropy(logits_s, y) + imagenet_kd.kd_loss(logits_s, logits_t, 1.0) + 2 * loss_feat
+    loss.backward()
+    assert z_t.shape == (2, t_dim) and torch.isfinite(loss)
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters() if p.requires_grad)
+    if dropped:  # the last dropout of the head: its input is z_s (same width), its output has more zeros
+        before, after = dropped[-1]
+        assert torch.equal(before.flatten(1), z_s) and (after == 0).sum() > (before == 0).sum()
 
 
 def imagenet_bad_layouts(root, data):
