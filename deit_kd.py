@@ -652,17 +652,13 @@ def evaluate(model, loader, device, memory_format):
 
 @torch.no_grad()
 def translation_equivariance(student, loader, device, memory_format):
-    """The paper's mu_T(phi) = ||phi(Tx) - T phi(x)||^2 (thesis Table 6.7) for phi = the student up to and
-    including each transformer block, in float32, over every image of ``loader``.
-
-    T translates by one token: on the image, a circular roll by one patch (img-size / grid pixels, 16 at 224) down
-    and to the right; on the tokens, the patch tokens rolled by one row and one column on their grid (14 x 14 at
-    224, read from the model), the cls and conv (or distillation) tokens set aside: they are not rolled, nor
-    counted. A block alone is permutation-equivariant (self-attention and the MLP see no position), so T is applied
-    to the image: what breaks equivariance is the position embedding and the stem's borders before the blocks.
-    The norm is the squared difference averaged over images, patch tokens and channels. Returns one mu_T per
-    block; the paper's ``mean +- std`` is over the blocks.
-    """
+    """The paper's mu_T(phi) = ||phi(Tx) - T phi(x)||^2 (thesis Table 6.7), phi = the student up to each transformer
+    block. A block alone is permutation-equivariant (attention and MLP see no position), so T acts on the image: a
+    circular roll by one patch (img-size / grid pixels, 16 at 224) down and right; on the output, the patch tokens
+    roll by one row and one column of their grid (14 x 14 at 224, read from the model), the cls and conv (or
+    distillation) tokens set aside, neither rolled nor counted. What breaks equivariance is the position embedding
+    and the stem's borders. The squared difference is averaged over images, patch tokens and channels, in float32,
+    over every image of ``loader``; one mu_T per block (the paper's mean +- std is over the blocks)."""
     was_training = student.training
     student.eval()
     grid, prefix = student.patch_embed.grid_size, student.num_prefix_tokens
@@ -687,7 +683,6 @@ def translation_equivariance(student, loader, device, memory_format):
     return (sums / count).tolist()
 
 
-# ---- checkpoints and the helpers every script shares ----
 def read_checkpoint(path):
     """torch.load with weights_only=True: checkpoints are untrusted input (tensors and plain containers only)."""
     if not Path(path).is_file():
