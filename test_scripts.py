@@ -732,16 +732,16 @@ def test_deit_torchrun_two_processes_patch_stem(deit_data, tmp_path):
 
 def test_deit_torchrun_dummy_teacher_identical_on_every_rank(tmp_path):
     # --dummy's random teacher is not DDP-wrapped: every rank must build the same one, or the global-batch
-    # distiller would mix two teachers' features. Each rank saves the teacher that main built.
+    # distiller would mix two teachers' features. Each rank saves the teacher that main built, then stops.
     driver = tmp_path / "driver.py"
     driver.write_text(f"""import os, sys, torch
 sys.path.insert(0, {str(ROOT)!r})
 import deit_kd
 build = deit_kd.build_teacher
 def build_and_save(args, classes):
-    teacher = build(args, classes)
-    torch.save(teacher.state_dict(), {str(tmp_path)!r} + f"/teacher{{os.environ['RANK']}}.pt")
-    return teacher
+    torch.save(build(args, classes).state_dict(), {str(tmp_path)!r} + f"/teacher{{os.environ['RANK']}}.pt")
+    torch.distributed.destroy_process_group()
+    sys.exit(0)
 deit_kd.build_teacher = build_and_save
 deit_kd.main()
 """)
