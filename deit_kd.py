@@ -1,50 +1,38 @@
-"""Data-efficient image transformers distilled with a projector (Miles & Mikolajczyk, AAAI 2024).
+"""DeiT distilled with a projector: the data-efficient transformers of Miles & Mikolajczyk, AAAI 2024.
 
-A DeiT student with the paper's convolutional stem learns from a frozen RegNetY-160 (DeiT's own teacher,
-82.6% top-1) on ImageNet with three terms:
+A DeiT student with the paper's convolutional stem, distilled from a frozen RegNetY-160 (DeiT's teacher, 82.6%),
+reaches 77.2% ImageNet top-1 as DeiT-Ti and 82.1% as DeiT-S (thesis Table 6.5):
 
-    loss = CE(head(cls token), mixed targets)                       # the labels (Mixup/CutMix, smoothing)
-         + kd_weight   * KL(head_conv(conv token) || teacher) * T^2  # the teacher's logits, T = 1
-         + feat_weight * D(BN(mean of patch tokens W_p), BN(z_t))    # the paper's feature term
+                alone   DeiT⚗ (hard distillation)   CivT   DearKD   USKD   this recipe
+    DeiT-Ti      72.2          74.5                  74.9    74.8    75.0       77.2
+    DeiT-S       79.8          81.2                  82.0    81.5    80.8       82.1
 
-where ``z_t`` is the teacher's pooled 3024-d feature, ``W_p`` a linear projector 192 -> 3024 (384 -> 3024
-for DeiT-S), BN a batch norm without affine parameters on both sides, and ``D`` the correlation distance
-of the released DeiT code (``--distance corr``; ``--distance logsum`` is the paper's ImageNet form).
+and translation equivariance mu_T of the DeiT-S blocks (thesis Table 6.7; ``--evaluate`` reports it): DeiT
+1.52 +- 0.15, CivT 0.13 +- 0.05, this recipe 0.04 +- 0.02. On ImageFolder ImageNet (DIR/train/<class>/*.JPEG,
+DIR/val/<class>/*.JPEG), with DeiT's regnety_160-a5fe301d.pth (or timm's ``regnety_160.deit_in1k`` weights):
 
-Student (``--stem conv``, the paper's): the 16x16 patch embedding becomes three conv-BN-ReLU layers of 64
-channels (7x7 stride 2, 3x3, 3x3) and an 8x8 stride-8 convolution to the embedding width, still 14x14 =
-196 tokens at 224 px. The sequence is ``[cls, conv token, 196 patch tokens]``, the conv token being the mean
-of the patch embeddings; ``head`` reads the cls output, ``head_conv`` the conv-token output, and at
-evaluation the prediction is the average of the two. ``--stem patch`` trains timm's standard
-``deit_*_distilled_patch16_224`` (distillation token and head) with the same losses, for comparison.
+    python deit_kd.py --data-dir /data/imagenet --teacher-ckpt regnety_160-a5fe301d.pth    # DeiT-Ti, 77.2
+    python deit_kd.py --data-dir /data/imagenet --student deit_small --teacher-ckpt ...    # DeiT-S, 82.1
+    torchrun --nproc_per_node=8 deit_kd.py --data-dir /data/imagenet --teacher-ckpt ...    # 8 x 64 = 512 images
+    python deit_kd.py --evaluate --resume runs/deit_kd-deit_tiny-srd/best.pt --data-dir /data/imagenet  # + mu_T
+    python deit_kd.py --dummy --img-size 64 --epochs 1 --max-steps 20          # the whole pipeline, no files
 
-Recipe (the official config): 300 epochs, global batch 256, AdamW (weight decay 0.05, none on biases, norms,
-position embedding and tokens), lr 5e-4 x global batch / 512, timm's per-iteration cosine over all 300 epochs
-whose first 20 are a linear warm-up from 5e-7, to a minimum of 5e-6 (all scaled alike), gradient clipping at
-15, bf16 (the official code: fp16, --amp fp16). timm augmentation: RandAugment rand-m9-mstd0.5-inc1 (timm
-drops the colour jitter under it), bicubic, random erasing 0.25, Mixup 0.8 / CutMix 1.0, label smoothing 0.1;
-evaluation in float32, resized to 256 (bilinear, as the official code) and center-cropped to 224. This script
-also fixes what keeps the released code from running (undefined names, the teacher wrapped in DDP, no checkpoints).
-
-Paper (ImageNet top-1):      DeiT-Ti   DeiT-S
-    no distillation            72.2      79.9
-    DeiT, hard distillation    74.5      81.2
-    this recipe                77.2      82.1
-
-Run (ImageFolder ImageNet under DIR/train/<class>/*.JPEG and DIR/val/<class>/*.JPEG; DeiT's teacher from
-``--teacher-ckpt regnety_160-a5fe301d.pth`` or timm's ``regnety_160.deit_in1k`` weights):
-
-    torchrun --nproc_per_node=8 deit_kd.py --data-dir /data/imagenet --teacher-ckpt regnety_160-a5fe301d.pth
-    torchrun --nproc_per_node=8 deit_kd.py --data-dir /data/imagenet --student deit_small --teacher-ckpt ...
-    python deit_kd.py --dummy --img-size 64 --epochs 1 --max-steps 20      # the whole pipeline, no files
-
-A run prints its arguments, the world size, parameter counts and the teacher's top-1 (82.6 for DeiT's
-RegNetY-160), then one line per ``--log-every`` steps (ce, kd, feat, lr, img/s, ETA) and the top-1/top-5
-after every epoch; it writes args.json, metrics.jsonl, last.pt, best.pt and summary.json to --out-dir.
+The loss: CE(head(cls token), mixed targets) + kd_weight * KL(head_conv(conv token) || teacher) * T^2 +
+feat_weight * D(BN(mean of patch tokens W_p), BN(z_t)), with z_t the teacher's pooled 3024-d feature, W_p linear
+(192 or 384 -> 3024), BN without affine parameters on both sides, D the released DeiT code's correlation distance
+(``--distance corr``; ``logsum`` is the paper's general form). The conv stem: three conv-BN-ReLU layers of 64
+channels (7x7 stride 2, 3x3, 3x3) and an 8x8 stride-8 convolution (14x14 tokens at 224 px); the conv token is the
+mean of the patch embeddings; evaluation averages the two heads. ``--stem patch``: timm's distilled DeiT.
+Recipe (thesis §6.4.2: DeiT's schedule and augmentation, 300 epochs, a batch of 512 on one GPU; the rest as the
+official code, whose config batch is 256): AdamW, wd 0.05, lr 5e-4 x global batch / 512, per-step cosine with a
+20-epoch warm-up, clipping at 15, RandAugment, random erasing, Mixup/CutMix, label smoothing 0.1; evaluation in
+float32. A run prints the teacher's top-1, the losses every --log-every steps and the top-1 of every epoch, and
+writes args.json, metrics.jsonl, last.pt, best.pt and summary.json to --out-dir.
 """
 import argparse
 import datetime
 import difflib
+import importlib.metadata
 import json
 import math
 import os
@@ -52,10 +40,14 @@ import platform
 import random
 import re
 import resource
+import socket
 import sys
 import time
+import urllib.parse
+import urllib.request
 from pathlib import Path
 
+import huggingface_hub
 import numpy as np
 import timm
 import torch
@@ -69,7 +61,7 @@ from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.models.vision_transformer import VisionTransformer, init_weights_vit_timm, trunc_normal_
 from timm.scheduler import CosineLRScheduler
 from torch.nn.parallel import DistributedDataParallel as DDP
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
+from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 from common import DISTANCES, NORMS, PROJECTORS, FeatureDistiller, projector_spectrum
 
@@ -78,62 +70,71 @@ STUDENTS = {"deit_tiny": dict(embed_dim=192, depth=12, num_heads=3),
             "deit_small": dict(embed_dim=384, depth=12, num_heads=6)}
 PUBLISHED_TOP1 = {"regnety_160.deit_in1k": 82.6}  # DeiT's teacher; a pretrained one far from this is wrong
 DUMMY_TRAIN, DUMMY_VAL, DUMMY_CLASSES = 12_800, 256, 1000
+# What makes a checkpoint this run on --resume; speed, logging and schedule flags may change
+RESUME_MUST_MATCH = ("dummy", "data_dir", "img_size", "student", "stem", "teacher", "distill", "projector",
+                     "projector_hidden", "norm", "distance")
 
 
 def fail(msg, code=2):
-    """One line on stderr (rank 0 speaks for all), then exit: 2 for bad input, before anything is written;
-    3 for a run that cannot go on."""
+    """One line on stderr, then exit: 2 for bad input (before anything is written), 3 for a run that cannot go
+    on, 130 when interrupted. Under torchrun rank 0 speaks for all; every rank exits."""
     if os.environ.get("RANK", "0") == "0":
         print(f"{PROG}: error: {msg}", file=sys.stderr)
     sys.exit(code)
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """argparse's "(default: X)", except for defaults resolved after parsing (None), whose help says them."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None or action.default is False else super()._get_help_string(action)
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     p.error = lambda message: fail(f"{message}; see --help")  # argparse's own errors, as one line too
     g = p.add_argument_group("data")
     g.add_argument("--data-dir", type=Path, help="ImageFolder root holding train/<class>/*.JPEG and val/<class>/*.JPEG")
     g.add_argument("--dummy", action="store_true", help="random ImageNet-shaped images (1000 classes) instead of "
                    "--data-dir; the teacher is random unless --teacher-ckpt is given")
-    g.add_argument("--img-size", type=int, default=224, help="training and evaluation crop (a multiple of 16; "
-                   "the token grid is img-size/16 squared)")
+    g.add_argument("--img-size", type=int, default=224, help="training and evaluation crop (a multiple of 16)")
     g.add_argument("--crop-pct", type=float, default=0.875, help="evaluation: resize to img-size/crop-pct, center-crop")
     g.add_argument("--eval-interpolation", default="bilinear", choices=["bilinear", "bicubic"], help="evaluation "
-                   "resize: bilinear as the official SRD code (torchvision's default), bicubic as DeiT's")
+                   "resize: bilinear as the official SRD code, bicubic as DeiT's")
     g.add_argument("--aa", default="rand-m9-mstd0.5-inc1", help="timm RandAugment policy ('none' to disable)")
-    g.add_argument("--color-jitter", type=float, default=0.4, help="colour jitter strength; timm applies it only "
-                   "with --aa none (the official config's 0.4 never acts under its RandAugment)")
+    g.add_argument("--color-jitter", type=float, default=0.4, help="colour jitter; timm applies it only with --aa none")
     g.add_argument("--reprob", type=float, default=0.25, help="random erasing probability")
     g.add_argument("--mixup", type=float, default=0.8, help="Mixup alpha (0 disables)")
     g.add_argument("--cutmix", type=float, default=1.0, help="CutMix alpha (0 disables)")
     g.add_argument("--smoothing", type=float, default=0.1, help="label smoothing")
-    g.add_argument("--workers", type=int, default=8, help="data-loading processes per training process")
     g = p.add_argument_group("models")
     g.add_argument("--student", default="deit_tiny", choices=sorted(STUDENTS), help="student size")
     g.add_argument("--stem", default="conv", choices=["conv", "patch"], help="conv: the paper's convolutional "
                    "stem and conv token; patch: timm's deit_*_distilled_patch16_224 (distillation token)")
     g.add_argument("--drop-path", type=float, default=0.0, help="stochastic depth of the student (the official "
-                   "config names 0.1 but never applies it; 0 reproduces the released result)")
-    g.add_argument("--teacher", default="regnety_160.deit_in1k", help="any timm model name; give the weight tag "
-                   "(the bare regnety_160 is a different, stronger model)")
+                   "config names 0.1 but never applies it)")
+    g.add_argument("--teacher", default="regnety_160.deit_in1k", help="a timm model name with its weight tag "
+                   "(the bare regnety_160 is another, stronger model)")
     g.add_argument("--teacher-ckpt", type=Path, help="teacher weights (e.g. DeiT's regnety_160-a5fe301d.pth); "
                    "default: timm's pretrained weights for --teacher")
     g = p.add_argument_group("distillation")
     g.add_argument("--distill", default="srd", choices=["none", "kd", "srd"], help="none: cross-entropy on both "
                    "heads; kd: + KL on the second head; srd: + the projector feature loss (the paper)")
-    g.add_argument("--feat-weight", type=float, default=1.0, help="weight of the feature loss")
-    g.add_argument("--kd-weight", type=float, default=1.0, help="weight of the KL term")
+    g.add_argument("--feat-weight", type=float, default=1.0, help="weight of the feature loss (the paper: unstated)")
+    g.add_argument("--kd-weight", type=float, default=1.0, help="weight of the KL term (the paper: unstated)")
     g.add_argument("--temperature", type=float, default=1.0, help="KD temperature T")
     g.add_argument("--alpha", type=float, default=4.0, help="exponent of the distance")
     g.add_argument("--norm", default="bn", choices=NORMS, help="normalisation of both features")
     g.add_argument("--projector", default="linear", choices=PROJECTORS, help="student-to-teacher projector W_p")
-    g.add_argument("--distance", default="corr", choices=DISTANCES, help="corr: the released DeiT code's "
-                   "correlation distance; logsum: the paper's log sum |z_s W_p - z_t|^alpha")
+    g.add_argument("--projector-hidden", type=int, help="hidden width of the 'mlp' projector (default: the "
+                   "teacher's feature width)")
+    g.add_argument("--distance", default="corr", choices=DISTANCES, help="corr: the released DeiT code's (the "
+                   "paper does not name its DeiT distance); logsum: the paper's log sum |z_s W_p - z_t|^alpha")
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int, default=300, help="training epochs")
-    g.add_argument("--batch-size", type=int, default=128, help="images per process (the official SRD code: "
-                   "256 in one process; DeiT's own: 8 x 128)")
+    g.add_argument("--max-steps", type=int, help="cap on the steps of each epoch (smoke tests, benchmarks)")
+    g.add_argument("--batch-size", type=int, help="images per process (default: 512 // world size, the paper's "
+                   "global batch; the official code's config: 256)")
     g.add_argument("--lr", type=float, default=5e-4, help="AdamW peak lr for a global batch of 512 (scaled linearly)")
     g.add_argument("--min-lr", type=float, default=5e-6, help="final cosine lr for a global batch of 512")
     g.add_argument("--warmup-lr", type=float, default=5e-7, help="initial warm-up lr for a global batch of 512")
@@ -141,205 +142,46 @@ def parse_args(argv=None):
     g.add_argument("--wd", type=float, default=0.05, help="weight decay (not on biases, norms, pos-embed, tokens)")
     g.add_argument("--clip-grad", type=float, default=15.0, help="gradient-norm clipping (0 disables)")
     g.add_argument("--clip-scaled", action="store_true", help="clip the GradScaler-scaled gradients as the official "
-                   "code does under fp16 (a true norm of ~15/scale); default: unscale, then clip")
+                   "code does under fp16; default: unscale, then clip")
     g = p.add_argument_group("system")
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
     g.add_argument("--amp", choices=["off", "bf16", "fp16"], help="autocast dtype of training (default: bf16 on "
                    "CUDA, off on CPU); every evaluation runs in float32")
-    g.add_argument("--channels-last", action="store_true", help="channels-last memory format for the conv layers")
-    g.add_argument("--compile", action="store_true", help="torch.compile the student and the teacher")
+    g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, help="NHWC memory layout, faster "
+                   "convolutions on GPUs (default: on with CUDA, off on CPU)")
+    g.add_argument("--compile", action="store_true", help="torch.compile the student with its distiller and the "
+                   "teacher's forward; backward, the GradScaler and the optimizer step stay eager")
     g.add_argument("--sync-bn", action="store_true", help="synchronise batch norms across processes")
-    g.add_argument("--seed", type=int, default=0, help="random seed")
-    g = p.add_argument_group("outputs")
+    g.add_argument("--workers", type=int, help="data-loading processes per process (default: its cores, at most 8)")
+    g.add_argument("--seed", type=int, default=0, help="random seed; every random draw depends on (seed, epoch, rank)")
     g.add_argument("--log-every", type=int, default=50, help="steps between log lines")
-    g.add_argument("--max-steps", type=int, help="cap on steps per epoch (smoke tests, benchmarks)")
-    g.add_argument("--out-dir", type=Path, help="output folder (default runs/deit_kd-<student>-<distill>)")
+    g = p.add_argument_group("outputs")
+    g.add_argument("--out-dir", type=Path, help="output folder (default: the folder of --resume, else "
+                   f"runs/{PROG}-<student>-<distill>, with -dummy for --dummy runs)")
     g.add_argument("--resume", type=Path, help="checkpoint (last.pt) to continue, or to evaluate with --evaluate")
-    g.add_argument("--evaluate", action="store_true", help="evaluate the student of --resume, write eval.json, exit")
+    g.add_argument("--evaluate", action="store_true", help="evaluate the student of --resume (top-1, top-5, mu_T), "
+                   "write eval.json, exit")
     args = p.parse_args(argv)
+    if args.batch_size is None:
+        args.batch_size = 512 // int(os.environ.get("WORLD_SIZE", 1))  # the paper's global batch
     args.amp = args.amp or ("bf16" if args.device.startswith("cuda") else "off")
-    args.out_dir = args.out_dir or Path("runs") / f"{PROG}-{args.student}-{args.distill}"
+    if args.channels_last is None:
+        args.channels_last = args.device.startswith("cuda")
+    if args.workers is None:
+        args.workers = max(1, min(8, len(os.sched_getaffinity(0)) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
+    if args.out_dir is None:
+        args.out_dir = args.resume.parent if args.resume else Path("runs") / (
+            f"{PROG}-{args.student}-{args.distill}" + "-dummy" * args.dummy)
+    for name in ("epochs", "batch_size", "log_every", "max_steps", "alpha", "temperature"):
+        if getattr(args, name) is not None and getattr(args, name) <= 0:
+            fail(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    for name in ("lr", "wd", "min_lr", "warmup_lr", "warmup_epochs"):
+        if getattr(args, name) is not None and getattr(args, name) < 0:
+            fail(f"--{name.replace('_', '-')} must not be negative, got {getattr(args, name)}")
     return args
 
 
-# ---------------------------------------------------------------------------------------------------
-# Data: ImageFolder ImageNet through timm's DeiT augmentation, or random images of the same shape
-# ---------------------------------------------------------------------------------------------------
-def posterize(img, bits_to_keep, **_):
-    """RandAugment's posterize, accepting 0 bits: 'inc1' asks for 0 whenever the sampled magnitude clips at 10
-    (about 2% of its posterize ops at m9, mstd 0.5). Older Pillow returned a black image, which is what DeiT
-    trained with; current Pillow (13 here) raises, which would stop the run mid-epoch."""
-    if bits_to_keep <= 0:
-        return Image.new(img.mode, img.size)
-    return img if bits_to_keep >= 8 else ImageOps.posterize(img, bits_to_keep)
-
-
-auto_augment.NAME_TO_OP.update(dict.fromkeys(("Posterize", "PosterizeIncreasing", "PosterizeOriginal"), posterize))
-
-
-class DummyImages(Dataset):
-    """Random RGB images (a deterministic function of the index) with labels ``index % classes``."""
-
-    def __init__(self, n, size, classes, transform):
-        self.n, self.size, self.classes, self.transform = n, size, classes, transform
-
-    def __len__(self):
-        return self.n
-
-    def __getitem__(self, i):
-        pixels = torch.randint(0, 256, (self.size, self.size, 3), dtype=torch.uint8,
-                               generator=torch.Generator().manual_seed(i))
-        return self.transform(Image.fromarray(pixels.numpy())), i % self.classes
-
-
-def build_data(args, device, rank, world):
-    """The training loader (this rank's shard, whole batches only: every rank gives the distiller as many rows),
-    the evaluation loader (every world-th image: the whole set, each image once) and the number of classes."""
-    train_tf = create_transform(args.img_size, is_training=True, color_jitter=args.color_jitter,
-                                auto_augment=None if args.aa == "none" else args.aa, interpolation="bicubic",
-                                re_prob=args.reprob, re_mode="pixel", re_count=1)
-    val_tf = create_transform(args.img_size, interpolation=args.eval_interpolation, crop_pct=args.crop_pct)
-    sets, classes, size = {}, DUMMY_CLASSES, int(args.img_size / args.crop_pct)
-    layout = ("expected ImageFolder ImageNet: DIR/train/<class>/*.JPEG and DIR/val/<class>/*.JPEG with the same "
-              "class folders (the val images sorted into folders, e.g. with the standard valprep.sh)")
-    if args.data_dir is None and not args.dummy:
-        fail(f"pass --data-dir DIR ({layout}) or --dummy")
-    for split, tf, n in (("train", train_tf, DUMMY_TRAIN), ("val", val_tf, DUMMY_VAL)):
-        try:
-            sets[split] = (DummyImages(n, size, classes, tf) if args.dummy else
-                           torchvision.datasets.ImageFolder(str(args.data_dir / split), transform=tf))
-        except (FileNotFoundError, OSError) as e:
-            fail(f"--data-dir {args.data_dir}: cannot read {split}/ ({str(e).splitlines()[0]}); {layout}")
-    if not args.dummy:
-        if sets["train"].classes != sets["val"].classes:
-            fail(f"--data-dir {args.data_dir}: train/ and val/ have different class folders; {layout}")
-        classes = len(sets["train"].classes)
-    sampler = DistributedSampler(sets["train"], num_replicas=world, rank=rank, shuffle=True, seed=args.seed,
-                                 drop_last=True)
-    # generator: re-seeded every epoch, so that the workers' seeds are a function of (seed, epoch)
-    train_loader = DataLoader(sets["train"], batch_size=args.batch_size, sampler=sampler, num_workers=args.workers,
-                              pin_memory=device.type == "cuda", drop_last=True, generator=torch.Generator())
-    val_loader = DataLoader(Subset(sets["val"], range(rank, len(sets["val"]), world)), batch_size=args.batch_size,
-                            num_workers=args.workers, pin_memory=device.type == "cuda")
-    return train_loader, val_loader, classes
-
-
-# ---------------------------------------------------------------------------------------------------
-# Models: DeiT with the paper's convolutional stem; any timm teacher
-# ---------------------------------------------------------------------------------------------------
-class ConvStem(nn.Module):
-    """Three conv-BN-ReLU layers of 64 channels (7x7 stride 2, 3x3, 3x3), then an 8x8 stride-8 convolution to
-    the embedding width: the same 16x downsampling as the 16x16 patch embedding it replaces."""
-
-    def __init__(self, img_size=224, in_chans=3, embed_dim=192, **_):  # timm passes patch-embed arguments too
-        super().__init__()
-        layers, c = [], in_chans
-        for k, s in ((7, 2), (3, 1), (3, 1)):
-            layers += [nn.Conv2d(c, 64, k, s, k // 2, bias=False), nn.BatchNorm2d(64), nn.ReLU(inplace=True)]
-            c = 64
-        self.conv = nn.Sequential(*layers)
-        self.proj = nn.Conv2d(64, embed_dim, kernel_size=8, stride=8)
-        self.grid_size = (img_size // 16, img_size // 16)
-        self.num_patches = self.grid_size[0] * self.grid_size[1]
-
-    def init_weights(self):  # called by timm's ViT initialisation; He-normal as in the official code
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight)
-
-    def forward(self, x):
-        return self.proj(self.conv(x)).flatten(2).transpose(1, 2)  # (B, N, C) patch embeddings
-
-
-class ConvStemDeiT(VisionTransformer):
-    """DeiT on ``[cls, conv token, patch tokens]``; ``head`` on cls, ``head_conv`` on the conv token.
-
-    Training returns both heads' logits (CE on ``head``, the teacher's KL on ``head_conv``); evaluation
-    returns their average, like timm's distilled DeiT.
-    """
-
-    def __init__(self, **kwargs):
-        super().__init__(embed_layer=ConvStem, **kwargs)
-        self.num_prefix_tokens = 2
-        self.pos_embed = nn.Parameter(trunc_normal_(torch.empty(1, self.patch_embed.num_patches + 2,
-                                                                self.embed_dim), std=0.02))
-        self.head_conv = nn.Linear(self.embed_dim, self.num_classes)
-        init_weights_vit_timm(self.head_conv)
-
-    def _pos_embed(self, x):
-        conv_token = x.mean(1, keepdim=True)  # the mean of the patch embeddings
-        x = torch.cat([self.cls_token.expand(len(x), -1, -1), conv_token, x], dim=1)
-        return self.pos_drop(x + self.pos_embed)
-
-    def forward_head(self, x, pre_logits=False):
-        x, x_conv = self.head_drop(x[:, 0]), self.head_drop(x[:, 1])
-        if pre_logits:
-            return (x + x_conv) / 2
-        y, y_conv = self.head(x), self.head_conv(x_conv)
-        return (y, y_conv) if self.training else (y + y_conv) / 2
-
-
-def build_student(args, classes):
-    if args.stem == "patch":
-        student = timm.create_model(f"{args.student}_distilled_patch16_224", num_classes=classes,
-                                    img_size=args.img_size, drop_path_rate=args.drop_path)
-        student.set_distilled_training(True)  # training returns (cls logits, distillation-token logits)
-        return student
-    return ConvStemDeiT(img_size=args.img_size, num_classes=classes, drop_path_rate=args.drop_path,
-                        **STUDENTS[args.student])
-
-
-def build_teacher(args, classes):
-    """The frozen teacher in eval mode: --teacher-ckpt, timm's published weights, or random under --dummy."""
-    if args.distill == "none":
-        return None
-    if not timm.is_model(args.teacher):
-        close = difflib.get_close_matches(args.teacher, timm.list_models(pretrained=True), n=5)
-        fail(f"unknown teacher {args.teacher!r}; choose a timm model (timm.list_models()), e.g. {', '.join(close)}")
-    if args.teacher_ckpt or args.dummy:
-        teacher = timm.create_model(args.teacher, num_classes=classes)
-    else:
-        try:
-            teacher = timm.create_model(args.teacher, pretrained=True)
-        except Exception as e:  # offline, or a name without pretrained weights
-            fail(f"no pretrained weights for teacher {args.teacher} ({type(e).__name__}: "
-                 f"{str(e).splitlines()[0][:120]}); pass --teacher-ckpt PATH (DeiT's regnety_160-a5fe301d.pth) "
-                 "or allow the download")
-    if args.teacher_ckpt:
-        load_weights(teacher, read_checkpoint(args.teacher_ckpt), args.teacher_ckpt, "teacher")
-    if teacher.num_classes != classes:
-        fail(f"teacher {args.teacher} has {teacher.num_classes} classes but the data has {classes}; "
-             "pass a --teacher-ckpt trained on these classes")
-    return teacher.requires_grad_(False).eval()
-
-
-def read_checkpoint(path):
-    try:  # checkpoints are untrusted input: tensors and plain containers only
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # a truncated file, a pickle of objects, not a checkpoint at all
-        fail(f"cannot read checkpoint {path} ({type(e).__name__}); pass a file saved by torch.save")
-
-
-def load_weights(model, checkpoint, path, what):
-    """Strict load of a bare state dict, or one under ``student``, ``model`` or ``state_dict`` (CONVENTIONS §5),
-    ``module.``/``_orig_mod.`` prefixes stripped."""
-    state = checkpoint
-    for key in ("student", "model", "state_dict"):
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
-            break
-    state = {re.sub(r"^(module\.|_orig_mod\.)+", "", k): v for k, v in state.items()}
-    own = model.state_dict()
-    missing, unexpected = sorted(own.keys() - state.keys()), sorted(state.keys() - own.keys())
-    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
-              if k in state and state[k].shape != v.shape]
-    if missing or unexpected or shapes:
-        fail(f"{what} checkpoint {path} does not fit {type(model).__name__}: missing {missing[:3]}, unexpected "
-             f"{unexpected[:3]}, shape (file vs model) {shapes[:3]}; check --student/--stem/--teacher/--img-size "
-             "and that the checkpoint has as many classes as the data")
-    model.load_state_dict(state)
-
-
+# ---- the method: the student with its distiller, the KD term, the schedule ----
 class StudentWithDistiller(nn.Module):
     """The student and the feature distiller in one module, so that DDP keeps the projector identical on
     every rank. Returns the logits (in training the pair: cls head, second head) and the unweighted feature
@@ -359,31 +201,10 @@ class StudentWithDistiller(nn.Module):
 
 
 def kd_loss(logits_s, logits_t, T):
-    """Hinton's KD term ``KL(p_t || p_s) * T^2`` (batch mean, float32); ``T^2`` keeps the gradient scale
-    independent of the temperature."""
+    """Hinton's KD term: KL(softmax(y_t / T) || softmax(y_s / T)), batch mean, times T^2 so that its gradients
+    keep their scale as T changes."""
     return F.kl_div(F.log_softmax(logits_s.float() / T, 1), F.log_softmax(logits_t.float() / T, 1),
                     reduction="batchmean", log_target=True) * T * T
-
-
-# ---------------------------------------------------------------------------------------------------
-# Evaluation: exact top-1/top-5 over the whole validation set, shards all-reduced
-# ---------------------------------------------------------------------------------------------------
-@torch.no_grad()
-def evaluate(model, loader, device, memory_format):
-    """Top-1/top-5 in float32 whatever --amp trains in (no autocast): a score must not depend on the speed flags."""
-    was_training = model.training
-    model.eval()
-    counts = torch.zeros(3, device=device, dtype=torch.float64)  # top-1 hits, top-5 hits, images
-    for x, y in loader:
-        x, y = x.to(device, non_blocking=True, memory_format=memory_format), y.to(device, non_blocking=True)
-        logits = model(x)
-        hits = logits.topk(min(5, logits.shape[1]), dim=1).indices == y[:, None]
-        counts += torch.stack([hits[:, 0].sum(), hits.any(1).sum(), torch.tensor(len(y), device=device)])
-    if dist.is_initialized():
-        dist.all_reduce(counts)
-    model.train(was_training)
-    return {"top1": 100 * counts[0].item() / counts[2].item(), "top5": 100 * counts[1].item() / counts[2].item(),
-            "images": int(counts[2].item())}
 
 
 def build_scheduler(optimizer, args, steps, scale):
@@ -395,77 +216,82 @@ def build_scheduler(optimizer, args, steps, scale):
                              t_in_epochs=False)
 
 
-def save_atomic(obj, path):
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def peak_memory_mb(device):
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def n_params(module):
-    return sum(p.numel() for p in module.parameters()) / 1e6 if module is not None else 0
-
-
 def main(argv=None):
     args = parse_args(argv)
-    wall0 = time.time()
+    t_start = time.time()
 
-    # ---- set-up: one code path for one process and for torchrun (which sets RANK) --------------------------
+    # ---- set-up: one code path; torchrun's RANK means DDP ---------------------------------------------------
+    distributed = "RANK" in os.environ
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    distributed, is_main = "RANK" in os.environ, rank == 0
-    device = torch.device(args.device)
-    if device.type == "cuda":
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    is_main = rank == 0
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        fail(f"unknown --device {args.device!r}; pass cuda, cuda:N or cpu")
+    if device.type == "cuda":  # one process per GPU under torchrun; an explicit index for set_device
         if not torch.cuda.is_available():
-            fail("--device cuda but no GPU is visible; pass --device cpu")
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+            fail(f"--device {args.device} but CUDA is not available; pass --device cpu")
+        device = torch.device("cuda", local_rank if distributed else device.index or 0)
         torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick its fastest kernels
+        torch.set_float32_matmul_precision("high")  # TF32 where --amp off leaves float32 matmuls
     if distributed:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    amp_dtype = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.amp]
-    autocast = torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
-    torch.manual_seed(args.seed + rank)
+        cuda = device.type == "cuda"
+        dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
+    torch.manual_seed(args.seed)  # the same on every rank: the teacher (not DDP-wrapped) is identical everywhere
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp)
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
     global_batch = args.batch_size * world
     scale = global_batch / 512  # DeiT's linear scaling rule, applied to every lr of the schedule
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
     out_dir = args.out_dir
+    args_json = json.loads(json.dumps(vars(args), default=str))  # plain types, for weights_only loads
 
-    # ---- bad input -----------------------------------------------------------------------------------------
+    # ---- bad input: refused before anything is written --------------------------------------------------------
     if args.img_size % 16:
         fail(f"--img-size {args.img_size} is not a multiple of 16; the stems downsample by 16")
     if (args.mixup > 0 or args.cutmix > 0) and args.batch_size % 2:
         fail(f"--batch-size {args.batch_size} is odd; Mixup/CutMix pair images, so pass an even batch size")
-    if args.evaluate and not args.resume:
-        fail("--evaluate needs --resume PATH, the checkpoint to evaluate")
-    for flag, path in (("--resume", args.resume), ("--teacher-ckpt", args.teacher_ckpt)):
-        if path and not path.is_file():
-            fail(f"{flag} {path}: no such file")
     if args.sync_bn and device.type != "cuda":
         fail("--sync-bn needs CUDA (SyncBatchNorm has no CPU kernels); drop it on CPU")
-    if not args.resume and ((out_dir / "args.json").exists() or (out_dir / "last.pt").exists()):
+    if args.distill != "none" and not args.evaluate and not timm.is_model(args.teacher):
+        close = difflib.get_close_matches(args.teacher, timm.list_models(pretrained=True), n=5)
+        fail(f"unknown teacher {args.teacher!r}; choose a timm model (timm.list_models()), e.g. {', '.join(close)}")
+    if args.evaluate and args.resume is None:
+        fail("--evaluate needs --resume PATH, the checkpoint whose student to evaluate")
+    if out_dir.is_file():
+        fail(f"--out-dir {out_dir} is a file; pass a folder")
+    if args.resume is None and ((out_dir / "args.json").exists() or (out_dir / "last.pt").exists()):
         fail(f"--out-dir {out_dir} already holds a run; pass --resume {out_dir}/last.pt to continue it, or "
              "choose another --out-dir")
+    ckpt = read_checkpoint(args.resume) if args.resume else None
+    if ckpt is not None and not args.evaluate:  # --evaluate takes any file of the student's weights
+        if not (isinstance(ckpt, dict) and isinstance(ckpt.get("args"), dict)
+                and all(k in ckpt for k in ("student", "distiller", "optimizer", "scaler", "epoch", "best"))):
+            fail(f"{args.resume} holds no training state; pass a last.pt written by {PROG}")
+        if ckpt["epoch"] >= args.epochs:
+            fail(f"{args.resume} has trained {ckpt['epoch']} epochs already; pass --epochs above {ckpt['epoch']}")
+        for flag in RESUME_MUST_MATCH:  # what makes it the same run; speed and logging flags may change
+            if ckpt["args"].get(flag) != args_json[flag]:
+                fail(f"{args.resume} was trained with --{flag.replace('_', '-')} {ckpt['args'].get(flag)}, "
+                     f"not {args_json[flag]}; pass that run's flags to resume it")
 
-    # ---- data ----------------------------------------------------------------------------------------------
+    # ---- data -------------------------------------------------------------------------------------------------
     train_loader, val_loader, classes = build_data(args, device, rank, world)
     steps = min(len(train_loader), args.max_steps or len(train_loader))
     if steps == 0 and not args.evaluate:
         fail(f"{len(train_loader.dataset)} training images are fewer than one global batch of {global_batch}; "
              "lower --batch-size")
 
-    # ---- models: student (with --resume's weights), teacher, distiller; --evaluate ends here ---------------
+    # ---- models: student, teacher, distiller ------------------------------------------------------------------
     student = build_student(args, classes)
-    checkpoint = read_checkpoint(args.resume) if args.resume else None
-    if checkpoint is not None:
-        load_weights(student, checkpoint, args.resume, "--resume")
+    if ckpt is not None:
+        load_weights(student, ckpt, args.resume, "student")
     teacher = None if args.evaluate else build_teacher(args, classes)  # --evaluate scores the student alone
     distiller = None if teacher is None or args.distill != "srd" else FeatureDistiller(  # W_p: z_s's width to z_t's
-        student.embed_dim, teacher.num_features, args.projector, args.norm, args.distance, args.alpha)
+        student.embed_dim, teacher.num_features, args.projector, args.norm, args.distance, args.alpha,
+        hidden=args.projector_hidden)
     model = StudentWithDistiller(student, distiller)
     if args.sync_bn and distributed:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # the same student and distiller, their BNs synced
@@ -478,16 +304,21 @@ def main(argv=None):
         return teacher.forward_head(features), teacher.forward_head(features, pre_logits=True)
 
     if args.evaluate:
-        metrics = evaluate(student, val_loader, device, memory_format)
+        record = evaluate(student, val_loader, device, memory_format)
+        mu_t = torch.tensor(translation_equivariance(student, val_loader, device, memory_format))
+        record |= {"checkpoint": str(args.resume), "mu_t": mu_t.tolist(), "mu_t_mean": mu_t.mean().item(),
+                   "mu_t_std": mu_t.std(unbiased=False).item()}
         if is_main:
-            print(f"{args.resume}: top1 {metrics['top1']:.2f} top5 {metrics['top5']:.2f} on {metrics['images']} images")
+            print(f"{args.resume}: top1 {record['top1']:.2f} top5 {record['top5']:.2f} on {record['images']} images "
+                  f"| mu_T {record['mu_t_mean']:.3g} +- {record['mu_t_std']:.3g} over {len(mu_t)} blocks (thesis "
+                  "Table 6.7, DeiT-S: DeiT 1.52 +- 0.15, CivT 0.13 +- 0.05, SRD 0.04 +- 0.02)")
             out_dir.mkdir(parents=True, exist_ok=True)
-            (out_dir / "eval.json").write_text(json.dumps({**metrics, "checkpoint": str(args.resume)}, indent=1))
+            save_atomic(json.dumps(record, indent=2) + "\n", out_dir / "eval.json")
         if distributed:
             dist.destroy_process_group()
-        return metrics
+        return record
 
-    # ---- optimisation --------------------------------------------------------------------------------------
+    # ---- optimisation -----------------------------------------------------------------------------------------
     no_decay = {f"student.{n}" for n in student.no_weight_decay()}  # position embedding, tokens
     decay = [p for n, p in model.named_parameters() if p.ndim > 1 and n not in no_decay]
     rest = [p for n, p in model.named_parameters() if p.ndim <= 1 or n in no_decay]  # + biases and norms
@@ -503,39 +334,36 @@ def main(argv=None):
     if distributed:
         model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
 
-    # ---- resume --------------------------------------------------------------------------------------------
+    # ---- resume -----------------------------------------------------------------------------------------------
     start_epoch, best, best_epoch = 0, -1.0, -1
-    if checkpoint is not None:
-        if not all(k in checkpoint for k in ("optimizer", "scheduler", "scaler", "epoch", "distiller")):
-            fail(f"--resume {args.resume} holds weights but no training state; pass a last.pt written by {PROG}")
-        if (checkpoint["distiller"] is None) != (distiller is None):
-            fail(f"--resume {args.resume} was trained with another --distill; resume with the same flags")
+    if ckpt is not None:
         if distiller is not None:
-            distiller.load_state_dict(checkpoint["distiller"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        scheduler.load_state_dict(checkpoint["scheduler"])
-        scaler.load_state_dict(checkpoint["scaler"])
-        start_epoch, best, best_epoch = checkpoint["epoch"], checkpoint["best"], checkpoint.get("best_epoch", -1)
+            distiller.load_state_dict(ckpt["distiller"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scaler.load_state_dict(ckpt["scaler"])
+        start_epoch, best, best_epoch = ckpt["epoch"], ckpt["best"], ckpt.get("best_epoch", -1)
+        # The schedule is this run's flags' (--epochs, the batch, the world size may differ from the checkpoint's),
+        # at the lr the loop sets after the last step done; the scheduler's saved state is not loaded.
+        scheduler.step_update(start_epoch * steps - 1)
 
-    # ---- outputs -------------------------------------------------------------------------------------------
+    # ---- outputs: the run writes from here on -----------------------------------------------------------------
     if is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "args.json").write_text(json.dumps(vars(args), indent=1, default=str))
-        print(f"args: {json.dumps(vars(args), default=str)}")
-        print(f"world size {world} | device {device} | amp {args.amp} | global batch {global_batch} | lr "
-              f"{args.lr * scale:.3g}, min {args.min_lr * scale:.3g}, warm-up from {args.warmup_lr * scale:.3g} "
-              f"over {args.warmup_epochs} epochs | {steps} steps/epoch")
-        print(f"parameters: student {n_params(student):.2f}M, distiller {n_params(distiller):.2f}M, teacher "
-              f"{n_params(teacher):.2f}M ({args.stem} stem; teacher {args.teacher if teacher else 'none'})")
-        if checkpoint is not None:
-            print(f"resumed {args.resume} after epoch {start_epoch}, best top1 {best:.2f}")
-            with open(out_dir / "metrics.jsonl", "a+") as f:  # drop records of epochs about to be redone
+        save_atomic(json.dumps(args_json, indent=2) + "\n", out_dir / "args.json")
+        print("args: " + json.dumps(args_json))
+        print(f"world size {world} | device {device} | amp {args.amp} | global batch {global_batch}"
+              f"{'' if global_batch == 512 else ' (the paper: 512)'} | lr {args.lr * scale:.4g} | {steps} steps/epoch "
+              f"| params: student {n_params(student):.2f}m, distiller {n_params(distiller):.2f}m, teacher "
+              f"{n_params(teacher):.2f}m")
+        if ckpt is not None:
+            print(f"resuming {args.resume}: {start_epoch} epochs done, best top1 {best:.2f} (epoch {best_epoch})")
+            with open(out_dir / "metrics.jsonl", "a+") as f:  # forget the records of epochs about to be redone
                 f.seek(0)
                 kept = [line for line in f if line.strip() and json.loads(line)["epoch"] <= start_epoch]
                 f.truncate(0)
                 f.writelines(kept)
 
-    # ---- the teacher's score -------------------------------------------------------------------------------
+    # ---- the teacher's score ----------------------------------------------------------------------------------
     teacher_top1 = None
     if teacher is not None:
         if args.dummy and not args.teacher_ckpt and is_main:
@@ -550,17 +378,17 @@ def main(argv=None):
                 print(f"warning: teacher {args.teacher} scores {teacher_top1:.2f}% top-1, far from its published "
                       f"{published}%: check --teacher-ckpt and the validation data")
 
-    # ---- training ------------------------------------------------------------------------------------------
+    # ---- training ---------------------------------------------------------------------------------------------
     terms = ["ce"] + ["kd"] * (teacher is not None) + ["feat"] * (distiller is not None)
     zero = torch.zeros((), device=device)  # an unused loss term
-    run_time, last = 0.0, None
+    run_time = 0.0
     for epoch in range(start_epoch, args.epochs):
         # Every random draw is a function of (seed, epoch, rank): resuming continues exactly.
-        epoch_seed = args.seed * 1000 + epoch
-        random.seed(epoch_seed + rank)
-        np.random.seed(epoch_seed + rank)  # Mixup / CutMix
-        torch.manual_seed(epoch_seed + rank)  # augmentation with --workers 0, drop path
-        train_loader.generator.manual_seed(epoch_seed)
+        epoch_seed = seed_of(args.seed, epoch, rank)
+        random.seed(epoch_seed)
+        np.random.seed(epoch_seed)  # Mixup / CutMix
+        torch.manual_seed(epoch_seed)  # augmentation with --workers 0, drop path
+        train_loader.generator.manual_seed(epoch_seed)  # the workers' seeds
         train_loader.sampler.set_epoch(epoch)
         model.train()
         loss_sum = torch.zeros(4, device=device)  # ce, kd, feat and the weighted total, summed over the epoch
@@ -610,7 +438,7 @@ def main(argv=None):
                 eta = (run_time + now - t_epoch) / done * ((args.epochs - start_epoch) * steps - done)
                 if is_main:
                     print(f"epoch {epoch + 1}/{args.epochs} step {step + 1}/{steps} | {values} | "
-                          f"lr {optimizer.param_groups[0]['lr']:.2e} | "
+                          f"lr {optimizer.param_groups[0]['lr']:.4g} | "
                           f"{(step + 1 - logged_step) * global_batch / (now - t_log):.0f} img/s | "
                           f"data {1000 * data_time / (step + 1 - logged_step):.1f} ms/step | "
                           f"eta {datetime.timedelta(seconds=round(eta))}", flush=True)
@@ -619,7 +447,7 @@ def main(argv=None):
         epoch_s = time.time() - t_epoch
         run_time += epoch_s
 
-        # ---- evaluation, checkpoint, record ----------------------------------------------------------------
+        # ---- evaluation, checkpoint, record -------------------------------------------------------------------
         if distributed:  # the conv stem's BN statistics: evaluate and save rank 0's, as DDP does
             for buffer in student.buffers():
                 dist.broadcast(buffer, 0)
@@ -627,42 +455,308 @@ def main(argv=None):
         if last["top1"] > best:
             best, best_epoch = last["top1"], epoch + 1
         if is_main:
+            ckpt = {"student": student.state_dict(), "distiller": None if distiller is None else
+                    distiller.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                    "scaler": scaler.state_dict(), "epoch": epoch + 1, "best": best, "best_epoch": best_epoch,
+                    "args": args_json}
+            save_atomic(ckpt, out_dir / "last.pt")  # before the record: the two never disagree
+            if best_epoch == epoch + 1:
+                save_atomic(ckpt, out_dir / "best.pt")
             sv = projector_spectrum(distiller) if distiller is not None else None
             record = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"],
                       **{f"loss_{n}": (v / steps if n in terms else None)  # the last log step closes the epoch
                          for n, v in zip(("ce", "kd", "feat"), logged.tolist())},
                       "top1": last["top1"], "top5": last["top5"], "images_per_s": steps * global_batch / epoch_s,
                       "epoch_s": epoch_s, "peak_mem_mb": peak_memory_mb(device),
-                      "projector_sv": None if sv is None else {"max": sv.max().item(), "min": sv.min().item(),
-                                                               "mean": sv.mean().item()}}
+                      "projector_sv": None if sv is None else sv.tolist()}  # all of W_p's, sorted: Figure 6.2
             with open(out_dir / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
             print(f"epoch {epoch + 1}/{args.epochs} | top1 {last['top1']:.2f} top5 {last['top5']:.2f} | best "
-                  f"{best:.2f} (epoch {best_epoch}) | {epoch_s:.0f} s | peak mem {record['peak_mem_mb']:.0f} MB",
-                  flush=True)
-            checkpoint = {"student": student.state_dict(), "distiller": None if distiller is None else
-                          distiller.state_dict(), "optimizer": optimizer.state_dict(),
-                          "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch + 1,
-                          "best": best, "best_epoch": best_epoch,
-                          "args": json.loads(json.dumps(vars(args), default=str))}  # plain types: weights_only loads
-            save_atomic(checkpoint, out_dir / "last.pt")
-            if best_epoch == epoch + 1:
-                save_atomic(checkpoint, out_dir / "best.pt")
+                  f"{best:.2f} (epoch {best_epoch}) | {epoch_s:.0f} s | peak {record['peak_mem_mb']:.0f} MB", flush=True)
 
-    # ---- summary -------------------------------------------------------------------------------------------
+    # ---- summary ----------------------------------------------------------------------------------------------
+    summary = None
     if is_main:
-        summary = {"metric": "top1", "best": best, "best_epoch": best_epoch, "last": last and last["top1"],
-                   "last_top5": last and last["top5"], "teacher": teacher_top1, "wall_s": time.time() - wall0,
-                   "images_per_s": (args.epochs - start_epoch) * steps * global_batch / run_time if run_time else None,
-                   "peak_mem_mb": peak_memory_mb(device), "world_size": world, "versions": {
-                       "python": platform.python_version(), "cuda": torch.version.cuda,
-                       **{m.__name__: m.__version__ for m in (torch, torchvision, timm)}}}
-        (out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
-        print(f"done: best top1 {best:.2f} (epoch {best_epoch}), last {summary['last']}, teacher {teacher_top1}")
+        summary = {"metric": "top1", "best": best, "best_epoch": best_epoch, "last": last["top1"],
+                   "last_top5": last["top5"], "teacher": teacher_top1, "student_arch": args.student, "stem": args.stem,
+                   "teacher_arch": args.teacher if teacher is not None else None, "distill": args.distill,
+                   "wall_s": time.time() - t_start, "images_per_s": (args.epochs - start_epoch) * steps * global_batch
+                   / run_time, "peak_mem_mb": peak_memory_mb(device), "world_size": world, "versions": versions()}
+        save_atomic(json.dumps(summary, indent=2) + "\n", out_dir / "summary.json")
+        print(f"done: best top1 {best:.2f} (epoch {best_epoch}), last top1 {last['top1']:.2f} | "
+              f"{summary['wall_s'] / 60:.1f} min | {out_dir}")
     if distributed:
         dist.destroy_process_group()
-    return summary if is_main else None
+    return summary
+
+
+# =====================================================================================================
+# Appendix: the plumbing a reader of the method can skip (data, model zoo, teacher weights, checkpoints)
+# =====================================================================================================
+# ---- data: ImageFolder ImageNet through timm's DeiT augmentation, or random images of the same shape ----
+def posterize(img, bits_to_keep, **_):
+    """RandAugment's posterize, accepting 0 bits ('inc1' asks for 0 when the magnitude clips at 10): a black image,
+    as older Pillow returned and DeiT trained with; current Pillow raises, which would stop the run mid-epoch."""
+    if bits_to_keep <= 0:
+        return Image.new(img.mode, img.size)
+    return img if bits_to_keep >= 8 else ImageOps.posterize(img, bits_to_keep)
+
+
+auto_augment.NAME_TO_OP.update(dict.fromkeys(("Posterize", "PosterizeIncreasing", "PosterizeOriginal"), posterize))
+
+
+def build_data(args, device, rank, world):
+    """The training loader (this rank's shard, whole batches only: every rank gives the distiller as many rows),
+    the evaluation loader (every world-th image: the whole set, each image once) and the number of classes."""
+    train_tf = create_transform(args.img_size, is_training=True, color_jitter=args.color_jitter,
+                                auto_augment=None if args.aa == "none" else args.aa, interpolation="bicubic",
+                                re_prob=args.reprob, re_mode="pixel", re_count=1)
+    val_tf = create_transform(args.img_size, interpolation=args.eval_interpolation, crop_pct=args.crop_pct)
+    sets, classes, size = {}, DUMMY_CLASSES, int(args.img_size / args.crop_pct)
+    layout = ("expected ImageFolder ImageNet: DIR/train/<class>/*.JPEG and DIR/val/<class>/*.JPEG with the same "
+              "class folders (the val images sorted into folders, e.g. with the standard valprep.sh)")
+    if args.data_dir is None and not args.dummy:
+        fail(f"pass --data-dir DIR ({layout}) or --dummy")
+    for split, tf, n in (("train", train_tf, DUMMY_TRAIN), ("val", val_tf, DUMMY_VAL)):
+        try:
+            sets[split] = (torchvision.datasets.FakeData(n, (3, size, size), classes, tf) if args.dummy else
+                           torchvision.datasets.ImageFolder(str(args.data_dir / split), transform=tf))
+        except (FileNotFoundError, OSError) as e:
+            fail(f"--data-dir {args.data_dir}: cannot read {split}/ ({str(e).splitlines()[0]}); {layout}")
+    if not args.dummy:
+        if sets["train"].classes != sets["val"].classes:
+            fail(f"--data-dir {args.data_dir}: train/ and val/ have different class folders; {layout}")
+        classes = len(sets["train"].classes)
+    sampler = DistributedSampler(sets["train"], num_replicas=world, rank=rank, shuffle=True, seed=args.seed,
+                                 drop_last=True)
+    # generator: re-seeded every epoch, so that the workers' seeds are a function of (seed, epoch)
+    train_loader = DataLoader(sets["train"], batch_size=args.batch_size, sampler=sampler, num_workers=args.workers,
+                              pin_memory=device.type == "cuda", drop_last=True, generator=torch.Generator())
+    val_loader = DataLoader(Subset(sets["val"], range(rank, len(sets["val"]), world)), batch_size=args.batch_size,
+                            num_workers=args.workers, pin_memory=device.type == "cuda")
+    return train_loader, val_loader, classes
+
+
+# ---- models: DeiT with the paper's convolutional stem; any timm teacher ----
+class ConvStem(nn.Module):
+    """Three conv-BN-ReLU layers of 64 channels (7x7 stride 2, 3x3, 3x3), then an 8x8 stride-8 convolution to
+    the embedding width: the same 16x downsampling as the 16x16 patch embedding it replaces."""
+
+    def __init__(self, img_size=224, in_chans=3, embed_dim=192, **_):  # timm passes patch-embed arguments too
+        super().__init__()
+        layers, c = [], in_chans
+        for k, s in ((7, 2), (3, 1), (3, 1)):
+            layers += [nn.Conv2d(c, 64, k, s, k // 2, bias=False), nn.BatchNorm2d(64), nn.ReLU(inplace=True)]
+            c = 64
+        self.conv = nn.Sequential(*layers)
+        self.proj = nn.Conv2d(64, embed_dim, kernel_size=8, stride=8)
+        self.grid_size = (img_size // 16, img_size // 16)
+        self.num_patches = self.grid_size[0] * self.grid_size[1]
+
+    def init_weights(self):  # called by timm's ViT initialisation; He-normal as in the official code
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight)
+
+    def forward(self, x):
+        return self.proj(self.conv(x)).flatten(2).transpose(1, 2)  # (B, N, C) patch embeddings
+
+
+class ConvStemDeiT(VisionTransformer):
+    """DeiT on ``[cls, conv token, patch tokens]``: training returns the logits of ``head`` (on cls; CE) and of
+    ``head_conv`` (on the conv token; the teacher's KL), evaluation their average, like timm's distilled DeiT."""
+
+    def __init__(self, **kwargs):
+        super().__init__(embed_layer=ConvStem, **kwargs)
+        self.num_prefix_tokens = 2
+        self.pos_embed = nn.Parameter(trunc_normal_(torch.empty(1, self.patch_embed.num_patches + 2,
+                                                                self.embed_dim), std=0.02))
+        self.head_conv = nn.Linear(self.embed_dim, self.num_classes)
+        init_weights_vit_timm(self.head_conv)
+
+    def _pos_embed(self, x):
+        conv_token = x.mean(1, keepdim=True)  # the mean of the patch embeddings
+        x = torch.cat([self.cls_token.expand(len(x), -1, -1), conv_token, x], dim=1)
+        return self.pos_drop(x + self.pos_embed)
+
+    def forward_head(self, x, pre_logits=False):
+        x, x_conv = self.head_drop(x[:, 0]), self.head_drop(x[:, 1])
+        if pre_logits:
+            return (x + x_conv) / 2
+        y, y_conv = self.head(x), self.head_conv(x_conv)
+        return (y, y_conv) if self.training else (y + y_conv) / 2
+
+
+def build_student(args, classes):
+    if args.stem == "patch":
+        student = timm.create_model(f"{args.student}_distilled_patch16_224", num_classes=classes,
+                                    img_size=args.img_size, drop_path_rate=args.drop_path)
+        student.set_distilled_training(True)  # training returns (cls logits, distillation-token logits)
+        return student
+    return ConvStemDeiT(img_size=args.img_size, num_classes=classes, drop_path_rate=args.drop_path,
+                        **STUDENTS[args.student])
+
+
+def build_teacher(args, classes):
+    """The frozen teacher in eval mode: --teacher-ckpt, timm's published weights, or random under --dummy."""
+    if args.distill == "none":
+        return None
+    teacher = (timm.create_model(args.teacher, num_classes=classes) if args.teacher_ckpt or args.dummy
+               else pretrained(args.teacher))
+    if args.teacher_ckpt:
+        load_weights(teacher, read_checkpoint(args.teacher_ckpt), args.teacher_ckpt, "teacher")
+    if teacher.num_classes != classes:
+        fail(f"teacher {args.teacher} has {teacher.num_classes} classes but the data has {classes}; "
+             "pass a --teacher-ckpt trained on these classes")
+    return teacher.requires_grad_(False).eval()
+
+
+def pretrained(name):
+    """timm's published weights, from the cache or downloaded. Offline, the hub's client retries for about 50 s
+    before it gives up: one connection attempt decides instead, and an unreachable hub means the cache only."""
+    hub, offline = huggingface_hub.constants, huggingface_hub.constants.HF_HUB_OFFLINE
+    url = urllib.parse.urlsplit(hub.ENDPOINT)
+    try:
+        if not offline and not urllib.request.getproxies():  # behind a proxy the download goes through it
+            socket.create_connection((url.hostname, url.port or 443), timeout=5).close()
+    except OSError:
+        hub.HF_HUB_OFFLINE = True
+    try:
+        return timm.create_model(name, pretrained=True)
+    except Exception as e:  # offline and not cached, or a name without pretrained weights
+        reason = (str(e).strip().splitlines() or [""])[0][:120]
+        fail(f"no pretrained weights for teacher {name} ({type(e).__name__}: {reason}); pass --teacher-ckpt PATH "
+             "(DeiT's regnety_160-a5fe301d.pth) or allow the download")
+    finally:
+        hub.HF_HUB_OFFLINE = offline
+
+
+# ---- evaluation: exact top-1/top-5 over the whole validation set, shards all-reduced; mu_T ----
+@torch.no_grad()
+def evaluate(model, loader, device, memory_format):
+    """Top-1/top-5 in float32 whatever --amp trains in (no autocast): a score must not depend on the speed flags."""
+    was_training = model.training
+    model.eval()
+    counts = torch.zeros(3, device=device, dtype=torch.float64)  # top-1 hits, top-5 hits, images
+    for x, y in loader:
+        x, y = x.to(device, non_blocking=True, memory_format=memory_format), y.to(device, non_blocking=True)
+        logits = model(x)
+        hits = logits.topk(min(5, logits.shape[1]), dim=1).indices == y[:, None]
+        counts += torch.stack([hits[:, 0].sum(), hits.any(1).sum(), torch.tensor(len(y), device=device)])
+    if dist.is_initialized():
+        dist.all_reduce(counts)
+    model.train(was_training)
+    return {"top1": 100 * counts[0].item() / counts[2].item(), "top5": 100 * counts[1].item() / counts[2].item(),
+            "images": int(counts[2].item())}
+
+
+@torch.no_grad()
+def translation_equivariance(student, loader, device, memory_format):
+    """The paper's mu_T(phi) = ||phi(Tx) - T phi(x)||^2 (thesis Table 6.7), phi = the student up to each transformer
+    block. A block alone is permutation-equivariant (attention and MLP see no position), so T acts on the image: a
+    circular roll by one patch (img-size / grid pixels, 16 at 224) down and right; on the output, the patch tokens
+    roll by one row and one column of their grid (14 x 14 at 224, read from the model), the cls and conv (or
+    distillation) tokens set aside, neither rolled nor counted. What breaks equivariance is the position embedding
+    and the stem's borders. The squared difference is averaged over images, patch tokens and channels, in float32,
+    over every image of ``loader``; one mu_T per block (the paper's mean +- std is over the blocks)."""
+    was_training = student.training
+    student.eval()
+    grid, prefix = student.patch_embed.grid_size, student.num_prefix_tokens
+    sums, count = torch.zeros(len(student.blocks), device=device, dtype=torch.float64), torch.zeros((), device=device)
+
+    def blocks(x):  # the tokens after each block
+        tokens = student.norm_pre(student.patch_drop(student._pos_embed(student.patch_embed(x))))
+        for block in student.blocks:
+            tokens = block(tokens)
+            yield tokens[:, prefix:].unflatten(1, grid)  # (B, h, w, C)
+
+    for x, _ in loader:
+        x = x.to(device, non_blocking=True, memory_format=memory_format)
+        shift = (x.shape[-2] // grid[0], x.shape[-1] // grid[1])
+        for i, (plain, moved) in enumerate(zip(blocks(x), blocks(x.roll(shift, dims=(-2, -1))))):
+            sums[i] += (moved - plain.roll((1, 1), dims=(1, 2))).double().pow(2).mean((1, 2, 3)).sum()
+        count += len(x)
+    if dist.is_initialized():
+        dist.all_reduce(sums)
+        dist.all_reduce(count)
+    student.train(was_training)
+    return (sums / count).tolist()
+
+
+def read_checkpoint(path):
+    """torch.load with weights_only=True: checkpoints are untrusted input (tensors and plain containers only)."""
+    if not Path(path).is_file():
+        fail(f"{path}: no such file; pass the path of a checkpoint")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a truncated file, a text file, an unsafe pickle ...
+        reason = (str(e).strip().splitlines() or [""])[0][:160]
+        fail(f"{path} is not a torch checkpoint ({type(e).__name__}: {reason}); pass a file written by torch.save")
+
+
+def load_weights(model, checkpoint, path, what):
+    """Load a state dict strictly: bare, or under 'model', 'state_dict' or 'student'; 'module.' and '_orig_mod.'
+    prefixes stripped. A mismatch fails naming a few missing, unexpected and wrongly shaped keys."""
+    state = checkpoint
+    if isinstance(state, dict):
+        state = next((state[k] for k in ("model", "state_dict", "student") if isinstance(state.get(k), dict)), state)
+    if not isinstance(state, dict) or not state or not all(torch.is_tensor(v) for v in state.values()):
+        fail(f"{path} holds no state dict (nor one under 'model', 'state_dict' or 'student'); pass a model checkpoint")
+    state = {re.sub(r"^((module|_orig_mod)\.)+", "", k): v for k, v in state.items()}
+    own = model.state_dict()
+    missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]  # absent in old files
+    unexpected = [k for k in state if k not in own]
+    resized = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
+               if k in state and state[k].shape != v.shape]
+    if missing or unexpected or resized:
+        few = lambda keys: ", ".join(keys[:3]) + (f" (+{len(keys) - 3})" if len(keys) > 3 else "") or "none"
+        fail(f"{path} does not fit the {what}: missing {few(missing)}; unexpected {few(unexpected)}; "
+             f"wrong shape {few(resized)}; pass a checkpoint of that architecture")
+    model.load_state_dict(state)
+
+
+def save_atomic(obj, path):
+    """Write to a temp file in the same folder, then rename: a crash never leaves half a file, nor destroys the
+    previous one."""
+    tmp = Path(path).with_name(Path(path).name + ".tmp")
+    if isinstance(obj, str):
+        tmp.write_text(obj)
+    else:
+        torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def peak_memory_mb(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # the process's max RSS (KiB on Linux)
+
+
+def n_params(module):  # in millions
+    return sum(p.numel() for p in module.parameters()) / 1e6 if module is not None else 0.0
+
+
+def seed_of(*parts):
+    """A 32-bit seed that is a function of ``parts`` (seed, epoch, rank or index) and nothing else."""
+    return int(np.random.SeedSequence(parts).generate_state(1)[0])
+
+
+def versions():
+    """The software of a run, for summary.json (None for a package that is not installed: no script needs timm
+    unless it uses it)."""
+    found = {}
+    for package in ("torch", "torchvision", "timm"):
+        try:
+            found[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            found[package] = None
+    return {"python": platform.python_version(), **found, "cuda": torch.version.cuda}
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:  # one line, not a traceback: where the run stands and how to go on
+        last = Path(parse_args().out_dir) / "last.pt"
+        fail(f"interrupted; continue with --resume {last}" if last.is_file() else "interrupted before the first "
+             "epoch ended; nothing to resume", 130)

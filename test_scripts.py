@@ -736,14 +736,12 @@ DEIT_FAST = ["--img-size", 32, "--batch-size", 4, "--max-steps", 2, "--workers",
              "--device", "cpu", "--teacher", "resnet10t"]
 
 
-@pytest.fixture(scope="module")
-def deit_data(tmp_path_factory):
-    """A 3-class ImageFolder (PNG files, 40x40, 8 train and 5 val images per class: 15 val images, an odd
-    count for the 2-process run) and a teacher checkpoint saved the way DeiT's is, under ``model``."""
+def deit_write_data(root):
+    """A 3-class ImageFolder under ROOT/imagenet (PNG files, 40x40, 8 train and 5 val images per class: 15 val
+    images, an odd count for the 2-process run) and teacher checkpoints saved the way DeiT's is, under ``model``."""
     import timm
     from PIL import Image
 
-    root = tmp_path_factory.mktemp("deit")
     gen = torch.Generator().manual_seed(0)
     for split, n in (("train", 8), ("val", 5)):
         for c in range(DEIT_CLASSES):
@@ -757,6 +755,20 @@ def deit_data(tmp_path_factory):
     torch.save({"model": timm.create_model("resnet10t", num_classes=DEIT_CLASSES).state_dict()}, root / "teacher.pt")
     torch.save({"model": timm.create_model("resnet10t", num_classes=5).state_dict()}, root / "teacher5.pt")
     return root
+
+
+@pytest.fixture(scope="module")
+def deit_data(tmp_path_factory):
+    return deit_write_data(tmp_path_factory.mktemp("deit"))
+
+
+DEIT_FAMILY = dict(
+    script="deit_kd.py",
+    dummy=["--dummy", *map(str, DEIT_FAST[:4]), "--max-steps", "1", *map(str, DEIT_FAST[6:])],
+    real=lambda tmp_path: ["--data-dir", str(deit_write_data(tmp_path) / "imagenet"), "--teacher-ckpt",
+                           str(tmp_path / "teacher.pt"), *map(str, DEIT_FAST)],
+    other_projector=["--projector", "mlp"],
+)
 
 
 def deit_args(data, out, *extra):
@@ -776,26 +788,38 @@ def deit_student(stem):
 
 def deit_main(*args):
     """``deit_kd.main(args)`` in this process (the notebook API), returned as a CompletedProcess for check_ok
-    and check_bad_input; it saves a Python start-up where the command line itself is not under test."""
+    and check_bad_input (``returncode`` 0 with the return value in ``.summary``); it saves a Python start-up
+    where the command line itself is not under test."""
     import contextlib
     import io
 
     import deit_kd
 
-    out, err, code, threads = io.StringIO(), io.StringIO(), 0, torch.get_num_threads()
+    out, err, code, threads, summary = io.StringIO(), io.StringIO(), 0, torch.get_num_threads(), None
     torch.set_num_threads(1)  # as the subprocesses (OMP_NUM_THREADS=1)
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         try:
-            deit_kd.main(list(map(str, args)))
+            summary = deit_kd.main(list(map(str, args)))
         except SystemExit as e:
             code = e.code
         finally:
             torch.set_num_threads(threads)
-    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
+    result = subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
+    result.summary = summary
+    return result
+
+
+def deit_assert_same_weights(a, b):
+    for part_name in ("student", "distiller"):
+        assert a[part_name].keys() == b[part_name].keys()
+        for k in a[part_name]:
+            assert torch.equal(a[part_name][k], b[part_name][k]), (part_name, k)
+    assert a["optimizer"]["state"].keys() == b["optimizer"]["state"].keys()
 
 
 def test_deit_conv_stem_srd_trains_evaluates_and_resumes_exactly(deit_data, tmp_path):
-    # Two epochs in one go, and one epoch + --resume to two: the same weights (CPU, same seed).
+    # Two epochs in one go, and one epoch + --resume to two: the same weights (CPU, same seed; both epochs in the
+    # warm-up, whose lrs do not depend on --epochs).
     full, part = tmp_path / "full", tmp_path / "part"
     out = check_ok(run_script("deit_kd.py", *deit_args(deit_data, full, "--epochs", 2))).stdout
     assert "teacher resnet10t: top1" in out and "on 15 images" in out
@@ -807,22 +831,19 @@ def test_deit_conv_stem_srd_trains_evaluates_and_resumes_exactly(deit_data, tmp_
     assert bad.returncode == 3 and "non-finite loss at epoch 2 step 1: ce " in bad.stderr and "total nan" in bad.stderr
     assert (part / "last.pt").read_bytes() == before
     out = check_ok(run_script("deit_kd.py", *deit_args(deit_data, part, "--epochs", 2, "--resume", part / "last.pt")))
-    assert "resumed" in out.stdout and "epoch 1/2 step" not in out.stdout
+    assert f"resuming {part / 'last.pt'}: 1 epochs done" in out.stdout and "epoch 1/2 step" not in out.stdout
     a, b = load_checkpoint(full / "last.pt"), load_checkpoint(part / "last.pt")
     assert a["epoch"] == b["epoch"] == 2
-    for part_name in ("student", "distiller"):
-        assert a[part_name].keys() == b[part_name].keys()
-        for k in a[part_name]:
-            assert torch.equal(a[part_name][k], b[part_name][k]), (part_name, k)
-    assert a["optimizer"]["state"].keys() == b["optimizer"]["state"].keys()
+    deit_assert_same_weights(a, b)
 
-    # The records: two epochs, stable keys, the projector's spectrum; a summary with best and last.
+    # The records: two epochs, stable keys, the projector's whole spectrum; a summary with best and last.
     records = read_jsonl(part / "metrics.jsonl")
     assert [r["epoch"] for r in records] == [1, 2]
     for r in records:
         assert {"epoch", "lr", "loss_ce", "loss_kd", "loss_feat", "top1", "top5", "images_per_s", "epoch_s",
                 "peak_mem_mb", "projector_sv"} <= r.keys()
-        assert r["loss_kd"] is not None and r["loss_feat"] is not None and r["projector_sv"]["max"] > 0
+        sv = r["projector_sv"]  # W_p: 192 -> 512 (resnet10t's width): 192 singular values, largest first
+        assert r["loss_kd"] is not None and len(sv) == 192 and sv == sorted(sv, reverse=True) and sv[-1] > 0
     assert [r["top1"] for r in records] == [r["top1"] for r in read_jsonl(full / "metrics.jsonl")]
     summary = json.loads((part / "summary.json").read_text())
     assert summary["metric"] == "top1" and summary["last"] == records[-1]["top1"]
@@ -831,12 +852,49 @@ def test_deit_conv_stem_srd_trains_evaluates_and_resumes_exactly(deit_data, tmp_
     assert set(a) >= {"student", "distiller", "optimizer", "scheduler", "scaler", "epoch", "best", "args"}
 
     # The student loads strictly into the plain model; --evaluate (no teacher needed; from a notebook here)
-    # reproduces the last epoch's top-1.
+    # reproduces the last epoch's top-1, reports mu_T per block, and returns what it wrote to eval.json.
     deit_student("conv").load_state_dict(a["student"])
     result = check_ok(deit_main("--data-dir", deit_data / "imagenet", "--out-dir", tmp_path / "eval", *DEIT_FAST,
                                 "--evaluate", "--resume", part / "last.pt"))
-    assert "top1" in result.stdout
-    assert json.loads((tmp_path / "eval" / "eval.json").read_text())["top1"] == records[-1]["top1"]
+    assert "top1" in result.stdout and "mu_T" in result.stdout
+    scored = json.loads((tmp_path / "eval" / "eval.json").read_text())
+    assert scored == result.summary and scored["top1"] == records[-1]["top1"]
+    assert len(scored["mu_t"]) == 12 and all(m > 0 for m in scored["mu_t"])  # 12 blocks; the position embedding
+
+
+def test_deit_resume_without_warmup_is_exact_and_follows_the_flags(tmp_path, monkeypatch):
+    # No warm-up, so every lr depends on --epochs: a 2-epoch run interrupted after epoch 1 (Ctrl-C right after its
+    # checkpoint) and resumed gives the weights of the uninterrupted run; a resume with another --epochs takes the
+    # schedule of its own flags, not the checkpoint's.
+    import deit_kd
+
+    run = [*DEIT_FAMILY["dummy"], "--warmup-epochs", "0"]
+    full, part, longer = tmp_path / "full", tmp_path / "part", tmp_path / "longer"
+    check_ok(deit_main(*run, "--epochs", 2, "--out-dir", full))
+    save = deit_kd.save_atomic
+
+    def save_then_interrupt(obj, path):
+        save(obj, path)
+        if Path(path).name == "last.pt":
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(deit_kd, "save_atomic", save_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        deit_main(*run, "--epochs", 2, "--out-dir", part)
+    monkeypatch.setattr(deit_kd, "save_atomic", save)
+    (longer / "last.pt").parent.mkdir()
+    (longer / "last.pt").write_bytes((part / "last.pt").read_bytes())
+    check_ok(deit_main(*run, "--epochs", 2, "--resume", part / "last.pt"))  # --out-dir: the folder of --resume
+    deit_assert_same_weights(load_checkpoint(full / "last.pt"), load_checkpoint(part / "last.pt"))
+    assert read_jsonl(part / "metrics.jsonl")[-1]["lr"] == read_jsonl(full / "metrics.jsonl")[-1]["lr"]
+    check_ok(deit_main(*run, "--epochs", 3, "--resume", longer / "last.pt"))
+    args = deit_kd.parse_args([*run, "--epochs", "3"])
+    optimizer = torch.optim.AdamW([torch.zeros(1, requires_grad=True)], lr=args.lr * 4 / 512)
+    scheduler = deit_kd.build_scheduler(optimizer, args, 1, 4 / 512)
+    for record in read_jsonl(longer / "metrics.jsonl"):  # 1 step per epoch: t = epoch - 1 at its end
+        scheduler.step_update(record["epoch"] - 1)
+        assert record["lr"] == optimizer.param_groups[0]["lr"], record["epoch"]
+    assert [r["epoch"] for r in read_jsonl(longer / "metrics.jsonl")] == [2, 3]
 
 
 def test_deit_torchrun_two_processes_patch_stem(deit_data, tmp_path):
@@ -847,8 +905,28 @@ def test_deit_torchrun_two_processes_patch_stem(deit_data, tmp_path):
     assert out.count("teacher resnet10t: top1") == 1 and "on 15 images" in out and "world size 2" in out
     assert json.loads((tmp_path / "summary.json").read_text())["world_size"] == 2
     (record,) = read_jsonl(tmp_path / "metrics.jsonl")
-    assert record["loss_feat"] is not None and record["projector_sv"]["min"] > 0
+    assert record["loss_feat"] is not None and min(record["projector_sv"]) > 0
     deit_student("patch").load_state_dict(load_checkpoint(tmp_path / "last.pt")["student"])  # dist_token, head_dist
+
+
+def test_deit_torchrun_dummy_teacher_identical_on_every_rank(tmp_path):
+    # --dummy's random teacher is not DDP-wrapped: every rank must build the same one, or the global-batch
+    # distiller would mix two teachers' features. Each rank saves the teacher that main built, then stops.
+    driver = tmp_path / "driver.py"
+    driver.write_text(f"""import os, sys, torch
+sys.path.insert(0, {str(ROOT)!r})
+import deit_kd
+build = deit_kd.build_teacher
+def build_and_save(args, classes):
+    torch.save(build(args, classes).state_dict(), {str(tmp_path)!r} + f"/teacher{{os.environ['RANK']}}.pt")
+    torch.distributed.destroy_process_group()
+    sys.exit(0)
+deit_kd.build_teacher = build_and_save
+deit_kd.main()
+""")
+    check_ok(run_torchrun(driver, *DEIT_FAMILY["dummy"], "--epochs", 1, "--out-dir", tmp_path / "out"))
+    a, b = load_checkpoint(tmp_path / "teacher0.pt"), load_checkpoint(tmp_path / "teacher1.pt")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_deit_dummy(tmp_path):
@@ -856,10 +934,10 @@ def test_deit_dummy(tmp_path):
                               "--batch-size", 16)).stdout
     assert "teacher resnet10t is randomly initialised" in out and "on 256 images" in out and " feat " in out
     (record,) = read_jsonl(tmp_path / "metrics.jsonl")
-    assert record["loss_feat"] is not None and record["projector_sv"]["min"] > 0
+    assert record["loss_feat"] is not None and min(record["projector_sv"]) > 0
 
 
-def test_deit_protocol_defaults():
+def test_deit_protocol_defaults(monkeypatch):
     # The official code's schedule (Swin's build_scheduler: timm's CosineLRScheduler, t_initial = epochs x steps,
     # warmup_t = warmup_epochs x steps, no warmup_prefix, stepped per iteration), written out at the start of
     # epochs 0, 10, 20, 100 and 299 of its 300-epoch config; and its evaluation resize, Resize(256) bilinear.
@@ -885,6 +963,41 @@ def test_deit_protocol_defaults():
     args = deit_kd.parse_args(["--dummy", "--workers", "0", "--eval-interpolation", "bicubic"])
     bicubic = deit_kd.build_data(args, cpu, 0, 1)[1]
     assert bicubic.dataset.dataset.transform.transforms[0].interpolation == InterpolationMode.BICUBIC
+    # The paper's global batch of 512 (thesis §6.4.2) in one process and under torchrun; a --dummy run's own
+    # out-dir; no more data workers than cores.
+    assert (args.batch_size, args.out_dir) == (512, Path("runs/deit_kd-deit_tiny-srd-dummy"))
+    assert deit_kd.parse_args(["--data-dir", "x"]).out_dir == Path("runs/deit_kd-deit_tiny-srd")
+    assert 1 <= deit_kd.parse_args([]).workers <= min(8, len(os.sched_getaffinity(0)))
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    assert deit_kd.parse_args([]).batch_size == 64
+
+
+def test_deit_translation_equivariance():
+    # mu_T is 0 for blocks that are exactly equivariant (per-token MLPs, after a patch embedding that a roll by
+    # one patch permutes and no position embedding), positive for a block that mixes tokens by position, and for
+    # the conv-stem DeiT (its position embedding); one value per block, over every image.
+    import deit_kd
+    from timm.models.vision_transformer import VisionTransformer
+
+    cpu, x = torch.device("cpu"), torch.randn(6, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    loader = [(x[:4], None), (x[4:], None)]
+    vit = VisionTransformer(img_size=64, patch_size=16, embed_dim=16, depth=3, num_heads=2, num_classes=3)
+    with torch.no_grad():
+        vit.pos_embed.zero_()
+    vit.blocks = torch.nn.Sequential(*[torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.GELU(),
+                                                           torch.nn.Linear(32, 16)) for _ in range(3)])
+    assert deit_kd.translation_equivariance(vit, loader, cpu, torch.contiguous_format) == [0.0, 0.0, 0.0]
+
+    class MixByPosition(torch.nn.Module):  # adds the first patch token to every token: not equivariant
+        def forward(self, tokens):
+            return tokens + tokens[:, 1:2]
+
+    vit.blocks[1] = MixByPosition()
+    mu = deit_kd.translation_equivariance(vit, loader, cpu, torch.contiguous_format)
+    assert mu[0] == 0.0 and mu[1] > 1e-5 and mu[2] > 1e-5  # once broken, equivariance stays broken
+    student = deit_kd.ConvStemDeiT(img_size=64, num_classes=3, **deit_kd.STUDENTS["deit_tiny"])
+    mu = deit_kd.translation_equivariance(student, loader, cpu, torch.contiguous_format)
+    assert len(mu) == 12 and min(mu) > 0 and student.training
 
 
 def test_deit_notebook_without_teacher_bf16_scores_in_float32(deit_data, tmp_path):
@@ -909,7 +1022,8 @@ def test_deit_notebook_without_teacher_bf16_scores_in_float32(deit_data, tmp_pat
     assert "| ce " in result.stdout and " kd " not in result.stdout and "teacher resnet10t" not in result.stdout
     (record,) = read_jsonl(tmp_path / "run" / "metrics.jsonl")
     assert record["loss_kd"] is None and record["loss_feat"] is None and record["projector_sv"] is None
-    assert json.loads((tmp_path / "run" / "summary.json").read_text())["teacher"] is None
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["teacher"] is None and summary == result.summary  # main returns the summary it wrote
     assert load_checkpoint(tmp_path / "run" / "last.pt")["distiller"] is None
     check_ok(deit_main("--data-dir", data, "--out-dir", tmp_path / "eval", *fast, "--evaluate", "--amp", "off",
                        "--resume", tmp_path / "run" / "last.pt"))
@@ -929,7 +1043,7 @@ def test_deit_randaugment_posterize_to_zero_bits():
 
 
 @pytest.mark.parametrize("case", ["no_data", "unknown_teacher", "teacher_classes", "resume_missing", "out_dir_used",
-                                  "odd_batch"])
+                                  "odd_batch", "resume_other_data"])
 def test_deit_bad_input(deit_data, tmp_path, case):
     out = tmp_path / "out"
     args = deit_args(deit_data, out, "--epochs", 1)
@@ -940,11 +1054,21 @@ def test_deit_bad_input(deit_data, tmp_path, case):
         result, words = deit_main(*args, "--teacher", "resnet10z"), ["unknown teacher", "resnet10t"]
     elif case == "teacher_classes":
         result = deit_main(*args, "--teacher-ckpt", deit_data / "teacher5.pt")
-        words = ["does not fit", "fc.weight", "classes"]
+        words = ["does not fit the teacher", "fc.weight (5, 512) vs (3, 512)"]
     elif case == "resume_missing":
         result, words = deit_main(*args, "--resume", tmp_path / "nope.pt"), ["nope.pt", "no such file"]
     elif case == "odd_batch":
         result, words = deit_main(*args, "--batch-size", 5), ["--batch-size 5", "even"]
+    elif case == "resume_other_data":  # a --dummy checkpoint on real data at another image size: refused at once
+        run = tmp_path / "dummy"
+        check_ok(deit_main(*DEIT_FAMILY["dummy"], "--epochs", 1, "--out-dir", run))
+        files = {f.name: f.read_bytes() for f in run.iterdir()}
+        for argv, words in (([*DEIT_FAMILY["dummy"], "--img-size", 48], ["--img-size 32, not 48"]),
+                            (args, ["--dummy True, not False"])):
+            result = deit_main(*argv, "--out-dir", out, "--epochs", 2, "--resume", run / "last.pt")
+            check_bad_input(result, "deit_kd.py", out, *words)
+            assert "teacher" not in result.stdout  # before the teacher is built or scored
+        assert {f.name: f.read_bytes() for f in run.iterdir()} == files
     else:
         used = tmp_path / "used"
         used.mkdir()
@@ -956,12 +1080,18 @@ def test_deit_bad_input(deit_data, tmp_path, case):
 
 
 def test_deit_srd_without_teacher_weights_offline(deit_data, tmp_path):
-    # Real data, --distill srd, no --teacher-ckpt and no network: one line saying to pass --teacher-ckpt.
+    # Real data, --distill srd, no --teacher-ckpt and no network (an endpoint that refuses connections, an empty
+    # cache): one line saying to pass --teacher-ckpt, at once rather than after the hub client's ~50 s of retries.
+    import time
+
+    env = {k: v for k, v in ENV.items() if "proxy" not in k.lower() and not k.startswith("HF_")}
+    env.update(HF_ENDPOINT="http://127.0.0.1:9", HF_HOME=str(tmp_path / "hf"))
     cmd = [sys.executable, ROOT / "deit_kd.py", "--data-dir", deit_data / "imagenet", "--out-dir", tmp_path / "out",
-           *DEIT_FAST[:-1], "resnet10t.a1_in1k"]
-    result = subprocess.run(list(map(str, cmd)), cwd=ROOT, env={**ENV, "HF_HUB_OFFLINE": "1"}, capture_output=True,
-                            text=True, timeout=300)
+           *DEIT_FAST[:-1], "resnet10t.c3_in1k"]
+    start = time.time()
+    result = subprocess.run(list(map(str, cmd)), cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     check_bad_input(result, "deit_kd.py", tmp_path / "out", "no pretrained weights", "--teacher-ckpt")
+    assert time.time() - start < 40, time.time() - start
 
 
 # ---------------------------------------------------------------------------------------------
