@@ -834,11 +834,16 @@ def coco_data(tmp_path_factory):
     return root
 
 
+# Nothing listens on this proxy: a run that tried to download anything would fail, online or not.
+COCO_OFFLINE = {"https_proxy": "http://127.0.0.1:9", "HTTPS_PROXY": "http://127.0.0.1:9"}
+
+
 def coco_srd(coco_data, out_dir, *extra):
-    """srd with the tiny teacher, trained in bf16 (the default on CUDA), so that float32 evaluation is tested."""
+    """srd with the tiny teacher, trained in bf16 (the default on CUDA), so that float32 evaluation is tested;
+    offline, so that no test depends on a download."""
     return run_script(COCO_SCRIPT, "--amp", "bf16", "--data-dir", coco_data / "data", *COCO_SMALL,
                       "--teacher", "resnet18", "--teacher-ckpt", coco_data / "teacher.pt", "--teacher-eval-images", "1",
-                      "--score-thresh", "0.01", "--out-dir", out_dir, *extra)
+                      "--score-thresh", "0.01", "--out-dir", out_dir, *extra, env=COCO_OFFLINE)
 
 
 def test_coco_train_evaluate_resume(coco_data, tmp_path):
@@ -895,25 +900,40 @@ def test_coco_train_evaluate_resume(coco_data, tmp_path):
 
 
 def test_coco_levels_paired_once_by_stride():
-    """Each teacher FPN level is distilled once, against a student level of its stride, and every stride both
-    pyramids have is distilled: torchvision's MobileNetV3 FPN has two levels ('0', '1') at stride 32 and none at 16.
-    (ResNet students pair all five levels: test_coco_train_evaluate_resume.)"""
+    """Each teacher FPN level is distilled once, against a student level of its measured stride, and every stride
+    both pyramids have is distilled. The paper's pair, MobileNetV2-FPN -> ResNet-50-FPN, pairs all five levels
+    (strides 4-64); torchvision's MobileNetV3 FPN has two levels ('0', '1') at stride 32 and none at 16."""
     from torchvision.models import detection
-    from coco_kd import match_levels
+    import coco_kd
 
     torch.manual_seed(0)
-    teacher = detection.fasterrcnn_resnet50_fpn_v2(weights=None, weights_backbone=None, num_classes=91)
-    student = detection.fasterrcnn_mobilenet_v3_large_fpn(weights=None, weights_backbone=None, num_classes=91)
+    teacher = detection.fasterrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=91)
+    args = coco_kd.parse_args(["--no-pretrained-backbone"])
 
     @torch.no_grad()
     def strides(model):  # measured here at another input size than match_levels uses
         return {k: 192 // v.shape[-1] for k, v in model.eval().backbone(torch.zeros(1, 3, 192, 192)).items()}
 
-    s_strides, t_strides, (levels, _) = strides(student), strides(teacher), match_levels(student, teacher)
-    assert sorted(s_strides.values()) == [32, 32, 64] and len(t_strides) == 5
-    assert len(set(levels.values())) == len(levels), levels  # no teacher level distilled twice
-    assert all(s_strides[ks] == t_strides[kt] for ks, kt in levels.items()), levels
-    assert {s_strides[ks] for ks in levels} == set(s_strides.values()) & set(t_strides.values()), levels
+    t_strides = strides(teacher)
+    assert sorted(t_strides.values()) == [4, 8, 16, 32, 64]
+    for name, expected in (("mobilenet_v2", [4, 8, 16, 32, 64]), ("mobilenet_v3_large", [32, 32, 64])):
+        student = coco_kd.build_student(args, name, pretrained=False)
+        s_strides, (levels, _) = strides(student), coco_kd.match_levels(student, teacher)
+        assert sorted(s_strides.values()) == expected, (name, s_strides)
+        assert len(set(levels.values())) == len(levels), levels  # no teacher level distilled twice
+        assert all(s_strides[ks] == t_strides[kt] for ks, kt in levels.items()), levels
+        assert {s_strides[ks] for ks in levels} == set(s_strides.values()) & set(t_strides.values()), levels
+
+
+def test_coco_mobilenet_v2_student_end_to_end(coco_data, tmp_path):
+    """The paper's student, torchvision's MobileNetV2 features under an FPN, trains with the feature term at all
+    five levels and is scored on the tiny COCO folder, offline (--no-pretrained-backbone fetches nothing)."""
+    out = tmp_path / "mv2"
+    check_ok(coco_srd(coco_data, out, "--student", "mobilenet_v2", "--epochs", "1"))
+    (record,) = read_jsonl(out / "metrics.jsonl")
+    assert set(record["projector_sv"]) == {"0", "1", "2", "3", "pool"} and record["loss_feat"] > 0
+    assert record["eval_images"] == 2 and 0.0 <= record["AP"] <= 1.0
+    assert any(k.startswith("backbone.body.17.") for k in load_checkpoint(out / "last.pt")["student"])
 
 
 def test_coco_aspect_ratio_groups():
@@ -959,3 +979,12 @@ def test_coco_bad_input(coco_data, tmp_path, case):
         coco_write_split(data, "val2017", [(120, 160)], 0)
         words = ["teacher checkpoint", "does not fit"]
     check_bad_input(run_script(COCO_SCRIPT, *args), COCO_SCRIPT, out, *words)
+
+
+def test_coco_backbone_weights_fetched_only_when_asked(coco_data, tmp_path):
+    """The ImageNet backbone weights are fetched only without --no-pretrained-backbone (and --dummy); a failed
+    download is one line, exit 2, nothing written."""
+    out, args = tmp_path / "out", [a for a in COCO_SMALL if a != "--no-pretrained-backbone"]
+    result = run_script(COCO_SCRIPT, "--data-dir", coco_data / "data", *args, "--student", "mobilenet_v2",
+                        "--distill", "none", "--out-dir", out, env={**COCO_OFFLINE, "TORCH_HOME": str(tmp_path)})
+    check_bad_input(result, COCO_SCRIPT, out, "ImageNet weights", "mobilenet_v2", "--no-pretrained-backbone")
