@@ -63,7 +63,7 @@ from torchvision.models.detection.backbone_utils import BackboneWithFPN, resnet_
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from common import FeatureDistiller, projector_spectrum
+from common import DISTANCES, NORMS, PROJECTORS, FeatureDistiller, projector_spectrum
 
 try:
     from pycocotools.coco import COCO
@@ -124,12 +124,14 @@ def parse_args(argv=None):
                    help="weight of the feature term summed over FPN levels (our choice: the paper's detection "
                         "settings were not published)")
     g.add_argument("--alpha", type=float, default=4.0, help="alpha of the soft maximum log sum |z_s W_p - z_t|^alpha")
-    g.add_argument("--norm", default="bn", choices=("bn", "ln", "l2", "none"),
-                   help="normalisation of z_s W_p and z_t, per channel over batch and positions")
-    g.add_argument("--projector", default="linear", choices=("linear", "mlp", "none"),
+    g.add_argument("--norm", default="bn", choices=NORMS,
+                   help="normalisation of z_s W_p and z_t at every position: bn (the paper's, per channel over the "
+                        "batch's positions), gn, l2, none (Table 6.1's ablation), ln")
+    g.add_argument("--projector", default="linear", choices=PROJECTORS,
                    help="W_p, applied at every position (a 1x1 convolution)")
-    g.add_argument("--distance", default="logsum", choices=("logsum", "corr"),
-                   help="the log-sum soft maximum (the paper) or the correlation variant of the official DeiT code")
+    g.add_argument("--distance", default="logsum", choices=DISTANCES,
+                   help="logsum: the paper's soft maximum; corr: the correlation form of the official DeiT code; "
+                        "mean and corr-nolog: without the log (Tables 6.3 and 6.9)")
     g.add_argument("--projector-hidden", type=int,
                    help="hidden width of the 'mlp' projector (default: the teacher's feature width)")
     g = p.add_argument_group("optimisation")
@@ -719,14 +721,13 @@ def main(argv=None):
             if best_epoch == epoch + 1:
                 save_atomic(checkpoint, os.path.join(out_dir, "best.pt"))
             mean = [v / (steps * world) for v in epoch_sums]
-            spectra = {ks: projector_spectrum(d) for ks, d in distiller.items()}
             record = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"], "loss_det": sum(mean[:-1]),
                       **dict(zip(DET_LOSSES, mean)), "loss_kd": None, "loss_feat": mean[-1] if teacher else None,
                       **metrics, "eval_images": metrics["images"], "images_per_s": epoch_ips[-1], "epoch_s": epoch_s,
-                      "peak_mem_mb": peak_memory_mb(device),
-                      "projector_sv": {ks: sv if sv is None else {"max": sv.max().item(), "min": sv.min().item(),
-                                                                  "mean": sv.mean().item()}
-                                       for ks, sv in spectra.items()} if teacher else None}
+                      "peak_mem_mb": peak_memory_mb(device)}
+            if teacher is not None:  # every singular value of each level's W_p, sorted: the paper's Figure 6.2
+                spectra = {ks: projector_spectrum(d) for ks, d in distiller.items()}
+                record["projector_sv"] = {ks: None if sv is None else sv.tolist() for ks, sv in spectra.items()}
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
             print(f"epoch {epoch + 1}/{args.epochs} val: {fmt(metrics)} on {metrics['images']} images | best AP "
