@@ -50,6 +50,7 @@ import time
 from importlib import metadata
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -77,13 +78,18 @@ COCO_TEACHERS = {"fasterrcnn_resnet50_fpn": 37.0, "fasterrcnn_resnet50_fpn_v2": 
 NUM_CLASSES = 91  # torchvision's COCO heads: background + category ids 1..90 used directly as labels
 DET_LOSSES = {"loss_classifier": "cls", "loss_box_reg": "box", "loss_objectness": "obj", "loss_rpn_box_reg": "rpn"}
 METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+# The flags that make a run what it is (data, image size, models, distiller) and shape its schedule (the
+# checkpoint's scheduler follows the lr, batch and steps it was built with): a resume must match them.
+RESUME_MUST_MATCH = ("dummy", "data_dir", "min_size", "max_size", "student", "no_pretrained_backbone", "teacher",
+                     "distill", "projector", "projector_hidden", "norm", "distance", "batch_size", "lr",
+                     "lr_steps", "warmup_iters", "max_steps")
 LAYOUT = ("expected <data-dir>/annotations/instances_{train,val}2017.json and <data-dir>/{train,val}2017/ "
           "with the images (from cocodataset.org), or pass --dummy")
 
 
 def fail(msg, code=2):
-    """One line on stderr (rank 0 speaks for all), then exit: 2 for bad input, before anything is written;
-    3 for a run that cannot go on."""
+    """One line on stderr, then exit: 2 for bad input (before anything is written), 3 for a run that cannot go
+    on, 130 when interrupted. Under torchrun rank 0 speaks for all; every rank exits."""
     if os.environ.get("RANK", "0") == "0":
         print(f"{PROG}: error: {msg}", file=sys.stderr)
     sys.exit(code)
@@ -153,25 +159,36 @@ def parse_args(argv=None):
                    help="torch.compile the backbones (the heads have data-dependent shapes)")
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="cuda or cpu (under torchrun: cuda:LOCAL_RANK)")
-    g.add_argument("--workers", type=int, default=4, help="data-loading processes per process")
+    g.add_argument("--workers", type=int,
+                   help="data-loading processes per process (default: 4, at most this process's share of the cores)")
     g.add_argument("--seed", type=int, default=0,
                    help="seed: batches, flips and RPN/RoI sampling are functions of (seed, epoch, rank)")
     g.add_argument("--sync-bn", action="store_true",
                    help="SyncBatchNorm across processes (the projectors' BN, and the student's when not frozen)")
     g = p.add_argument_group("outputs")
     g.add_argument("--log-every", type=int, default=20, help="print a progress line every N steps")
-    g.add_argument("--max-steps", type=int, default=0,
-                   help="cap the steps per epoch (smoke tests, benchmarks); 0: no cap")
+    g.add_argument("--max-steps", type=int, help="cap on the steps of each epoch (smoke tests, benchmarks)")
     g.add_argument("--score-thresh", type=float, default=0.05,
                    help="keep detections scoring above this (torchvision's default)")
-    g.add_argument("--out-dir", help="outputs (default: runs/coco_kd-<student>-<distill>, or the folder of --resume)")
+    g.add_argument("--out-dir", help="output folder (default: the folder of --resume, else "
+                                     "runs/<PROG>-<student>-<distill>, with -dummy for --dummy runs)")
     g.add_argument("--resume", metavar="PATH", help="continue the run of this checkpoint (its last.pt)")
     g.add_argument("--evaluate", action="store_true",
                    help="evaluate the student of --resume PATH on val, write eval.json, exit")
     args = p.parse_args(argv)
     args.amp = args.amp or ("bf16" if args.device.startswith("cuda") else "off")  # derived defaults, resolved once
-    args.out_dir = args.out_dir or (os.path.dirname(args.resume) if args.resume else
-                                    f"runs/{PROG}-{args.student}-{args.distill}")
+    if args.workers is None:  # never more loader processes than cores: each would compete for them
+        args.workers = max(1, min(4, len(os.sched_getaffinity(0)) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
+    args.out_dir = Path(args.out_dir or (Path(args.resume).parent if args.resume else
+                                         f"runs/{PROG}-{args.student}-{args.distill}" + "-dummy" * args.dummy))
+    for name in ("epochs", "batch_size", "log_every", "max_steps", "alpha", "projector_hidden", "max_size"):
+        if getattr(args, name) is not None and getattr(args, name) <= 0:
+            fail(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    for name in ("lr", "wd"):
+        if getattr(args, name) is not None and getattr(args, name) < 0:
+            fail(f"--{name.replace('_', '-')} must not be negative, got {getattr(args, name)}")
+    if min(args.min_size) <= 0:  # an extra check: a list of sizes
+        fail(f"--min-size must be positive, got {args.min_size}")
     return args
 
 
@@ -190,7 +207,7 @@ class CocoBoxes(CocoDetection):
             super().__init__(root, ann_file)
         if train:
             self.ids = [i for i in self.ids if len(self.target(i)["boxes"])]
-        self.aspect = [self.coco.imgs[i]["height"] / self.coco.imgs[i]["width"] for i in self.ids]
+        self.aspect = [self.coco.imgs[i]["width"] / self.coco.imgs[i]["height"] for i in self.ids]
 
     def target(self, image_id):
         info = self.coco.imgs[image_id]
@@ -217,7 +234,7 @@ class DummyBoxes(torch.utils.data.Dataset):
     def __init__(self, n, size, offset):
         self.ids = list(range(offset, offset + n))
         self.shapes = [(size, size * 4 // 3) if i % 2 else (size * 4 // 3, size) for i in self.ids]
-        self.aspect = [h / w for h, w in self.shapes]
+        self.aspect = [w / h for h, w in self.shapes]
         self.targets = [self.make_target(i) for i in range(n)]
         boxes = [(t["image_id"], int(c), x0, y0, x1 - x0, y1 - y0)
                  for t in self.targets for (x0, y0, x1, y1), c in zip(t["boxes"].tolist(), t["labels"])]
@@ -294,11 +311,11 @@ def build_data(args):
 
 
 def train_batches(aspect, batch_size, seed, epoch, rank, world):
-    """This rank's batches for one epoch, grouped by aspect ratio (height / width) in the bins of
+    """This rank's batches for one epoch, grouped by aspect ratio (width / height) in the bins of
     torchvision's reference (``create_aspect_ratio_groups``, factor 3: edges 2 ** linspace(-1, 1, 7)), so
     that padding a batch to one size wastes little. Order and flips are functions of (seed, epoch), so a
     resumed run sees the same batches; every rank gets the same number of batches."""
-    g = torch.Generator().manual_seed(seed * 1000 + epoch)
+    g = torch.Generator().manual_seed(seed_of(seed, epoch))
     order = torch.randperm(len(aspect), generator=g).tolist()
     flips = (torch.rand(len(aspect), generator=g) < 0.5).tolist()
     edges = 2 ** torch.linspace(-1, 1, 7, dtype=torch.float64)  # bisect_right into these, as the reference
@@ -372,30 +389,41 @@ def build_teacher(args):
     return teacher.eval().requires_grad_(False), tag
 
 
+def seed_of(*parts):
+    """A 32-bit seed that is a function of ``parts`` (seed, epoch, rank or index) and nothing else."""
+    return int(np.random.SeedSequence(parts).generate_state(1)[0])
+
+
 def read_checkpoint(path):
-    try:  # checkpoints are untrusted input (CONVENTIONS §5): tensors and plain containers only
+    """torch.load with weights_only=True: checkpoints are untrusted input (tensors and plain containers only)."""
+    if not Path(path).is_file():
+        fail(f"{path}: no such file; pass the path of a checkpoint")
+    try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        fail(f"cannot read checkpoint {path} ({type(e).__name__}); pass an existing file written by torch.save")
+    except Exception as e:  # a truncated file, a text file, an unsafe pickle ...
+        reason = (str(e).strip().splitlines() or [""])[0][:160]
+        fail(f"{path} is not a torch checkpoint ({type(e).__name__}: {reason}); pass a file written by torch.save")
 
 
 def load_weights(model, checkpoint, path, what):
-    """Strict load of what read_checkpoint returned: a bare state dict or one under model/state_dict/student,
-    ``module.`` (DDP) and ``_orig_mod.`` (torch.compile) prefixes stripped."""
+    """Load a state dict strictly: bare, or under 'model', 'state_dict' or 'student'; 'module.' and '_orig_mod.'
+    prefixes stripped. A mismatch fails naming a few missing, unexpected and wrongly shaped keys."""
     state = checkpoint
     if isinstance(state, dict):
         state = next((state[k] for k in ("model", "state_dict", "student") if isinstance(state.get(k), dict)), state)
-    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
-        fail(f"{what} checkpoint {path} holds no state dict; pass a state dict or a checkpoint of this script")
+    if not isinstance(state, dict) or not state or not all(torch.is_tensor(v) for v in state.values()):
+        fail(f"{path} holds no state dict (nor one under 'model', 'state_dict' or 'student'); pass a model checkpoint")
     state = {re.sub(r"^((module|_orig_mod)\.)+", "", k): v for k, v in state.items()}
     own = model.state_dict()
-    missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]  # frozen-BN layouts
+    missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]  # absent in old files
     unexpected = [k for k in state if k not in own]
-    resized = [k for k in own if k in state and own[k].shape != state[k].shape]  # another layout or class count
+    resized = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
+               if k in state and state[k].shape != v.shape]
     if missing or unexpected or resized:
-        fail(f"{what} checkpoint {path} does not fit --{what}: missing {missing[:3]}, unexpected {unexpected[:3]}, "
-             f"other shapes {resized[:3]}; check --{what}")
-    model.load_state_dict(state, strict=False)
+        few = lambda keys: ", ".join(keys[:3]) + (f" (+{len(keys) - 3})" if len(keys) > 3 else "") or "none"
+        fail(f"{path} does not fit the {what}: missing {few(missing)}; unexpected {few(unexpected)}; "
+             f"wrong shape {few(resized)}; pass a checkpoint of that architecture")
+    model.load_state_dict(state)
 
 
 def transform(model, images, targets=None, channels_last=False):
@@ -487,14 +515,14 @@ def fmt(metrics):
 
 
 def save_atomic(obj, path):
-    """A reader never sees a half-written checkpoint, a crash never destroys the previous one."""
-    torch.save(obj, path + ".tmp")
-    os.replace(path + ".tmp", path)
-
-
-def write_json(path, obj):
-    with open(path, "w") as f:
-        json.dump(obj, f, indent=1)
+    """Write to a temp file in the same folder, then rename: a crash never leaves half a file, nor destroys the
+    previous one."""
+    tmp = Path(path).with_name(Path(path).name + ".tmp")
+    if isinstance(obj, str):
+        tmp.write_text(obj)
+    else:
+        torch.save(obj, tmp)
+    os.replace(tmp, path)
 
 
 def peak_memory_mb(device):
@@ -521,29 +549,38 @@ def main(argv=None):
     if cuda:
         torch.cuda.set_device(device)
     is_main = rank == 0
-    torch.manual_seed(args.seed + rank)
+    torch.manual_seed(args.seed)  # the same initialisation on every rank (the frozen teacher is not DDP-synchronised)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp)
     autocast = torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
     global_batch, out_dir = args.batch_size * world, args.out_dir
+    args_json = json.loads(json.dumps(vars(args), default=str))  # plain types, for weights_only loads
 
     # ---- bad input -----------------------------------------------------------------------------------------
     if COCO is None:
         fail("pycocotools is not installed; pip install pycocotools")
-    for flag, name, choices in (("--student", args.student, STUDENTS),
-                                ("--teacher", args.teacher, (*COCO_TEACHERS, *STUDENTS))):
-        if name not in choices:
-            fail(f"unknown {flag} {name!r}; choose from {', '.join(choices)}")
     if args.evaluate and not args.resume:
         fail("--evaluate needs --resume PATH, the checkpoint whose student to evaluate")
-    if args.resume and not os.path.isfile(args.resume):
-        fail(f"--resume file {args.resume} does not exist; pass the last.pt of a run")
-    if not args.resume and any(os.path.exists(os.path.join(out_dir, f)) for f in ("args.json", "last.pt")):
-        fail(f"{out_dir} already holds a run; pass --resume {out_dir}/last.pt to continue it, "
-             "or choose another --out-dir")
     if args.amp == "fp16" and device.type != "cuda":
         fail("--amp fp16 needs CUDA (its GradScaler); use --amp bf16 or off on CPU")
     if args.sync_bn and device.type != "cuda":
         fail("--sync-bn needs CUDA (SyncBatchNorm runs on GPUs only); leave it out on CPU")
+    if out_dir.is_file():
+        fail(f"--out-dir {out_dir} is a file; pass a folder")
+    if not args.resume and ((out_dir / "args.json").exists() or (out_dir / "last.pt").exists()):
+        fail(f"{out_dir} already holds a run; pass --resume {out_dir}/last.pt to continue it, "
+             "or choose another --out-dir")
+    checkpoint = read_checkpoint(args.resume) if args.resume else None
+    if checkpoint is not None and not args.evaluate:  # --evaluate scores any student weights
+        if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("args"), dict) or "optimizer" not in checkpoint:
+            fail(f"{args.resume} is not a training checkpoint of {PROG}; pass the last.pt of one of its runs")
+        if checkpoint["epoch"] >= args.epochs:
+            fail(f"{args.resume} has trained {checkpoint['epoch']} epochs already; pass --epochs above {checkpoint['epoch']}")
+        for flag in RESUME_MUST_MATCH:  # what makes it the same run; speed and logging flags may change
+            if checkpoint["args"].get(flag) != args_json[flag]:
+                fail(f"{args.resume} was trained with --{flag.replace('_', '-')} {checkpoint['args'].get(flag)}, "
+                     f"not {args_json[flag]}; pass that run's flags to resume it")
+        if checkpoint.get("world_size", world) != world:  # the global batch, hence the lr and the steps per epoch
+            fail(f"{args.resume} was trained by {checkpoint['world_size']} processes, not {world}; resume it with as many")
 
     # ---- data: aspect-ratio grouped training batches; val sharded by rank, nothing dropped -----------------
     train_set, val_set = build_data(args)
@@ -559,10 +596,9 @@ def main(argv=None):
     # ---- models: student (with --resume's weights), teacher, distillers by stride; --evaluate ends here ----
     try:
         student = build_student(args, args.student, not (args.no_pretrained_backbone or args.dummy or args.evaluate))
-    except Exception as e:  # offline: torchvision could not fetch the ImageNet weights
+    except OSError as e:  # offline: torchvision could not fetch the ImageNet weights
         fail(f"could not load the ImageNet weights of the {args.student} backbone ({type(e).__name__}); "
              "connect once so that torchvision caches them, or pass --no-pretrained-backbone")
-    checkpoint = read_checkpoint(args.resume) if args.resume else None
     if checkpoint is not None:
         load_weights(student, checkpoint, args.resume, "student")
     teacher, levels, distiller = None, {}, nn.ModuleDict()
@@ -572,7 +608,7 @@ def main(argv=None):
         distiller = nn.ModuleDict({  # per-rank statistics: the FPN maps of a global batch are too large to gather
             ks: FeatureDistiller(shapes[0][ks][0], shapes[1][kt][0], args.projector, args.norm, args.distance,
                                  args.alpha, global_batch=False, hidden=args.projector_hidden)
-        for ks, kt in levels.items()})
+            for ks, kt in levels.items()})
     for detector in filter(None, (student, teacher)):
         detector.to(device)
         if args.channels_last:
@@ -584,8 +620,8 @@ def main(argv=None):
         metrics = evaluate(student, val_loader, device, args.channels_last)
         if is_main:
             print(f"{args.resume} (epoch {checkpoint.get('epoch')}): {fmt(metrics)} on {metrics['images']} val images")
-            os.makedirs(out_dir, exist_ok=True)
-            write_json(os.path.join(out_dir, "eval.json"), {**metrics, "checkpoint": args.resume})
+            out_dir.mkdir(parents=True, exist_ok=True)
+            save_atomic(json.dumps({**metrics, "checkpoint": args.resume}, indent=2) + "\n", out_dir / "eval.json")
         if distributed:
             dist.destroy_process_group()
         return metrics
@@ -610,29 +646,21 @@ def main(argv=None):
     # ---- resume --------------------------------------------------------------------------------------------
     start_epoch, best, best_epoch = 0, None, None
     if checkpoint is not None:
-        if "optimizer" not in checkpoint:
-            fail(f"--resume {args.resume} holds weights only; pass the last.pt of a run of this script")
-        try:
-            distiller.load_state_dict(checkpoint["distiller"] or {})
-        except RuntimeError:
-            fail(f"the distillers in {args.resume} do not fit --distill {args.distill} --student {args.student} "
-                 f"--teacher {args.teacher}; resume with the flags of the run")
+        distiller.load_state_dict(checkpoint["distiller"] or {})
         optimizer.load_state_dict(checkpoint["optimizer"])
         scheduler.load_state_dict(checkpoint["scheduler"])
         scaler.load_state_dict(checkpoint["scaler"])
         start_epoch, best, best_epoch = checkpoint["epoch"], checkpoint["best"], checkpoint["best_epoch"]
 
     # ---- outputs -------------------------------------------------------------------------------------------
-    metrics_path = os.path.join(out_dir, "metrics.jsonl")
+    metrics_path = out_dir / "metrics.jsonl"
     if is_main:
-        os.makedirs(out_dir, exist_ok=True)
-        write_json(os.path.join(out_dir, "args.json"), vars(args))
-        if checkpoint is not None and os.path.exists(metrics_path):  # drop records of epochs after the checkpoint
-            with open(metrics_path) as f:
-                kept = [line for line in f if line.strip() and json.loads(line)["epoch"] <= start_epoch]
-            with open(metrics_path, "w") as f:
-                f.writelines(kept)
-        print(f"args: {json.dumps(vars(args))}")
+        out_dir.mkdir(parents=True, exist_ok=True)
+        save_atomic(json.dumps(args_json, indent=2) + "\n", out_dir / "args.json")
+        if checkpoint is not None and metrics_path.exists():  # forget the epochs logged after the checkpoint
+            save_atomic("".join(line for line in metrics_path.read_text().splitlines(True)
+                                if line.strip() and json.loads(line)["epoch"] <= start_epoch), metrics_path)
+        print("args: " + json.dumps(args_json))
         print(f"world size {world} | device {device} | amp {args.amp} | global batch {global_batch} | lr {lr:g} | "
               f"{steps} steps/epoch | {len(train_set)} train / {len(val_set)} val images")
         sizes = f" | distillers {n_params(distiller):.3f}M | teacher {n_params(teacher):.2f}M"
@@ -658,7 +686,7 @@ def main(argv=None):
     zero = torch.zeros((), device=device)  # loss_feat without a teacher
     t_loop, total_steps, epoch_ips, last = time.time(), (args.epochs - start_epoch) * steps, [], None
     for epoch in range(start_epoch, args.epochs):
-        torch.manual_seed(args.seed * 1_000_000 + epoch * 1000 + rank)  # RPN/RoI sampling: f(seed, epoch, rank)
+        torch.manual_seed(seed_of(args.seed, epoch, rank))  # sizes, RPN/RoI sampling: f(seed, epoch, rank)
         batches = train_batches(train_set.aspect, args.batch_size, args.seed, epoch, rank, world)[:steps]
         interval = torch.zeros(len(DET_LOSSES) + 1, device=device)  # the detection terms and feat, on device
         seen, data_time, last_log, epoch_sums, epoch_images = 0, 0.0, 0, [0.0] * len(interval), 0
@@ -716,10 +744,10 @@ def main(argv=None):
             checkpoint = {"student": student.state_dict(), "distiller": distiller.state_dict() if teacher else None,
                           "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                           "scaler": scaler.state_dict(), "epoch": epoch + 1, "best": best, "best_epoch": best_epoch,
-                          "args": vars(args)}
-            save_atomic(checkpoint, os.path.join(out_dir, "last.pt"))
+                          "args": args_json, "world_size": world}
+            save_atomic(checkpoint, out_dir / "last.pt")
             if best_epoch == epoch + 1:
-                save_atomic(checkpoint, os.path.join(out_dir, "best.pt"))
+                save_atomic(checkpoint, out_dir / "best.pt")
             mean = [v / (steps * world) for v in epoch_sums]
             record = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"], "loss_det": sum(mean[:-1]),
                       **dict(zip(DET_LOSSES, mean)), "loss_kd": None, "loss_feat": mean[-1] if teacher else None,
@@ -735,14 +763,14 @@ def main(argv=None):
 
     # ---- summary: the headline is the last epoch's AP, as detection papers report; best is a diagnostic ----
     if is_main:
-        write_json(os.path.join(out_dir, "summary.json"), {
+        save_atomic(json.dumps({
             "metric": "AP", "headline": "last", "last": last, "best": best, "best_epoch": best_epoch,
             "teacher": teacher_metrics["AP"] if teacher_metrics else None, "teacher_metrics": teacher_metrics,
             "wall_s": time.time() - t_start, "images_per_s": sum(epoch_ips) / len(epoch_ips) if epoch_ips else None,
             "peak_mem_mb": peak_memory_mb(device), "world_size": world, "levels": levels,
             "versions": {"python": platform.python_version(), "torch": torch.__version__,
                          "torchvision": torchvision.__version__, "timm": metadata.version("timm"),
-                         "cuda": torch.version.cuda}})
+                         "cuda": torch.version.cuda}}, indent=2) + "\n", out_dir / "summary.json")
         print(f"done: AP {last} after the last epoch (the headline); best AP {best} (epoch {best_epoch}, a diagnostic)")
     if distributed:
         dist.destroy_process_group()
