@@ -866,6 +866,8 @@ def test_coco_train_evaluate_resume(coco_data, tmp_path):
     summary = json.loads((tmp_path / "full" / "summary.json").read_text())
     assert summary["metric"] == "AP" and summary["last"] == records[-1]["AP"] and summary["world_size"] == 1
     assert summary["headline"] == "last"  # the last epoch's AP, as detection papers report
+    assert (summary["student_arch"], summary["teacher_arch"], summary["distill"]) == ("resnet18", "resnet18", "srd")
+    assert summary["versions"]["torchvision"] == torchvision.__version__.split("+")[0] and "timm" in summary["versions"]
     assert 0.0 <= summary["teacher"] <= 1.0 and summary["best"] == max(r["AP"] for r in records)
     ckpt = load_checkpoint(tmp_path / "full" / "last.pt")
     assert ckpt["epoch"] == 2 and set(ckpt["distiller"]) >= {"0.projector.weight", "pool.norm_t.running_mean"}
