@@ -6,10 +6,9 @@ output features. COCO val box AP / AP50 (the first author's PhD thesis, Imperial
 teacher (detectron2's weights) 40.22 / 61.02; student alone 29.47 / 48.87; KD 30.13 / 50.28; FitNet 30.20 / 49.80;
 FPGI 31.16 / 50.68; ReviewKD 33.71 / 53.15; SRD, this method, 32.92 / 52.96.
 
-At every FPN level (strides 4-64, paired by measured stride) the student map z_s is projected by a linear W_p at
-every position; z_s W_p and the teacher map z_t are batch-normalised per channel (no affine) and compared with
-the soft maximum log sum |z_s W_p - z_t| ** alpha (alpha = 4). The levels' sum, times --feat-weight, joins
-torchvision's four detection losses. The student's GeneralizedRCNNTransform runs once and feeds both backbones.
+At every FPN level (strides 4-64, paired by measured stride), log sum |BN(z_s W_p) - BN(z_t)| ** alpha (alpha = 4;
+W_p linear at every position; BN per channel, no affine), summed over levels and times --feat-weight, joins the
+four detection losses of torchvision's Faster R-CNN; both backbones see the student's transformed batch.
 
 Defaults: the student is torchvision's ImageNet MobileNetV2 (IMAGENET1K_V1) under an FPN over the ends of its
 stride-4/8/16/32 stages and a max-pool level (ReviewKD's detectron2 student); the teacher is torchvision's
@@ -25,8 +24,8 @@ not state its feature weight (1 here). Every COCOeval (bbox) runs in float32.
     python coco_kd.py --dummy --epochs 1 --max-steps 20 --min-size 320 --max-size 512   # no files, no downloads
 
 Data: <data-dir>/annotations/instances_{train,val}2017.json, <data-dir>/{train,val}2017/*.jpg (cocodataset.org).
-A run prints the teacher's val AP, a line per --log-every steps and each epoch's COCO AP; it writes args.json,
-metrics.jsonl, last.pt, best.pt and summary.json (headline: the last epoch's AP, as detection papers report).
+A run prints the teacher's val AP, then the losses every --log-every steps and the COCO AP of each epoch; it writes
+args.json, metrics.jsonl, last.pt, best.pt, summary.json (headline: the last epoch's AP, as detection papers report).
 """
 import argparse
 import contextlib
@@ -107,9 +106,8 @@ def parse_args(argv=None):
                    help="student backbone: mobilenet_v2 (the paper's), resnet18/34/50, mobilenet_v3_large")
     g.add_argument("--no-pretrained-backbone", action="store_true", help="random student backbone (implied by --dummy)")
     g.add_argument("--teacher", default="fasterrcnn_resnet50_fpn", choices=(*COCO_TEACHERS, *STUDENTS), metavar="ARCH",
-                   help="fasterrcnn_resnet50_fpn: the paper's architecture, with torchvision's COCO weights (37.0 AP; "
-                        "the paper's detectron2 weights score 40.22); _v2: another recipe (46.7 AP, a normalised "
-                        "FPN and a convolutional box head); a student layout needs --teacher-ckpt")
+                   help="fasterrcnn_resnet50_fpn: the paper's architecture, torchvision's COCO weights (37.0 AP; the "
+                        "paper's detectron2 ones: 40.22); _v2: 46.7 AP, another recipe; or a student layout")
     g.add_argument("--teacher-ckpt", help="teacher weights (a state dict, or a checkpoint of this script)")
     g.add_argument("--teacher-eval-images", type=int, default=0, help="score the teacher on N val images (0: all)")
     g = p.add_argument_group("distillation")
