@@ -1,40 +1,36 @@
-"""Projector-based feature distillation on COCO 2017 object detection, torchvision only.
+"""Projector-based feature distillation on COCO 2017 detection (the paper's Table 6.8), on torchvision.
 
-The detection setting of "Understanding the Role of the Projector in Knowledge Distillation" (Miles &
-Mikolajczyk, AAAI 2024), whose detection code was never released, on torchvision's Faster R-CNN: a
-frozen COCO-trained teacher (default ``fasterrcnn_resnet50_fpn_v2``, 46.7 box AP) and a Faster R-CNN +
-FPN student on a smaller backbone (default ResNet-18, ImageNet-initialised). At every FPN level the two
-share (the same stride) the student map ``z_s`` is projected by a linear ``W_p`` at every position,
-``z_s W_p`` and the teacher map ``z_t`` are batch-normalised per channel (no affine) and compared with
-the soft maximum ``log sum |z_s W_p - z_t| ** alpha`` (alpha = 4). The levels are summed and added,
-times ``--feat-weight`` (1: our choice, the paper's detection settings are unpublished), to
-torchvision's four detection losses. The paper reports results on par with ReviewKD, whose rows are
-quoted in the README (ResNet-101 -> ResNet-18, detectron2: 33.26 -> 36.75 AP).
+"Understanding the Role of the Projector in Knowledge Distillation" (Miles & Mikolajczyk, AAAI 2024) distils, in
+ReviewKD's setting, a Faster R-CNN ResNet-50-FPN teacher into a MobileNetV2-FPN student through the backbones'
+output features. COCO val box AP / AP50 (the first author's PhD thesis, Imperial College London, Table 6.8):
+teacher (detectron2's weights) 40.22 / 61.02; student alone 29.47 / 48.87; KD 30.13 / 50.28; FitNet 30.20 / 49.80;
+FPGI 31.16 / 50.68; ReviewKD 33.71 / 53.15; SRD, this method, 32.92 / 52.96.
 
-Teacher and student see the same batch: the student's ``GeneralizedRCNNTransform`` runs once and its
-``ImageList`` feeds both backbones; the detector's forward (transform -> backbone -> RPN -> RoI heads)
-is written out below. The recipe is the 1x schedule (as the ReviewKD rows, detectron2's): 12 epochs,
-x0.1 at epochs 8 and 11, SGD with momentum 0.9, lr 0.02 per 16 images, weight decay 1e-4, 2 images
-per GPU, shorter side 800 (longer side at most 1333), horizontal flips; the rest as torchvision's
-detection reference: IMAGENET1K_V1 backbones, aspect-ratio bins (factor 3), warm-up over min(1000,
-steps per epoch - 1) iterations, and COCOeval (bbox) in float32, one image per batch.
+At every FPN level (strides 4-64, paired by measured stride), log sum |BN(z_s W_p) - BN(z_t)| ** alpha (alpha = 4;
+W_p linear at every position; BN per channel, no affine), summed over levels and times --feat-weight, joins the
+four detection losses of torchvision's Faster R-CNN; both backbones see the student's transformed batch.
 
-    torchrun --nproc_per_node=8 coco_kd.py --data-dir data/coco               # 8 GPUs, 16 images/step
-    python coco_kd.py --data-dir data/coco --batch-size 16                    # 1 GPU, the same recipe
-    torchrun --nproc_per_node=8 coco_kd.py --data-dir data/coco --distill none   # the baseline row
-    python coco_kd.py --dummy --epochs 1 --max-steps 20 --min-size 320 --max-size 512   # no files
+Defaults: the student is torchvision's ImageNet MobileNetV2 (IMAGENET1K_V1) under an FPN over the ends of its
+stride-4/8/16/32 stages and a max-pool level (ReviewKD's detectron2 student); the teacher is torchvision's
+fasterrcnn_resnet50_fpn, the paper's architecture, whose COCO weights score 37.0 AP, not the 40.22 of the
+paper's detectron2 weights. Detectron2's 1x schedule, which ReviewKD's 180k iterations of 8 images at lr 0.01
+equal: 12 epochs, x0.1 at 8 and 11, SGD momentum 0.9, lr 0.02 per 16 images, wd 1e-4, 1000 warm-up iterations,
+shorter side 640-800 in training and 800 at test (longer at most 1333), flips, aspect-ratio bins. The paper does
+not state its feature weight (1 here). Every COCOeval (bbox) runs in float32.
 
-Data: <data-dir>/annotations/instances_{train,val}2017.json and <data-dir>/{train,val}2017/*.jpg
-(cocodataset.org). Students: resnet18/34/50 (ResNet FPN: levels '0'-'3' and 'pool' at strides 4-64,
-all five distilled) and mobilenet_v3_large (torchvision's MobileNetV3 FPN: '0' and '1' both at stride
-32, 'pool' at 64; each teacher level is distilled once: '1' against the teacher's '3', 'pool' against
-'pool'). A run prints the teacher's val AP, then one line per --log-every steps (the four detection
-losses, feat, lr, img/s, ETA) and the COCO AP of every epoch; it writes args.json, metrics.jsonl,
-last.pt, best.pt and summary.json (headline: the last epoch's AP, as detection papers report) into --out-dir.
+    torchrun --nproc_per_node=8 coco_kd.py --data-dir data/coco                  # SRD: 32.92 AP in the paper
+    python coco_kd.py --data-dir data/coco --batch-size 16                       # the same on one GPU
+    torchrun --nproc_per_node=8 coco_kd.py --data-dir data/coco --distill none   # the student alone: 29.47
+    python coco_kd.py --dummy --epochs 1 --max-steps 20 --min-size 320 --max-size 512   # no files, no downloads
+
+Data: <data-dir>/annotations/instances_{train,val}2017.json, <data-dir>/{train,val}2017/*.jpg (cocodataset.org).
+A run prints the teacher's val AP, then the losses every --log-every steps and the COCO AP of each epoch; it writes
+args.json, metrics.jsonl, last.pt, best.pt, summary.json (headline: the last epoch's AP, as detection papers report).
 """
 import argparse
 import contextlib
 import datetime
+import importlib.metadata
 import io
 import json
 import math
@@ -44,9 +40,9 @@ import re
 import resource
 import sys
 import time
-from importlib import metadata
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -54,11 +50,12 @@ import torchvision
 from torch.nn.parallel import DistributedDataParallel
 from torchvision.datasets import CocoDetection
 from torchvision.io import ImageReadMode, decode_image
-from torchvision.models import detection
-from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
+from torchvision.models import MobileNet_V2_Weights, detection
+from torchvision.models.detection.backbone_utils import BackboneWithFPN, resnet_fpn_backbone
+from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from common import FeatureDistiller, projector_spectrum
+from common import DISTANCES, NORMS, PROJECTORS, FeatureDistiller, projector_spectrum
 
 try:
     from pycocotools.coco import COCO
@@ -67,106 +64,410 @@ except ImportError:
     COCO = None
 
 PROG = Path(__file__).stem
-STUDENTS = ("resnet18", "resnet34", "resnet50", "mobilenet_v3_large")
-COCO_TEACHERS = {"fasterrcnn_resnet50_fpn_v2": 46.7, "fasterrcnn_resnet50_fpn": 37.0}  # published box AP
+STUDENTS = ("mobilenet_v2", "resnet18", "resnet34", "resnet50", "mobilenet_v3_large")
+COCO_TEACHERS = {"fasterrcnn_resnet50_fpn": 37.0, "fasterrcnn_resnet50_fpn_v2": 46.7}  # torchvision's box AP
 NUM_CLASSES = 91  # torchvision's COCO heads: background + category ids 1..90 used directly as labels
 DET_LOSSES = {"loss_classifier": "cls", "loss_box_reg": "box", "loss_objectness": "obj", "loss_rpn_box_reg": "rpn"}
 METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+# What makes a run itself: data, image size, models, distiller, and the lr, batch and steps its scheduler follows
+RESUME_MUST_MATCH = ("dummy", "data_dir", "min_size", "max_size", "student", "no_pretrained_backbone", "teacher",
+                     "distill", "projector", "projector_hidden", "norm", "distance", "batch_size", "lr",
+                     "lr_milestones", "warmup_iters", "max_steps")
 LAYOUT = ("expected <data-dir>/annotations/instances_{train,val}2017.json and <data-dir>/{train,val}2017/ "
           "with the images (from cocodataset.org), or pass --dummy")
 
 
 def fail(msg, code=2):
-    """One line on stderr (rank 0 speaks for all), then exit: 2 for bad input, before anything is written;
-    3 for a run that cannot go on."""
+    """One line on stderr, then exit: 2 for bad input (before anything is written), 3 for a run that cannot go
+    on, 130 when interrupted. Under torchrun rank 0 speaks for all; every rank exits."""
     if os.environ.get("RANK", "0") == "0":
         print(f"{PROG}: error: {msg}", file=sys.stderr)
     sys.exit(code)
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """argparse's "(default: X)", except for defaults resolved after parsing (None), whose help says them."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None or action.default is False else super()._get_help_string(action)
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     p.error = lambda message: fail(f"{message}; see --help")
     g = p.add_argument_group("data")
-    g.add_argument("--data-dir", default="data/coco",
-                   help="COCO 2017 root: annotations/instances_{train,val}2017.json, train2017/, val2017/")
-    g.add_argument("--dummy", action="store_true",
-                   help="random images with random boxes: the whole pipeline with no files, no downloads and a "
-                        "random teacher")
-    g.add_argument("--min-size", type=int, default=800, help="resize the shorter image side to this")
+    g.add_argument("--data-dir", default="data/coco", help="COCO 2017 root: annotations/, train2017/, val2017/")
+    g.add_argument("--dummy", action="store_true", help="random images, boxes and teacher: no files, no downloads")
+    g.add_argument("--min-size", type=int, nargs="+", default=[640, 672, 704, 736, 768, 800],
+                   help="shorter image side: one of these per training image, the last at test (detectron2's)")
     g.add_argument("--max-size", type=int, default=1333, help="... unless the longer side would exceed this")
     g = p.add_argument_group("models")
-    g.add_argument("--student", default="resnet18",
-                   help=f"student backbone of a Faster R-CNN + FPN: {', '.join(STUDENTS)}")
-    g.add_argument("--no-pretrained-backbone", action="store_true",
-                   help="random student backbone instead of torchvision's ImageNet weights (IMAGENET1K_V1, as its "
-                        "detection builders; implied by --dummy)")
-    g.add_argument("--teacher", default="fasterrcnn_resnet50_fpn_v2",
-                   help=f"teacher: {', '.join(COCO_TEACHERS)} (torchvision's COCO weights), or a student layout "
-                        f"({', '.join(STUDENTS)}) with --teacher-ckpt")
-    g.add_argument("--teacher-ckpt",
-                   help="teacher weights (a state dict, or a checkpoint of this script) instead of torchvision's")
-    g.add_argument("--teacher-eval-images", type=int, default=0,
-                   help="check the teacher on the first N val images only (0: all)")
+    g.add_argument("--student", default="mobilenet_v2", choices=STUDENTS, metavar="ARCH",
+                   help="student backbone: mobilenet_v2 (the paper's), resnet18/34/50, mobilenet_v3_large")
+    g.add_argument("--no-pretrained-backbone", action="store_true", help="random student backbone (implied by --dummy)")
+    g.add_argument("--teacher", default="fasterrcnn_resnet50_fpn", choices=(*COCO_TEACHERS, *STUDENTS), metavar="ARCH",
+                   help="fasterrcnn_resnet50_fpn: the paper's architecture, torchvision's COCO weights (37.0 AP; the "
+                        "paper's detectron2 ones: 40.22); _v2: 46.7 AP, another recipe; or a student layout")
+    g.add_argument("--teacher-ckpt", help="teacher weights (a state dict, or a checkpoint of this script)")
+    g.add_argument("--teacher-eval-images", type=int, default=0, help="score the teacher on N val images (0: all)")
     g = p.add_argument_group("distillation")
-    g.add_argument("--distill", default="srd", choices=("none", "srd"),
-                   help="none: detection losses only (the baseline student, or training a teacher); srd: + the "
-                        "feature term at every shared FPN level")
-    g.add_argument("--feat-weight", type=float, default=1.0,
-                   help="weight of the feature term summed over FPN levels (our choice: the paper's detection "
-                        "settings were not published)")
+    g.add_argument("--distill", default="srd", choices=("none", "srd"), help="none: detection losses; srd: + features")
+    g.add_argument("--feat-weight", type=float, default=1.0, help="weight of the feature term (the paper's: unstated)")
     g.add_argument("--alpha", type=float, default=4.0, help="alpha of the soft maximum log sum |z_s W_p - z_t|^alpha")
-    g.add_argument("--norm", default="bn", choices=("bn", "ln", "l2", "none"),
-                   help="normalisation of z_s W_p and z_t, per channel over batch and positions")
-    g.add_argument("--projector", default="linear", choices=("linear", "mlp", "none"),
-                   help="W_p, applied at every position (a 1x1 convolution)")
-    g.add_argument("--distance", default="logsum", choices=("logsum", "corr"),
-                   help="the log-sum soft maximum (the paper) or the correlation variant of the official DeiT code")
+    g.add_argument("--norm", default="bn", choices=NORMS, help="normalisation of z_s W_p and z_t: bn (the paper's, per "
+                   "channel over the batch's positions), gn, l2, none (Table 6.1's ablation), ln")
+    g.add_argument("--projector", default="linear", choices=PROJECTORS, help="W_p at every position (a 1x1 conv)")
+    g.add_argument("--projector-hidden", type=int,
+                   help="hidden width of the 'mlp' projector (default: the teacher's feature width)")
+    g.add_argument("--distance", default="logsum", choices=DISTANCES, help="logsum: the paper's soft maximum; corr: "
+                   "the official DeiT code's; mean, corr-nolog: without the log (Tables 6.3, 6.9)")
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int, default=12, help="epochs (the 1x schedule)")
+    g.add_argument("--max-steps", type=int, help="cap on the steps of each epoch (smoke tests, benchmarks)")
     g.add_argument("--batch-size", type=int, default=2, help="images per process")
-    g.add_argument("--lr", type=float, default=0.02,
-                   help="SGD learning rate for a global batch of 16 images, scaled linearly to the actual one")
+    g.add_argument("--lr", type=float, default=0.02, help="SGD lr per 16 images, scaled linearly to the global batch")
     g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
     g.add_argument("--wd", type=float, default=1e-4, help="weight decay")
-    g.add_argument("--lr-steps", type=int, nargs="+", default=[8, 11], help="multiply the lr by 0.1 at these epochs")
-    g.add_argument("--warmup-iters", type=int, default=1000,
-                   help="linear warm-up iterations from lr/1000, at most one epoch's steps minus one (as torchvision)")
+    g.add_argument("--lr-milestones", type=int, nargs="+", default=[8, 11], help="lr x0.1 at these epochs")
+    g.add_argument("--warmup-iters", type=int, default=1000, help="linear warm-up from lr/1000, at most an epoch")
     g = p.add_argument_group("system")
     g.add_argument("--amp", choices=("off", "bf16", "fp16"),
-                   help="autocast of the training backbones (default: bf16 on CUDA, off on CPU); the heads and every "
-                        "evaluation stay float32")
-    g.add_argument("--channels-last", action="store_true", help="channels-last memory format for the backbones")
-    g.add_argument("--compile", action="store_true",
-                   help="torch.compile the backbones (the heads have data-dependent shapes)")
-    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                   help="cuda or cpu (under torchrun: cuda:LOCAL_RANK)")
-    g.add_argument("--workers", type=int, default=4, help="data-loading processes per process")
-    g.add_argument("--seed", type=int, default=0,
-                   help="seed: batches, flips and RPN/RoI sampling are functions of (seed, epoch, rank)")
-    g.add_argument("--sync-bn", action="store_true",
-                   help="SyncBatchNorm across processes (the projectors' BN, and the student's when not frozen)")
+                   help="autocast of the training backbones (default: bf16 on CUDA, off on CPU); heads stay float32")
+    g.add_argument("--channels-last", action=argparse.BooleanOptionalAction,
+                   help="NHWC memory layout, faster convolutions on GPUs (default: on with CUDA, off on CPU)")
+    g.add_argument("--compile", action="store_true", help="torch.compile the backbones (the heads' shapes vary)")
+    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda, cuda:N or cpu")
+    g.add_argument("--workers", type=int,
+                   help="data-loading processes per process (default: 4, at most this process's share of the cores)")
+    g.add_argument("--seed", type=int, default=0, help="batches, flips, sizes, RPN/RoI samples: f(seed, epoch, rank)")
+    g.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm for the student's and distillers' BN (CUDA)")
     g = p.add_argument_group("outputs")
     g.add_argument("--log-every", type=int, default=20, help="print a progress line every N steps")
-    g.add_argument("--max-steps", type=int, default=0,
-                   help="cap the steps per epoch (smoke tests, benchmarks); 0: no cap")
-    g.add_argument("--score-thresh", type=float, default=0.05,
-                   help="keep detections scoring above this (torchvision's default)")
-    g.add_argument("--out-dir", help="outputs (default: runs/coco_kd-<student>-<distill>, or the folder of --resume)")
+    g.add_argument("--score-thresh", type=float, default=0.05, help="keep detections scoring above this")
+    g.add_argument("--out-dir", help="output folder (default: the folder of --resume, else "
+                                     "runs/<PROG>-<student>-<distill>, with -dummy for --dummy runs)")
     g.add_argument("--resume", metavar="PATH", help="continue the run of this checkpoint (its last.pt)")
-    g.add_argument("--evaluate", action="store_true",
-                   help="evaluate the student of --resume PATH on val, write eval.json, exit")
+    g.add_argument("--evaluate", action="store_true", help="score the student of --resume on val, write eval.json")
     args = p.parse_args(argv)
-    args.amp = args.amp or ("bf16" if args.device.startswith("cuda") else "off")  # derived defaults, resolved once
-    args.out_dir = args.out_dir or (os.path.dirname(args.resume) if args.resume else
-                                    f"runs/{PROG}-{args.student}-{args.distill}")
+    cuda = args.device.startswith("cuda")  # derived defaults, resolved once
+    args.amp = args.amp or ("bf16" if cuda else "off")
+    args.channels_last = cuda if args.channels_last is None else args.channels_last
+    if args.workers is None:  # never more loader processes than cores: each would compete for them
+        args.workers = max(1, min(4, len(os.sched_getaffinity(0)) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
+    args.out_dir = Path(args.out_dir or (Path(args.resume).parent if args.resume else
+                                         f"runs/{PROG}-{args.student}-{args.distill}" + "-dummy" * args.dummy))
+    for name in ("epochs", "batch_size", "log_every", "max_steps", "alpha", "projector_hidden", "max_size"):
+        if getattr(args, name) is not None and getattr(args, name) <= 0:
+            fail(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    for name in ("lr", "wd"):
+        if getattr(args, name) is not None and getattr(args, name) < 0:
+            fail(f"--{name.replace('_', '-')} must not be negative, got {getattr(args, name)}")
+    if min(args.min_size) <= 0:  # an extra check: a list of sizes
+        fail(f"--min-size must be positive, got {args.min_size}")
     return args
 
 
-# ----------------------------------------------------------------------------------------------
-# Data: COCO boxes as Faster R-CNN targets, aspect-ratio grouped batches
+class StudentWithDistiller(nn.Module):
+    """What DDP wraps: the student's training forward and the distillers (one per paired FPN level, {student:
+    teacher} in ``levels``), so the projectors W_p are averaged like the student's weights and stay identical
+    on every rank. ``forward(batch, targets, features_t) -> (the detection losses, loss_feat or None)``.
+    Backbone and FPN (nearly all the FLOPs) run under the caller's autocast; the RPN and RoI heads and the
+    distillers stay in float32, as bf16's 8-bit mantissa would move box corners near x = 1000 by up to 4 px."""
 
+    def __init__(self, student, distiller, levels):
+        super().__init__()
+        self.student, self.distiller, self.levels = student, distiller, levels
+
+    def forward(self, batch, targets, features_t=None):
+        features = self.student.backbone(batch.tensors)
+        with torch.autocast(batch.tensors.device.type, enabled=False):
+            features = {k: v.float() for k, v in features.items()}
+            proposals, rpn_losses = self.student.rpn(batch, features, targets)
+            _, roi_losses = self.student.roi_heads(features, proposals, batch.image_sizes, targets)
+            loss_feat = None if features_t is None else sum(  # d(BN(z_s W_p), BN(z_t)) at every paired level
+                self.distiller[ks](features[ks], features_t[kt].float()) for ks, kt in self.levels.items())
+        return {**rpn_losses, **roi_losses}, loss_feat
+
+
+@torch.no_grad()
+def match_levels(student, teacher):
+    """Pair FPN levels by their measured stride, each teacher level once: {student: teacher}, and the levels'
+    shapes. The ResNet and MobileNetV2 FPNs have '0'-'3' and 'pool' at strides 4-64: all five pair. torchvision's
+    MobileNetV3 FPN has '0' and '1' both at stride 32 and 'pool' at 64: its deeper '1' meets the teacher's '3'."""
+    x, shapes = torch.zeros(1, 3, 256, 256), []
+    for model in (student, teacher):
+        mode = model.training
+        shapes.append({k: tuple(v.shape[1:]) for k, v in model.eval().backbone(x).items()})
+        model.train(mode)
+    by_size = {s[1:]: ks for ks, s in shapes[0].items()}  # map size (stride) -> the student's last level of that size
+    return {by_size[t[1:]]: kt for kt, t in shapes[1].items() if t[1:] in by_size}, shapes
+
+
+def transform(model, images, targets=None, channels_last=False):
+    """Normalise, resize and pad: the ImageList that both backbones see."""
+    batch, targets = model.transform(images, targets)
+    if channels_last:
+        batch.tensors = batch.tensors.contiguous(memory_format=torch.channels_last)
+    return batch, targets
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    t_start = time.time()
+
+    # ---- set-up: one code path; torchrun's RANK means DDP --------------------------------------------------------
+    distributed = "RANK" in os.environ
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    is_main = rank == 0
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        fail(f"unknown --device {args.device!r}; pass cuda, cuda:N or cpu")
+    if device.type == "cuda":  # one process per GPU under torchrun; an explicit index for set_device
+        if not torch.cuda.is_available():
+            fail(f"--device {args.device} but CUDA is not available; pass --device cpu")
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) if distributed else device.index or 0)
+        torch.cuda.set_device(device)
+        # no cudnn.benchmark: detection batches come in many sizes, and it would re-tune for each
+        torch.set_float32_matmul_precision("high")  # TF32 where --amp off leaves float32 matmuls
+    if distributed:
+        cuda = device.type == "cuda"
+        dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
+    torch.manual_seed(args.seed)  # the same initialisation on every rank (the frozen teacher is not DDP-synchronised)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp)
+    autocast = torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
+    global_batch = args.batch_size * world
+    lr = args.lr * global_batch / 16  # linear scaling from detectron2's 0.02 per 16 images
+    out_dir = args.out_dir
+    args_json = json.loads(json.dumps(vars(args), default=str))  # plain types, for weights_only loads
+
+    # ---- bad input: refused before anything is written ---------------------------------------------------------
+    if COCO is None:
+        fail("pycocotools is not installed; pip install pycocotools")
+    if args.evaluate and not args.resume:
+        fail("--evaluate needs --resume PATH, the checkpoint whose student to evaluate")
+    if args.amp == "fp16" and device.type != "cuda":
+        fail("--amp fp16 needs CUDA (its GradScaler); use --amp bf16 or off on CPU")
+    if args.sync_bn and device.type != "cuda":
+        fail("--sync-bn needs CUDA (SyncBatchNorm runs on GPUs only); leave it out on CPU")
+    if out_dir.is_file():
+        fail(f"--out-dir {out_dir} is a file; pass a folder")
+    if not args.resume and ((out_dir / "args.json").exists() or (out_dir / "last.pt").exists()):
+        fail(f"{out_dir} already holds a run; pass --resume {out_dir}/last.pt to continue it, "
+             "or choose another --out-dir")
+    checkpoint = read_checkpoint(args.resume) if args.resume else None
+    if checkpoint is not None and not args.evaluate:  # --evaluate scores any student weights
+        if not (isinstance(checkpoint, dict) and {"optimizer", "epoch", "args"} <= checkpoint.keys()):
+            fail(f"{args.resume} is not a training checkpoint of {PROG}; pass the last.pt of one of its runs")
+        if checkpoint["epoch"] >= args.epochs:
+            fail(f"{args.resume} has trained {checkpoint['epoch']} epochs already; "
+                 f"pass --epochs above {checkpoint['epoch']}")
+        for flag in RESUME_MUST_MATCH:  # what makes it the same run; speed and logging flags may change
+            if checkpoint["args"].get(flag) != args_json[flag]:
+                fail(f"{args.resume} was trained with --{flag.replace('_', '-')} {checkpoint['args'].get(flag)}, "
+                     f"not {args_json[flag]}; pass that run's flags to resume it")
+        if checkpoint.get("world_size", world) != world:  # the global batch, hence the lr and the steps per epoch
+            fail(f"{args.resume} was trained by {checkpoint['world_size']} processes, not {world}; use as many")
+
+    # ---- data: aspect-ratio grouped training batches; val sharded by rank, nothing dropped -------------------------
+    train_set, val_set = build_data(args)
+    steps = len(train_batches(train_set.aspect, args.batch_size, args.seed, 0, rank, world))
+    steps = min(steps, args.max_steps or steps)
+    if steps == 0:
+        fail(f"{len(train_set)} training images make no batch for each of {world} processes; lower --batch-size")
+    # one val image per batch, as torchvision's reference: padding to a batch's size never moves a prediction
+    val_batches = [[(i, False)] for i in range(rank, len(val_set), world)]
+    val_loader = loader(val_set, val_batches, args, device)
+
+    # ---- models: student, teacher, distiller (one per pair of FPN levels of one stride); --evaluate ends here ----
+    try:
+        student = build_student(args, args.student, not (args.no_pretrained_backbone or args.dummy or args.evaluate))
+    except OSError as e:  # offline: torchvision could not fetch the ImageNet weights
+        fail(f"could not load the ImageNet weights of the {args.student} backbone ({type(e).__name__}); "
+             "connect once so that torchvision caches them, or pass --no-pretrained-backbone")
+    if checkpoint is not None:
+        load_weights(student, checkpoint, args.resume, "student")
+    teacher, teacher_tag, levels, distiller = None, None, {}, nn.ModuleDict()
+    if args.distill == "srd" and not args.evaluate:
+        teacher, teacher_tag = build_teacher(args)
+        levels, shapes = match_levels(student, teacher)
+        distiller = nn.ModuleDict({  # per-rank statistics: the FPN maps of a global batch are too large to gather
+            ks: FeatureDistiller(shapes[0][ks][0], shapes[1][kt][0], args.projector, args.norm, args.distance,
+                                 args.alpha, global_batch=False, hidden=args.projector_hidden)
+            for ks, kt in levels.items()})
+    for detector in filter(None, (student, teacher)):
+        detector.to(device)
+        if args.channels_last:
+            detector.backbone.to(memory_format=torch.channels_last)
+        if args.compile:
+            detector.backbone.compile()
+    distiller.to(device)
+    if args.evaluate:
+        record = {**evaluate(student, val_loader, device, args.channels_last), "checkpoint": args.resume}
+        if is_main:
+            print(f"{args.resume} (epoch {checkpoint.get('epoch')}): {fmt(record)} on {record['images']} val images")
+            out_dir.mkdir(parents=True, exist_ok=True)
+            save_atomic(json.dumps(record, indent=2) + "\n", out_dir / "eval.json")
+        if distributed:
+            dist.destroy_process_group()
+        return record
+
+    # ---- optimisation: SGD on the student and the projectors W_p; linear warm-up, x0.1 at --lr-milestones -------
+    model = StudentWithDistiller(student, distiller, levels)
+    if distributed and args.sync_bn:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if distributed:
+        model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr, momentum=args.momentum,
+                                weight_decay=args.wd)
+    warmup_iters = min(args.warmup_iters, steps - 1)  # at most one epoch minus one step, as torchvision's engine.py
+
+    def lr_factor(it):  # it: optimizer steps taken so far
+        warmup = min(1.0, 0.001 + 0.999 * it / warmup_iters) if warmup_iters else 1.0
+        return warmup * 0.1 ** sum(it // steps >= m for m in args.lr_milestones)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+    scaler = torch.amp.GradScaler("cuda", enabled=args.amp == "fp16")
+
+    # ---- resume ----------------------------------------------------------------------------------------------------
+    start_epoch, best, best_epoch = 0, None, None
+    if checkpoint is not None:
+        distiller.load_state_dict(checkpoint["distiller"] or {})
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        scheduler.load_state_dict(checkpoint["scheduler"])
+        scaler.load_state_dict(checkpoint["scaler"])
+        start_epoch, best, best_epoch = checkpoint["epoch"], checkpoint["best"], checkpoint["best_epoch"]
+
+    # ---- outputs: the run writes from here on ----------------------------------------------------------------------
+    metrics_path = out_dir / "metrics.jsonl"
+    if is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        save_atomic(json.dumps(args_json, indent=2) + "\n", out_dir / "args.json")
+        if checkpoint is not None and metrics_path.exists():  # forget the epochs logged after the checkpoint
+            save_atomic("".join(line for line in metrics_path.read_text().splitlines(True)
+                                if line.strip() and json.loads(line)["epoch"] <= start_epoch), metrics_path)
+        print("args: " + json.dumps(args_json))
+        print(f"world size {world} | device {device} | amp {args.amp} | global batch {global_batch} | lr {lr:g} | "
+              f"{steps} steps/epoch | params: student {n_params(student):.2f}m, distiller {n_params(distiller):.3f}m, "
+              f"teacher {n_params(teacher):.2f}m | {len(train_set)} train / {len(val_set)} val images")
+        if teacher is not None:
+            print(f"teacher {args.teacher} with {teacher_tag}; distilled FPN levels (student: teacher) {levels}")
+        if checkpoint is not None:
+            print(f"resuming {args.resume}: {start_epoch} epochs done, best AP {100 * best:.1f} (epoch {best_epoch})")
+
+    # ---- the teacher's score: a wrong checkpoint or pre-processing shows here, before any training -----------------
+    teacher_metrics = None
+    if teacher is not None:
+        n_check = args.teacher_eval_images or len(val_set)
+        teacher_metrics = evaluate(teacher, loader(val_set, [b for b in val_batches if b[0][0] < n_check], args,
+                                                   device), device, args.channels_last)
+        published = COCO_TEACHERS.get(args.teacher) if teacher_tag.startswith("torchvision") else None
+        if is_main:
+            n, ap = teacher_metrics["images"], 100 * teacher_metrics["AP"]
+            print(f"teacher val: {fmt(teacher_metrics)} on {n} images")
+            if published and abs(ap - published) > 2:
+                print(f"warning: {args.teacher} scores AP {ap:.1f} on {n} val images, published {published} on all "
+                      "5,000; check --data-dir and --min-size/--max-size (800/1333)")
+
+    # ---- training --------------------------------------------------------------------------------------------------
+    zero = torch.zeros((), device=device)  # loss_feat without a teacher
+    t_loop, total_steps, epoch_ips, last = time.time(), (args.epochs - start_epoch) * steps, [], None
+    for epoch in range(start_epoch, args.epochs):
+        torch.manual_seed(seed_of(args.seed, epoch, rank))  # sizes, RPN/RoI sampling: f(seed, epoch, rank)
+        batches = train_batches(train_set.aspect, args.batch_size, args.seed, epoch, rank, world)[:steps]
+        interval = torch.zeros(len(DET_LOSSES) + 1, device=device)  # the detection terms and feat, on device
+        seen, data_time, last_log, epoch_sums, epoch_images = 0, 0.0, 0, [0.0] * len(interval), 0
+        t_epoch = t_log = t_ready = time.time()
+        for step, (images, targets) in enumerate(loader(train_set, batches, args, device), 1):
+            data_time += time.time() - t_ready
+            images = [image.to(device, non_blocking=True).float().div_(255) for image in images]
+            targets = [{k: t[k].to(device, non_blocking=True) for k in ("boxes", "labels")} for t in targets]
+            batch, targets = transform(student, images, targets, args.channels_last)  # once, for both backbones
+            with autocast:
+                features_t = None
+                if teacher is not None:
+                    with torch.no_grad():
+                        features_t = teacher.backbone(batch.tensors)
+                losses, loss_feat = model(batch, targets, features_t)
+                loss_feat = zero if loss_feat is None else loss_feat
+                loss = sum(losses[k] for k in DET_LOSSES) + args.feat_weight * loss_feat
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+            interval += torch.stack([*(losses[k].detach() for k in DET_LOSSES), loss_feat.detach()])
+            seen += len(images)
+            if step % args.log_every == 0 or step == steps:  # the only host-device syncs of the loop
+                stats = torch.cat([interval, interval.new_tensor([seen])])
+                if distributed:
+                    dist.all_reduce(stats)
+                *sums, n_images = stats.tolist()
+                mean = [v / ((step - last_log) * world) for v in sums]
+                if not all(map(math.isfinite, mean)):
+                    terms = " ".join(f"{k} {v}" for k, v in zip([*DET_LOSSES, "loss_feat"], mean))
+                    fail(f"non-finite loss at epoch {epoch + 1} step {step}: {terms}; lower --lr or --feat-weight", 3)
+                now, done = time.time(), (epoch - start_epoch) * steps + step
+                if is_main:
+                    eta = datetime.timedelta(seconds=round((now - t_loop) / done * (total_steps - done)))
+                    det = " ".join(f"{short} {v:.3f}" for short, v in zip(DET_LOSSES.values(), mean))
+                    feat = f" feat {mean[-1]:.3f}" if teacher is not None else ""
+                    print(f"epoch {epoch + 1}/{args.epochs} step {step}/{steps} | det {sum(mean[:-1]):.3f} ({det})"
+                          f"{feat} | lr {optimizer.param_groups[0]['lr']:.4g} | {n_images / (now - t_log):.1f} img/s"
+                          f" | data {1000 * data_time / (step - last_log):.1f} ms/step | eta {eta}")
+                epoch_sums, epoch_images = [a + b for a, b in zip(epoch_sums, sums)], epoch_images + n_images
+                interval.zero_()
+                seen, data_time, last_log, t_log = 0, 0.0, step, now
+            t_ready = time.time()
+        epoch_s = time.time() - t_epoch
+        epoch_ips.append(epoch_images / epoch_s)
+
+        # ---- evaluation, checkpoint, record ------------------------------------------------------------------------
+        metrics = evaluate(student, val_loader, device, args.channels_last)
+        last = metrics["AP"]
+        if best is None or last > best:
+            best, best_epoch = last, epoch + 1
+        if is_main:
+            checkpoint = {"student": student.state_dict(), "distiller": distiller.state_dict() if teacher else None,
+                          "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                          "scaler": scaler.state_dict(), "epoch": epoch + 1, "best": best, "best_epoch": best_epoch,
+                          "args": args_json, "world_size": world}
+            save_atomic(checkpoint, out_dir / "last.pt")  # before the record: the two never disagree
+            if best_epoch == epoch + 1:
+                save_atomic(checkpoint, out_dir / "best.pt")
+            mean = [v / (steps * world) for v in epoch_sums]
+            record = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"], "loss_det": sum(mean[:-1]),
+                      **dict(zip(DET_LOSSES, mean)), "loss_kd": None, "loss_feat": mean[-1] if teacher else None,
+                      **metrics, "eval_images": metrics["images"], "images_per_s": epoch_ips[-1], "epoch_s": epoch_s,
+                      "peak_mem_mb": peak_memory_mb(device)}
+            if teacher is not None:  # every singular value of each level's W_p, sorted: the paper's Figure 6.2
+                spectra = {ks: projector_spectrum(d) for ks, d in distiller.items()}
+                record["projector_sv"] = {ks: None if sv is None else sv.tolist() for ks, sv in spectra.items()}
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+            print(f"epoch {epoch + 1}/{args.epochs} | val {fmt(metrics)} on {metrics['images']} images | best AP "
+                  f"{100 * best:.1f} (epoch {best_epoch}) | {epoch_s:.0f} s | peak {record['peak_mem_mb']:.0f} MB")
+
+    # ---- summary: the headline is the last epoch's AP, as detection papers report; best is a diagnostic ------------
+    summary = {"metric": "AP", "best": best, "best_epoch": best_epoch, "last": last, "headline": "last",
+               "teacher": teacher_metrics["AP"] if teacher_metrics else None, "student_arch": args.student,
+               "teacher_arch": args.teacher if teacher else None, "distill": args.distill,
+               "wall_s": time.time() - t_start, "images_per_s": sum(epoch_ips) / len(epoch_ips),
+               "peak_mem_mb": peak_memory_mb(device), "world_size": world, "versions": versions(),
+               "teacher_metrics": teacher_metrics, "levels": levels}
+    if is_main:
+        save_atomic(json.dumps(summary, indent=2) + "\n", out_dir / "summary.json")
+        print(f"done: best AP {100 * best:.1f} (epoch {best_epoch}), last AP {100 * last:.1f} (the headline) | "
+              f"{summary['wall_s'] / 60:.1f} min | {out_dir}")
+    if distributed:
+        dist.destroy_process_group()
+    return summary
+
+
+# =====================================================================================================
+# Appendix: the plumbing a reader of the method can skip (data, model zoo, teacher weights, checkpoints)
+# =====================================================================================================
+
+# ---- data: COCO boxes as Faster R-CNN targets, aspect-ratio grouped batches ----
 class CocoBoxes(CocoDetection):
     """COCO images (uint8, CHW) with targets ``{boxes (xyxy), labels, image_id}``.
 
@@ -179,7 +480,7 @@ class CocoBoxes(CocoDetection):
             super().__init__(root, ann_file)
         if train:
             self.ids = [i for i in self.ids if len(self.target(i)["boxes"])]
-        self.aspect = [self.coco.imgs[i]["height"] / self.coco.imgs[i]["width"] for i in self.ids]
+        self.aspect = [self.coco.imgs[i]["width"] / self.coco.imgs[i]["height"] for i in self.ids]
 
     def target(self, image_id):
         info = self.coco.imgs[image_id]
@@ -206,7 +507,7 @@ class DummyBoxes(torch.utils.data.Dataset):
     def __init__(self, n, size, offset):
         self.ids = list(range(offset, offset + n))
         self.shapes = [(size, size * 4 // 3) if i % 2 else (size * 4 // 3, size) for i in self.ids]
-        self.aspect = [h / w for h, w in self.shapes]
+        self.aspect = [w / h for h, w in self.shapes]
         self.targets = [self.make_target(i) for i in range(n)]
         boxes = [(t["image_id"], int(c), x0, y0, x1 - x0, y1 - y0)
                  for t in self.targets for (x0, y0, x1, y1), c in zip(t["boxes"].tolist(), t["labels"])]
@@ -249,7 +550,7 @@ def build_data(args):
     """(train set, val set): COCO 2017 under --data-dir, or --dummy's random boxes. A split that is missing or
     ill-formed fails with what is wrong and the expected layout."""
     if args.dummy:
-        return DummyBoxes(256, args.min_size, 1), DummyBoxes(7, args.min_size, 10_001)
+        return DummyBoxes(256, args.min_size[-1], 1), DummyBoxes(7, args.min_size[-1], 10_001)
     sets = []
     for split in ("train2017", "val2017"):
         ann_file = os.path.join(args.data_dir, "annotations", f"instances_{split}.json")
@@ -283,11 +584,11 @@ def build_data(args):
 
 
 def train_batches(aspect, batch_size, seed, epoch, rank, world):
-    """This rank's batches for one epoch, grouped by aspect ratio (height / width) in the bins of
+    """This rank's batches for one epoch, grouped by aspect ratio (width / height) in the bins of
     torchvision's reference (``create_aspect_ratio_groups``, factor 3: edges 2 ** linspace(-1, 1, 7)), so
     that padding a batch to one size wastes little. Order and flips are functions of (seed, epoch), so a
     resumed run sees the same batches; every rank gets the same number of batches."""
-    g = torch.Generator().manual_seed(seed * 1000 + epoch)
+    g = torch.Generator().manual_seed(seed_of(seed, epoch))
     order = torch.randperm(len(aspect), generator=g).tolist()
     flips = (torch.rand(len(aspect), generator=g) < 0.5).tolist()
     edges = 2 ** torch.linspace(-1, 1, 7, dtype=torch.float64)  # bisect_right into these, as the reference
@@ -309,14 +610,20 @@ def loader(dataset, batches, args, device):
                                        pin_memory=device.type == "cuda")
 
 
-# ----------------------------------------------------------------------------------------------
-# Models: torchvision Faster R-CNNs, their forward written out, and the distillers
-
+# ---- models: torchvision Faster R-CNNs, COCOeval ----
 def build_student(args, name, pretrained):
     """A Faster R-CNN + FPN on the backbone ``name`` (--student, or a teacher in a student layout). As in
     torchvision's builders, a pretrained backbone (IMAGENET1K_V1, the weights they use, not V2) keeps its BN
-    frozen and its stem and first stage fixed; a random one trains everything."""
+    frozen and its stem and first stage fixed; a random one trains everything. ``mobilenet_v2`` is ReviewKD's
+    detectron2 student: an FPN over the ends of its stride-4/8/16/32 stages (features 3, 6, 13, 17: 24, 32, 96
+    and 320 channels) plus a max-pool level, BN frozen when pretrained and every layer trained (FREEZE_AT 0)."""
     weights = "IMAGENET1K_V1" if pretrained else None
+    if name == "mobilenet_v2":
+        body = torchvision.models.mobilenet_v2(weights=MobileNet_V2_Weights.IMAGENET1K_V1 if pretrained else None,
+                                               norm_layer=FrozenBatchNorm2d if pretrained else nn.BatchNorm2d)
+        backbone = BackboneWithFPN(body.features, {"3": "0", "6": "1", "13": "2", "17": "3"}, [24, 32, 96, 320],
+                                   256, extra_blocks=LastLevelMaxPool())
+        return detection.FasterRCNN(backbone, **detector_kwargs(args))
     if name == "mobilenet_v3_large":
         return detection.fasterrcnn_mobilenet_v3_large_fpn(weights=None, weights_backbone=weights,
                                                            **detector_kwargs(args))
@@ -326,7 +633,7 @@ def build_student(args, name, pretrained):
 
 
 def detector_kwargs(args):
-    return dict(num_classes=NUM_CLASSES, min_size=args.min_size, max_size=args.max_size,
+    return dict(num_classes=NUM_CLASSES, min_size=tuple(args.min_size), max_size=args.max_size,
                 box_score_thresh=args.score_thresh)
 
 
@@ -338,7 +645,7 @@ def build_teacher(args):
         try:
             weights = None if args.teacher_ckpt or random_init else "DEFAULT"
             teacher = getattr(detection, args.teacher)(weights=weights, weights_backbone=None, **detector_kwargs(args))
-        except Exception as e:  # offline
+        except OSError as e:  # offline
             fail(f"could not load torchvision's COCO weights of {args.teacher} ({type(e).__name__}); "
                  "pass --teacher-ckpt PATH")
     elif args.teacher_ckpt or random_init:
@@ -351,76 +658,6 @@ def build_teacher(args):
     tag = ("RANDOM weights (--dummy without --teacher-ckpt)" if random_init
            else args.teacher_ckpt or "torchvision's COCO weights")
     return teacher.eval().requires_grad_(False), tag
-
-
-def read_checkpoint(path):
-    try:  # checkpoints are untrusted input (CONVENTIONS §5): tensors and plain containers only
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        fail(f"cannot read checkpoint {path} ({type(e).__name__}); pass an existing file written by torch.save")
-
-
-def load_weights(model, checkpoint, path, what):
-    """Strict load of what read_checkpoint returned: a bare state dict or one under model/state_dict/student,
-    ``module.`` (DDP) and ``_orig_mod.`` (torch.compile) prefixes stripped."""
-    state = checkpoint
-    if isinstance(state, dict):
-        state = next((state[k] for k in ("model", "state_dict", "student") if isinstance(state.get(k), dict)), state)
-    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
-        fail(f"{what} checkpoint {path} holds no state dict; pass a state dict or a checkpoint of this script")
-    state = {re.sub(r"^((module|_orig_mod)\.)+", "", k): v for k, v in state.items()}
-    own = model.state_dict()
-    missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]  # frozen-BN layouts
-    unexpected = [k for k in state if k not in own]
-    resized = [k for k in own if k in state and own[k].shape != state[k].shape]  # another layout or class count
-    if missing or unexpected or resized:
-        fail(f"{what} checkpoint {path} does not fit --{what}: missing {missing[:3]}, unexpected {unexpected[:3]}, "
-             f"other shapes {resized[:3]}; check --{what}")
-    model.load_state_dict(state, strict=False)
-
-
-def transform(model, images, targets=None, channels_last=False):
-    """Normalise, resize and pad: the ImageList that both backbones see."""
-    batch, targets = model.transform(images, targets)
-    if channels_last:
-        batch.tensors = batch.tensors.contiguous(memory_format=torch.channels_last)
-    return batch, targets
-
-
-@torch.no_grad()
-def match_levels(student, teacher):
-    """Pair FPN levels by stride, each teacher level once: {student: teacher}, and the levels' shapes.
-    ResNet FPNs have '0'-'3' and 'pool' at strides 4-64; torchvision's MobileNetV3 FPN has '0' and '1'
-    both at stride 32 and 'pool' at 64: its deeper '1' meets the teacher's '3' (the top of both pyramids)."""
-    x, shapes = torch.zeros(1, 3, 256, 256), []
-    for model in (student, teacher):
-        mode = model.training
-        shapes.append({k: tuple(v.shape[1:]) for k, v in model.eval().backbone(x).items()})
-        model.train(mode)
-    by_size = {s[1:]: ks for ks, s in shapes[0].items()}  # map size (stride) -> the student's last level of that size
-    return {by_size[t[1:]]: kt for kt, t in shapes[1].items() if t[1:] in by_size}, shapes
-
-
-class StudentWithDistiller(nn.Module):
-    """What DDP wraps: the student's training forward and the distillers (one per paired FPN level, {student:
-    teacher} in ``levels``), so the projectors W_p are averaged like the student's weights and stay identical
-    on every rank. ``forward(batch, targets, features_t) -> (the detection losses, loss_feat or None)``.
-    Backbone and FPN (nearly all the FLOPs) run under the caller's autocast; the RPN and RoI heads and the
-    distillers stay in float32, as bf16's 8-bit mantissa would move box corners near x = 1000 by up to 4 px."""
-
-    def __init__(self, student, distiller, levels):
-        super().__init__()
-        self.student, self.distiller, self.levels = student, distiller, levels
-
-    def forward(self, batch, targets, features_t=None):
-        features = self.student.backbone(batch.tensors)
-        with torch.autocast(batch.tensors.device.type, enabled=False):
-            features = {k: v.float() for k, v in features.items()}
-            proposals, rpn_losses = self.student.rpn(batch, features, targets)
-            _, roi_losses = self.student.roi_heads(features, proposals, batch.image_sizes, targets)
-            loss_feat = None if features_t is None else sum(  # d(BN(z_s W_p), BN(z_t)) at every paired level
-                self.distiller[ks](features[ks], features_t[kt].float()) for ks, kt in self.levels.items())
-        return {**rpn_losses, **roi_losses}, loss_feat
 
 
 @torch.no_grad()
@@ -467,15 +704,53 @@ def fmt(metrics):
     return " ".join(f"{k} {'-' if metrics[k] is None else f'{100 * metrics[k]:.1f}'}" for k in METRICS)
 
 
+# ---- checkpoints and the helpers every script shares ----
+def seed_of(*parts):
+    """A 32-bit seed that is a function of ``parts`` (seed, epoch, rank or index) and nothing else."""
+    return int(np.random.SeedSequence(parts).generate_state(1)[0])
+
+
+def read_checkpoint(path):
+    """torch.load with weights_only=True: checkpoints are untrusted input (tensors and plain containers only)."""
+    if not Path(path).is_file():
+        fail(f"{path}: no such file; pass the path of a checkpoint")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a truncated file, a text file, an unsafe pickle ...
+        reason = (str(e).strip().splitlines() or [""])[0][:160]
+        fail(f"{path} is not a torch checkpoint ({type(e).__name__}: {reason}); pass a file written by torch.save")
+
+
+def load_weights(model, checkpoint, path, what):
+    """Load a state dict strictly: bare, or under 'model', 'state_dict' or 'student'; 'module.' and '_orig_mod.'
+    prefixes stripped. A mismatch fails naming a few missing, unexpected and wrongly shaped keys."""
+    state = checkpoint
+    if isinstance(state, dict):
+        state = next((state[k] for k in ("model", "state_dict", "student") if isinstance(state.get(k), dict)), state)
+    if not isinstance(state, dict) or not state or not all(torch.is_tensor(v) for v in state.values()):
+        fail(f"{path} holds no state dict (nor one under 'model', 'state_dict' or 'student'); pass a model checkpoint")
+    state = {re.sub(r"^((module|_orig_mod)\.)+", "", k): v for k, v in state.items()}
+    own = model.state_dict()
+    missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]  # absent in old files
+    unexpected = [k for k in state if k not in own]
+    resized = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
+               if k in state and state[k].shape != v.shape]
+    if missing or unexpected or resized:
+        few = lambda keys: ", ".join(keys[:3]) + (f" (+{len(keys) - 3})" if len(keys) > 3 else "") or "none"
+        fail(f"{path} does not fit the {what}: missing {few(missing)}; unexpected {few(unexpected)}; "
+             f"wrong shape {few(resized)}; pass a checkpoint of that architecture")
+    model.load_state_dict(state)
+
+
 def save_atomic(obj, path):
-    """A reader never sees a half-written checkpoint, a crash never destroys the previous one."""
-    torch.save(obj, path + ".tmp")
-    os.replace(path + ".tmp", path)
-
-
-def write_json(path, obj):
-    with open(path, "w") as f:
-        json.dump(obj, f, indent=1)
+    """Write to a temp file in the same folder, then rename: a crash never leaves half a file, nor destroys the
+    previous one."""
+    tmp = Path(path).with_name(Path(path).name + ".tmp")
+    if isinstance(obj, str):
+        tmp.write_text(obj)
+    else:
+        torch.save(obj, tmp)
+    os.replace(tmp, path)
 
 
 def peak_memory_mb(device):
@@ -488,247 +763,22 @@ def n_params(module):
     return sum(p.numel() for p in module.parameters()) / 1e6 if module is not None else 0
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    t_start = time.time()
-
-    # ---- set-up: one code path for one process and for torchrun (which sets RANK) --------------------------
-    cuda = args.device.startswith("cuda")
-    distributed = "RANK" in os.environ
-    if distributed:
-        dist.init_process_group(backend="nccl" if cuda else "gloo")
-    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device(args.device)
-    if cuda:
-        torch.cuda.set_device(device)
-    is_main = rank == 0
-    torch.manual_seed(args.seed + rank)
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp)
-    autocast = torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
-    global_batch, out_dir = args.batch_size * world, args.out_dir
-
-    # ---- bad input -----------------------------------------------------------------------------------------
-    if COCO is None:
-        fail("pycocotools is not installed; pip install pycocotools")
-    for flag, name, choices in (("--student", args.student, STUDENTS),
-                                ("--teacher", args.teacher, (*COCO_TEACHERS, *STUDENTS))):
-        if name not in choices:
-            fail(f"unknown {flag} {name!r}; choose from {', '.join(choices)}")
-    if args.evaluate and not args.resume:
-        fail("--evaluate needs --resume PATH, the checkpoint whose student to evaluate")
-    if args.resume and not os.path.isfile(args.resume):
-        fail(f"--resume file {args.resume} does not exist; pass the last.pt of a run")
-    if not args.resume and any(os.path.exists(os.path.join(out_dir, f)) for f in ("args.json", "last.pt")):
-        fail(f"{out_dir} already holds a run; pass --resume {out_dir}/last.pt to continue it, "
-             "or choose another --out-dir")
-    if args.amp == "fp16" and device.type != "cuda":
-        fail("--amp fp16 needs CUDA (its GradScaler); use --amp bf16 or off on CPU")
-    if args.sync_bn and device.type != "cuda":
-        fail("--sync-bn needs CUDA (SyncBatchNorm runs on GPUs only); leave it out on CPU")
-
-    # ---- data: aspect-ratio grouped training batches; val sharded by rank, nothing dropped -----------------
-    train_set, val_set = build_data(args)
-    steps = len(train_batches(train_set.aspect, args.batch_size, args.seed, 0, rank, world))
-    steps = min(steps, args.max_steps or steps)
-    if steps == 0:
-        fail(f"{len(train_set)} training images make no batch for each of {world} processes; "
-             "use a smaller --batch-size")
-    # one val image per batch, as torchvision's reference: padding to a batch's size never moves a prediction
-    val_batches = [[(i, False)] for i in range(rank, len(val_set), world)]
-    val_loader = loader(val_set, val_batches, args, device)
-
-    # ---- models: student (with --resume's weights), teacher, distillers by stride; --evaluate ends here ----
-    try:
-        student = build_student(args, args.student, not (args.no_pretrained_backbone or args.dummy or args.evaluate))
-    except Exception as e:  # offline: torchvision could not fetch the ImageNet weights
-        fail(f"could not load the ImageNet weights of the {args.student} backbone ({type(e).__name__}); "
-             "connect once so that torchvision caches them, or pass --no-pretrained-backbone")
-    checkpoint = read_checkpoint(args.resume) if args.resume else None
-    if checkpoint is not None:
-        load_weights(student, checkpoint, args.resume, "student")
-    teacher, levels, distiller = None, {}, nn.ModuleDict()
-    if args.distill == "srd" and not args.evaluate:
-        teacher, teacher_tag = build_teacher(args)
-        levels, shapes = match_levels(student, teacher)
-        distiller = nn.ModuleDict({  # per-rank statistics: the FPN maps of a global batch are too large to gather
-            ks: FeatureDistiller(shapes[0][ks][0], shapes[1][kt][0], args.projector, args.norm, args.distance,
-                                 args.alpha, global_batch=False) for ks, kt in levels.items()})
-    for detector in filter(None, (student, teacher)):
-        detector.to(device)
-        if args.channels_last:
-            detector.backbone.to(memory_format=torch.channels_last)
-        if args.compile:
-            detector.backbone.compile()
-    distiller.to(device)
-    if args.evaluate:
-        metrics = evaluate(student, val_loader, device, args.channels_last)
-        if is_main:
-            print(f"{args.resume} (epoch {checkpoint.get('epoch')}): {fmt(metrics)} on {metrics['images']} val images")
-            os.makedirs(out_dir, exist_ok=True)
-            write_json(os.path.join(out_dir, "eval.json"), {**metrics, "checkpoint": args.resume})
-        if distributed:
-            dist.destroy_process_group()
-        return metrics
-
-    # ---- optimisation: SGD on the student and the projectors W_p; linear warm-up, x0.1 at --lr-steps -------
-    lr = args.lr * global_batch / 16
-    model = StudentWithDistiller(student, distiller, levels)
-    if distributed and args.sync_bn:
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    if distributed:
-        model = DistributedDataParallel(model, device_ids=[device.index] if cuda else None)
-    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr, momentum=args.momentum,
-                                weight_decay=args.wd)
-    warmup_iters = min(args.warmup_iters, steps - 1)  # at most one epoch minus one step, as torchvision's engine.py
-
-    def lr_factor(it):  # it: optimizer steps taken so far
-        warmup = min(1.0, 0.001 + 0.999 * it / warmup_iters) if warmup_iters else 1.0
-        return warmup * 0.1 ** sum(it // steps >= m for m in args.lr_steps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
-    scaler = torch.amp.GradScaler("cuda", enabled=args.amp == "fp16")
-
-    # ---- resume --------------------------------------------------------------------------------------------
-    start_epoch, best, best_epoch = 0, None, None
-    if checkpoint is not None:
-        if "optimizer" not in checkpoint:
-            fail(f"--resume {args.resume} holds weights only; pass the last.pt of a run of this script")
+def versions():
+    """The software of a run, for summary.json (None for a package that is not installed: no script needs timm
+    unless it uses it)."""
+    found = {}
+    for package in ("torch", "torchvision", "timm"):
         try:
-            distiller.load_state_dict(checkpoint["distiller"] or {})
-        except RuntimeError:
-            fail(f"the distillers in {args.resume} do not fit --distill {args.distill} --student {args.student} "
-                 f"--teacher {args.teacher}; resume with the flags of the run")
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        scheduler.load_state_dict(checkpoint["scheduler"])
-        scaler.load_state_dict(checkpoint["scaler"])
-        start_epoch, best, best_epoch = checkpoint["epoch"], checkpoint["best"], checkpoint["best_epoch"]
-
-    # ---- outputs -------------------------------------------------------------------------------------------
-    metrics_path = os.path.join(out_dir, "metrics.jsonl")
-    if is_main:
-        os.makedirs(out_dir, exist_ok=True)
-        write_json(os.path.join(out_dir, "args.json"), vars(args))
-        if checkpoint is not None and os.path.exists(metrics_path):  # drop records of epochs after the checkpoint
-            with open(metrics_path) as f:
-                kept = [line for line in f if line.strip() and json.loads(line)["epoch"] <= start_epoch]
-            with open(metrics_path, "w") as f:
-                f.writelines(kept)
-        print(f"args: {json.dumps(vars(args))}")
-        print(f"world size {world} | device {device} | amp {args.amp} | global batch {global_batch} | lr {lr:g} | "
-              f"{steps} steps/epoch | {len(train_set)} train / {len(val_set)} val images")
-        sizes = f" | distillers {n_params(distiller):.3f}M | teacher {n_params(teacher):.2f}M"
-        print(f"params: student {n_params(student):.2f}M{sizes if teacher else ''}")
-        if teacher is not None:
-            print(f"teacher {args.teacher} with {teacher_tag}; distilled FPN levels (student: teacher) {levels}")
-
-    # ---- the teacher's score: a wrong checkpoint or pre-processing shows here, before any training ---------
-    teacher_metrics = None
-    if teacher is not None:
-        n_check = args.teacher_eval_images or len(val_set)
-        teacher_metrics = evaluate(teacher, loader(val_set, [b for b in val_batches if b[0][0] < n_check], args,
-                                                   device), device, args.channels_last)
-        published = COCO_TEACHERS.get(args.teacher) if teacher_tag.startswith("torchvision") else None
-        if is_main:
-            n, ap = teacher_metrics["images"], 100 * teacher_metrics["AP"]
-            print(f"teacher val: {fmt(teacher_metrics)} on {n} images")
-            if published and abs(ap - published) > 2:
-                print(f"warning: {args.teacher} scores AP {ap:.1f} on {n} val images, published {published} on all "
-                      "5,000; check --data-dir and --min-size/--max-size (800/1333)")
-
-    # ---- training ------------------------------------------------------------------------------------------
-    zero = torch.zeros((), device=device)  # loss_feat without a teacher
-    t_loop, total_steps, epoch_ips, last = time.time(), (args.epochs - start_epoch) * steps, [], None
-    for epoch in range(start_epoch, args.epochs):
-        torch.manual_seed(args.seed * 1_000_000 + epoch * 1000 + rank)  # RPN/RoI sampling: f(seed, epoch, rank)
-        batches = train_batches(train_set.aspect, args.batch_size, args.seed, epoch, rank, world)[:steps]
-        interval = torch.zeros(len(DET_LOSSES) + 1, device=device)  # the detection terms and feat, on device
-        seen, data_time, last_log, epoch_sums, epoch_images = 0, 0.0, 0, [0.0] * len(interval), 0
-        t_epoch = t_log = t_ready = time.time()
-        for step, (images, targets) in enumerate(loader(train_set, batches, args, device), 1):
-            data_time += time.time() - t_ready
-            images = [image.to(device, non_blocking=True).float().div_(255) for image in images]
-            targets = [{k: t[k].to(device, non_blocking=True) for k in ("boxes", "labels")} for t in targets]
-            batch, targets = transform(student, images, targets, args.channels_last)  # once, for both backbones
-            with autocast:
-                features_t = None
-                if teacher is not None:
-                    with torch.no_grad():
-                        features_t = teacher.backbone(batch.tensors)
-                losses, loss_feat = model(batch, targets, features_t)
-                loss_feat = zero if loss_feat is None else loss_feat
-                loss = sum(losses[k] for k in DET_LOSSES) + args.feat_weight * loss_feat
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            scheduler.step()
-            interval += torch.stack([*(losses[k].detach() for k in DET_LOSSES), loss_feat.detach()])
-            seen += len(images)
-            if step % args.log_every == 0 or step == steps:  # the only host-device syncs of the loop
-                stats = torch.cat([interval, interval.new_tensor([seen])])
-                if distributed:
-                    dist.all_reduce(stats)
-                *sums, n_images = stats.tolist()
-                mean = [v / ((step - last_log) * world) for v in sums]
-                if not all(map(math.isfinite, mean)):
-                    terms = " ".join(f"{k} {v}" for k, v in zip([*DET_LOSSES, "loss_feat"], mean))
-                    fail(f"non-finite loss at epoch {epoch + 1} step {step}: {terms}; lower --lr or --feat-weight", 3)
-                now, done = time.time(), (epoch - start_epoch) * steps + step
-                if is_main:
-                    eta = datetime.timedelta(seconds=round((now - t_loop) / done * (total_steps - done)))
-                    det = " ".join(f"{short} {v:.3f}" for short, v in zip(DET_LOSSES.values(), mean))
-                    feat = f" feat {mean[-1]:.3f}" if teacher is not None else ""
-                    print(f"epoch {epoch + 1}/{args.epochs} step {step}/{steps} | det {sum(mean[:-1]):.3f} ({det})"
-                          f"{feat} | lr {optimizer.param_groups[0]['lr']:.4g} | {n_images / (now - t_log):.2f} img/s"
-                          f" | data {1000 * data_time / (step - last_log):.1f} ms/step | eta {eta}")
-                epoch_sums, epoch_images = [a + b for a, b in zip(epoch_sums, sums)], epoch_images + n_images
-                interval.zero_()
-                seen, data_time, last_log, t_log = 0, 0.0, step, now
-            t_ready = time.time()
-        epoch_s = time.time() - t_epoch
-        epoch_ips.append(epoch_images / epoch_s)
-
-        # ---- evaluation, checkpoint, record ----------------------------------------------------------------
-        metrics = evaluate(student, val_loader, device, args.channels_last)
-        last = metrics["AP"]
-        if best is None or last > best:
-            best, best_epoch = last, epoch + 1
-        if is_main:
-            checkpoint = {"student": student.state_dict(), "distiller": distiller.state_dict() if teacher else None,
-                          "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                          "scaler": scaler.state_dict(), "epoch": epoch + 1, "best": best, "best_epoch": best_epoch,
-                          "args": vars(args)}
-            save_atomic(checkpoint, os.path.join(out_dir, "last.pt"))
-            if best_epoch == epoch + 1:
-                save_atomic(checkpoint, os.path.join(out_dir, "best.pt"))
-            mean = [v / (steps * world) for v in epoch_sums]
-            spectra = {ks: projector_spectrum(d) for ks, d in distiller.items()}
-            record = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"], "loss_det": sum(mean[:-1]),
-                      **dict(zip(DET_LOSSES, mean)), "loss_kd": None, "loss_feat": mean[-1] if teacher else None,
-                      **metrics, "eval_images": metrics["images"], "images_per_s": epoch_ips[-1], "epoch_s": epoch_s,
-                      "peak_mem_mb": peak_memory_mb(device),
-                      "projector_sv": {ks: sv if sv is None else {"max": sv.max().item(), "min": sv.min().item(),
-                                                                  "mean": sv.mean().item()}
-                                       for ks, sv in spectra.items()} if teacher else None}
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
-            print(f"epoch {epoch + 1}/{args.epochs} val: {fmt(metrics)} on {metrics['images']} images | best AP "
-                  f"{100 * best:.1f} (epoch {best_epoch}) | {epoch_s:.0f} s | peak {record['peak_mem_mb']:.0f} MB")
-
-    # ---- summary: the headline is the last epoch's AP, as detection papers report; best is a diagnostic ----
-    if is_main:
-        write_json(os.path.join(out_dir, "summary.json"), {
-            "metric": "AP", "headline": "last", "last": last, "best": best, "best_epoch": best_epoch,
-            "teacher": teacher_metrics["AP"] if teacher_metrics else None, "teacher_metrics": teacher_metrics,
-            "wall_s": time.time() - t_start, "images_per_s": sum(epoch_ips) / len(epoch_ips) if epoch_ips else None,
-            "peak_mem_mb": peak_memory_mb(device), "world_size": world, "levels": levels,
-            "versions": {"python": platform.python_version(), "torch": torch.__version__,
-                         "torchvision": torchvision.__version__, "timm": metadata.version("timm"),
-                         "cuda": torch.version.cuda}})
-        print(f"done: AP {last} after the last epoch (the headline); best AP {best} (epoch {best_epoch}, a diagnostic)")
-    if distributed:
-        dist.destroy_process_group()
-    return last
+            found[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            found[package] = None
+    return {"python": platform.python_version(), **found, "cuda": torch.version.cuda}
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:  # one line, not a traceback: where the run stands and how to go on
+        last = Path(parse_args().out_dir) / "last.pt"
+        fail(f"interrupted; continue with --resume {last}" if last.is_file() else "interrupted before the first "
+             "epoch ended; nothing to resume", 130)

@@ -1143,11 +1143,16 @@ def coco_data(tmp_path_factory):
     return root
 
 
+# Nothing listens on this proxy: a run that tried to download anything would fail, online or not.
+COCO_OFFLINE = {"https_proxy": "http://127.0.0.1:9", "HTTPS_PROXY": "http://127.0.0.1:9"}
+
+
 def coco_srd(coco_data, out_dir, *extra):
-    """srd with the tiny teacher, trained in bf16 (the default on CUDA), so that float32 evaluation is tested."""
+    """srd with the tiny teacher, trained in bf16 (the default on CUDA), so that float32 evaluation is tested;
+    offline, so that no test depends on a download."""
     return run_script(COCO_SCRIPT, "--amp", "bf16", "--data-dir", coco_data / "data", *COCO_SMALL,
                       "--teacher", "resnet18", "--teacher-ckpt", coco_data / "teacher.pt", "--teacher-eval-images", "1",
-                      "--score-thresh", "0.01", "--out-dir", out_dir, *extra)
+                      "--score-thresh", "0.01", "--out-dir", out_dir, *extra, env=COCO_OFFLINE)
 
 
 def test_coco_train_evaluate_resume(coco_data, tmp_path):
@@ -1163,12 +1168,15 @@ def test_coco_train_evaluate_resume(coco_data, tmp_path):
         assert r["eval_images"] == 2 and r["loss_kd"] is None
         assert all(0.0 <= r[k] <= 1.0 for k in ("AP", "AP50", "AP75", "APs", "APm", "APl")), r
         assert r["loss_feat"] > 0 and r["loss_det"] > 0
-        assert set(r["projector_sv"]) == {"0", "1", "2", "3", "pool"} and r["projector_sv"]["0"]["max"] > 0
+        assert set(r["projector_sv"]) == {"0", "1", "2", "3", "pool"}  # every singular value of each W_p, sorted
+        assert all(len(sv) == 256 and sv == sorted(sv, reverse=True) and sv[0] > 0 for sv in r["projector_sv"].values())
     # one step per epoch: no warm-up, as torchvision's min(1000, steps - 1); the lr is 0.02 per 16 images
     assert records[0]["lr"] == pytest.approx(0.02 * 2 / 16)
     summary = json.loads((tmp_path / "full" / "summary.json").read_text())
     assert summary["metric"] == "AP" and summary["last"] == records[-1]["AP"] and summary["world_size"] == 1
     assert summary["headline"] == "last"  # the last epoch's AP, as detection papers report
+    assert (summary["student_arch"], summary["teacher_arch"], summary["distill"]) == ("resnet18", "resnet18", "srd")
+    assert summary["versions"]["torchvision"] == torchvision.__version__.split("+")[0] and "timm" in summary["versions"]
     assert 0.0 <= summary["teacher"] <= 1.0 and summary["best"] == max(r["AP"] for r in records)
     ckpt = load_checkpoint(tmp_path / "full" / "last.pt")
     assert ckpt["epoch"] == 2 and set(ckpt["distiller"]) >= {"0.projector.weight", "pool.norm_t.running_mean"}
@@ -1204,50 +1212,97 @@ def test_coco_train_evaluate_resume(coco_data, tmp_path):
 
 
 def test_coco_levels_paired_once_by_stride():
-    """Each teacher FPN level is distilled once, against a student level of its stride, and every stride both
-    pyramids have is distilled: torchvision's MobileNetV3 FPN has two levels ('0', '1') at stride 32 and none at 16.
-    (ResNet students pair all five levels: test_coco_train_evaluate_resume.)"""
+    """Each teacher FPN level is distilled once, against a student level of its measured stride, and every stride
+    both pyramids have is distilled. The paper's pair, MobileNetV2-FPN -> ResNet-50-FPN, pairs all five levels
+    (strides 4-64); torchvision's MobileNetV3 FPN has two levels ('0', '1') at stride 32 and none at 16."""
     from torchvision.models import detection
-    from coco_kd import match_levels
+    import coco_kd
 
     torch.manual_seed(0)
-    teacher = detection.fasterrcnn_resnet50_fpn_v2(weights=None, weights_backbone=None, num_classes=91)
-    student = detection.fasterrcnn_mobilenet_v3_large_fpn(weights=None, weights_backbone=None, num_classes=91)
+    teacher = detection.fasterrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=91)
+    args = coco_kd.parse_args(["--no-pretrained-backbone"])
 
     @torch.no_grad()
     def strides(model):  # measured here at another input size than match_levels uses
         return {k: 192 // v.shape[-1] for k, v in model.eval().backbone(torch.zeros(1, 3, 192, 192)).items()}
 
-    s_strides, t_strides, (levels, _) = strides(student), strides(teacher), match_levels(student, teacher)
-    assert sorted(s_strides.values()) == [32, 32, 64] and len(t_strides) == 5
-    assert len(set(levels.values())) == len(levels), levels  # no teacher level distilled twice
-    assert all(s_strides[ks] == t_strides[kt] for ks, kt in levels.items()), levels
-    assert {s_strides[ks] for ks in levels} == set(s_strides.values()) & set(t_strides.values()), levels
+    t_strides = strides(teacher)
+    assert sorted(t_strides.values()) == [4, 8, 16, 32, 64]
+    for name, expected in (("mobilenet_v2", [4, 8, 16, 32, 64]), ("mobilenet_v3_large", [32, 32, 64])):
+        student = coco_kd.build_student(args, name, pretrained=False)
+        s_strides, (levels, _) = strides(student), coco_kd.match_levels(student, teacher)
+        assert sorted(s_strides.values()) == expected, (name, s_strides)
+        assert len(set(levels.values())) == len(levels), levels  # no teacher level distilled twice
+        assert all(s_strides[ks] == t_strides[kt] for ks, kt in levels.items()), levels
+        assert {s_strides[ks] for ks in levels} == set(s_strides.values()) & set(t_strides.values()), levels
 
 
-def test_coco_aspect_ratio_groups():
+def test_coco_ablation_flags_offer_common_choices():
+    """--norm, --projector and --distance offer every choice of common.py (GroupNorm, the distances without the log)."""
+    import common
+    import coco_kd
+
+    for flag, choices in (("norm", common.NORMS), ("projector", common.PROJECTORS), ("distance", common.DISTANCES)):
+        assert [getattr(coco_kd.parse_args([f"--{flag}", c]), flag) for c in choices] == list(choices)
+
+
+def test_coco_mobilenet_v2_student_end_to_end(coco_data, tmp_path):
+    """The paper's student, torchvision's MobileNetV2 features under an FPN, trains with the feature term at all
+    five levels and is scored on the tiny COCO folder, offline (--no-pretrained-backbone fetches nothing)."""
+    out = tmp_path / "mv2"
+    check_ok(coco_srd(coco_data, out, "--student", "mobilenet_v2", "--epochs", "1"))
+    (record,) = read_jsonl(out / "metrics.jsonl")
+    assert set(record["projector_sv"]) == {"0", "1", "2", "3", "pool"} and record["loss_feat"] > 0
+    assert record["eval_images"] == 2 and 0.0 <= record["AP"] <= 1.0
+    assert any(k.startswith("backbone.body.17.") for k in load_checkpoint(out / "last.pt")["student"])
+
+
+def test_coco_aspect_ratio_groups(tmp_path):
     """Training batches hold images of one aspect-ratio bin of torchvision's reference (create_aspect_ratio_groups,
-    factor 3: height / width bisected into 2 ** linspace(-1, 1, 7)), not just landscape or portrait; none is lost."""
+    factor 3: width / height bisected into 2 ** linspace(-1, 1, 7)), not just landscape or portrait; none is lost.
+    Squares and exact 2:1 images join the reference's neighbours (1.1 and 2.2), not the ones below (0.9, 1.8)."""
     import bisect
-    from coco_kd import train_batches
+    import coco_kd
 
     edges = (2 ** np.linspace(-1, 1, 7)).tolist()
     aspect = [0.4, 0.56, 0.7, 0.75, 0.9, 1.0, 1.1, 1.3, 1.5, 1.7, 2.2] * 3
-    batches = train_batches(aspect, 2, 0, 0, 0, 1)
+    batches = coco_kd.train_batches(aspect, 2, 0, 0, 0, 1)
     assert sorted(i for batch in batches for i, _ in batch) == list(range(len(aspect)))
     for batch in batches:
         assert len({bisect.bisect_right(edges, aspect[i]) for i, _ in batch}) == 1, batch
+    # (height, width): a square, 1.1, 0.9, an exact 2:1, 2.2, 1.8, then the crowd-only image that training skips
+    coco_write_split(tmp_path, "train2017", [(100, 100), (100, 110), (110, 100), (60, 120), (60, 132), (60, 108),
+                                             (60, 60)], 0)
+    ds = coco_kd.CocoBoxes(tmp_path / "train2017", tmp_path / "annotations" / "instances_train2017.json", train=True)
+    assert ds.aspect == pytest.approx([1.0, 1.1, 100 / 110, 2.0, 2.2, 1.8])
+    pairs = {frozenset(i for i, _ in batch) for batch in coco_kd.train_batches(ds.aspect, 2, 0, 0, 0, 1)}
+    assert pairs == {frozenset({0, 1}), frozenset({3, 4}), frozenset({2}), frozenset({5})}, pairs
 
 
 def test_coco_torchrun_dummy(tmp_path):
-    """Two processes (gloo): the projectors train inside DDP and every val image is counted once."""
-    out = tmp_path / "ddp"
-    check_ok(run_torchrun(COCO_SCRIPT, "--dummy", *COCO_SMALL, "--teacher", "resnet18", "--epochs", "1", "--out-dir", out))
+    """Two processes (gloo): the projectors train inside DDP, every val image is counted once, and the random
+    --dummy teacher, which DDP does not synchronise, is the same on both ranks (each rank records its weights)."""
+    out, probe = tmp_path / "ddp", tmp_path / "probe.py"
+    probe.write_text(f"""import os, sys
+sys.path.insert(0, {str(ROOT)!r})
+import torch, coco_kd
+build_teacher = coco_kd.build_teacher
+def recorded(args):
+    teacher, tag = build_teacher(args)
+    torch.save(teacher.state_dict(), {str(tmp_path)!r} + f"/teacher{{os.environ['RANK']}}.pt")
+    return teacher, tag
+coco_kd.build_teacher = recorded
+coco_kd.main()
+""")
+    check_ok(run_torchrun(probe, "--dummy", *COCO_SMALL, "--teacher", "resnet18", "--epochs", "1", "--out-dir", out))
     (record,) = read_jsonl(out / "metrics.jsonl")
     assert record["eval_images"] == 7 and 0.0 <= record["AP50"] <= 1.0  # 7 dummy val images over 2 ranks
     summary = json.loads((out / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["teacher"] is not None
     assert load_checkpoint(out / "last.pt")["distiller"] is not None
+    teachers = [load_checkpoint(tmp_path / f"teacher{rank}.pt") for rank in (0, 1)]
+    assert teachers[0].keys() == teachers[1].keys()
+    assert all(torch.equal(teachers[0][k], teachers[1][k]) for k in teachers[0])
 
 
 @pytest.mark.parametrize("case", ["no-annotations", "no-images", "teacher-layout"])
@@ -1266,5 +1321,38 @@ def test_coco_bad_input(coco_data, tmp_path, case):
     else:
         coco_write_split(data, "train2017", [(120, 160), (120, 160)], 0)
         coco_write_split(data, "val2017", [(120, 160)], 0)
-        words = ["teacher checkpoint", "does not fit"]
+        words = ["does not fit the teacher"]
     check_bad_input(run_script(COCO_SCRIPT, *args), COCO_SCRIPT, out, *words)
+
+
+def test_coco_backbone_weights_fetched_only_when_asked(coco_data, tmp_path):
+    """The ImageNet backbone weights are fetched only without --no-pretrained-backbone (and --dummy); a failed
+    download is one line, exit 2, nothing written."""
+    out, args = tmp_path / "out", [a for a in COCO_SMALL if a != "--no-pretrained-backbone"]
+    result = run_script(COCO_SCRIPT, "--data-dir", coco_data / "data", *args, "--student", "mobilenet_v2",
+                        "--distill", "none", "--out-dir", out, env={**COCO_OFFLINE, "TORCH_HOME": str(tmp_path)})
+    check_bad_input(result, COCO_SCRIPT, out, "ImageNet weights", "mobilenet_v2", "--no-pretrained-backbone")
+
+
+def coco_family_real(tmp_path):
+    """COCO_FAMILY's run on a tiny COCO folder with a random ResNet-18 teacher checkpoint, written under tmp_path."""
+    from torch import nn
+    from torchvision.models.detection import FasterRCNN
+    from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
+
+    coco_write_split(tmp_path / "coco", "train2017", [(120, 160), (160, 120), (120, 160)], 0)
+    coco_write_split(tmp_path / "coco", "val2017", [(120, 160)], 1)
+    teacher = FasterRCNN(resnet_fpn_backbone(backbone_name="resnet18", weights=None, norm_layer=nn.BatchNorm2d,
+                                             trainable_layers=5), num_classes=91)
+    torch.save(teacher.state_dict(), tmp_path / "teacher.pt")
+    return ["--data-dir", str(tmp_path / "coco"), *COCO_SMALL, "--teacher", "resnet18",
+            "--teacher-ckpt", str(tmp_path / "teacher.pt")]
+
+
+COCO_FAMILY = dict(
+    script=COCO_SCRIPT,
+    # srd for 1 step of 2 images at 128 px with a random ResNet-18 teacher, scored on the 7 dummy val images
+    dummy=["--dummy", *COCO_SMALL, "--teacher", "resnet18", "--teacher-eval-images", "1"],
+    real=coco_family_real,
+    other_projector=["--projector", "mlp"],
+)
