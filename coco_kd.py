@@ -759,8 +759,8 @@ def peak_memory_mb(device):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def n_params(module):
-    return sum(p.numel() for p in module.parameters()) / 1e6 if module is not None else 0
+def n_params(module):  # in millions
+    return sum(p.numel() for p in module.parameters()) / 1e6 if module is not None else 0.0
 
 
 def versions():

@@ -1356,3 +1356,110 @@ COCO_FAMILY = dict(
     real=coco_family_real,
     other_projector=["--projector", "mlp"],
 )
+
+
+# ---------------------------------------------------------------------------------------------
+# The family: what the four scripts promise alike, checked the same way for each
+SCRIPTS = ("cifar100_kd", "imagenet_kd", "deit_kd", "coco_kd")
+FAMILIES = {"cifar100_kd": CIFAR100_FAMILY, "imagenet_kd": IMAGENET_FAMILY, "deit_kd": DEIT_FAMILY,
+            "coco_kd": COCO_FAMILY}
+# The helpers that do the same thing in every script, with the same body (coco has no logit KD term).
+SHARED_HELPERS = {name: SCRIPTS for name in ("fail", "HelpFormatter", "seed_of", "read_checkpoint", "load_weights",
+                                             "save_atomic", "peak_memory_mb", "n_params", "versions")}
+SHARED_HELPERS["kd_loss"] = ("cifar100_kd", "imagenet_kd", "deit_kd")
+
+
+def run_main(script, argv):
+    """``SCRIPT.main(argv)`` in this process: (exit code, stdout, stderr); 0 when main returns."""
+    import contextlib
+    import importlib
+    import io
+    module = importlib.import_module(script)
+    out, err, threads = io.StringIO(), io.StringIO(), torch.get_num_threads()
+    torch.set_num_threads(1)  # as OMP_NUM_THREADS=1 gives the subprocesses: two busy cores
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            module.main([str(a) for a in argv])
+            code = 0
+        except SystemExit as e:
+            code = e.code
+        finally:
+            torch.set_num_threads(threads)
+    return code, out.getvalue(), err.getvalue()
+
+
+def snapshot(folder):
+    """Every file under ``folder`` and a hash of its bytes: what "left as it was" means."""
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(Path(folder).rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module", params=SCRIPTS)
+def finished_run(request, tmp_path_factory):
+    """(script, its family entry, the out-dir of a finished one-epoch --dummy srd run)."""
+    script, family = request.param, FAMILIES[request.param]
+    run = tmp_path_factory.mktemp(script) / "run"
+    code, out, err = run_main(script, family["dummy"] + ["--epochs", "1", "--out-dir", run])
+    assert code == 0, out[-3000:] + err[-3000:]
+    assert (run / "last.pt").is_file() and (run / "summary.json").is_file()
+    return script, family, run
+
+
+# Each case: the argv after the script's name, from (family entry, finished run, a fresh tmp folder).
+BAD_INPUTS = {
+    "epochs 0": lambda f, run, tmp: f["dummy"] + ["--epochs", "0"],
+    "batch size 0": lambda f, run, tmp: f["dummy"] + ["--epochs", "1", "--batch-size", "0"],
+    "log-every 0": lambda f, run, tmp: f["dummy"] + ["--epochs", "1", "--log-every", "0"],
+    "negative lr": lambda f, run, tmp: f["dummy"] + ["--epochs", "1", "--lr", "-0.1"],
+    "alpha 0": lambda f, run, tmp: f["dummy"] + ["--epochs", "1", "--alpha", "0"],
+    "unknown architecture": lambda f, run, tmp: f["dummy"] + ["--epochs", "1", "--student", "no_such_net"],
+    "bare-tensor teacher": lambda f, run, tmp: f["dummy"] + ["--epochs", "1", "--teacher-ckpt", tmp / "bare.pt"],
+    "text-file teacher": lambda f, run, tmp: f["dummy"] + ["--epochs", "1", "--teacher-ckpt", tmp / "notes.txt"],
+    "missing teacher": lambda f, run, tmp: f["dummy"] + ["--epochs", "1", "--teacher-ckpt", tmp / "nothing.pt"],
+    "missing resume": lambda f, run, tmp: f["dummy"] + ["--epochs", "2", "--resume", tmp / "nothing.pt"],
+    "out-dir is a file": lambda f, run, tmp: f["dummy"] + ["--epochs", "1", "--out-dir", tmp / "notes.txt"],
+    "resume a finished run": lambda f, run, tmp: f["dummy"] + ["--epochs", "1", "--resume", run / "last.pt"],
+    "resume with another projector": lambda f, run, tmp: f["dummy"] + ["--epochs", "2", "--resume", run / "last.pt",
+                                                                       *f["other_projector"]],
+    "resume a --dummy run on real data": lambda f, run, tmp: f["real"](tmp) + ["--epochs", "2", "--resume",
+                                                                               run / "last.pt"],
+    "the same out-dir twice": lambda f, run, tmp: f["dummy"] + ["--epochs", "1", "--out-dir", run],
+}
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS)
+def test_bad_input_one_line_exit_2_nothing_written(finished_run, case, tmp_path):
+    """Every script refuses every bad input the same way: exit 2, one '<script>: error:' line on stderr and no
+    traceback, the finished run's files byte for byte as they were, and no new out-dir."""
+    script, family, run = finished_run
+    torch.save(torch.zeros(3), tmp_path / "bare.pt")
+    (tmp_path / "notes.txt").write_text("not a checkpoint\n")
+    argv = BAD_INPUTS[case](family, run, tmp_path)
+    if "--out-dir" not in argv and "--resume" not in argv:
+        argv += ["--out-dir", tmp_path / "new"]
+    before, files_before = snapshot(run), sorted(p.name for p in tmp_path.iterdir())
+    code, out, err = run_main(script, argv)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2, f"{case}: exit {code}\n{out[-2000:]}\n{err[-2000:]}"
+    assert len(lines) == 1 and lines[0].startswith(f"{script}: error: "), err
+    assert "Traceback" not in err + out
+    assert snapshot(run) == before, case
+    assert sorted(p.name for p in tmp_path.iterdir()) == files_before, case  # no out-dir, no data folder left
+    assert (tmp_path / "notes.txt").read_text() == "not a checkpoint\n"
+
+
+def test_the_four_scripts_share_their_helpers_word_for_word():
+    """The helpers that do the same thing have the same source in every script (the README's glossary), and so
+    does the end of each file, where Ctrl-C becomes one line."""
+    import ast
+    found = {}
+    for script in SCRIPTS:
+        text = (ROOT / f"{script}.py").read_text()
+        for node in ast.parse(text).body:
+            if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+                found.setdefault(node.name, {})[script] = ast.get_source_segment(text, node)
+        found.setdefault("__main__", {})[script] = text[text.index('\nif __name__ == "__main__":'):]
+    for name, scripts in {**SHARED_HELPERS, "__main__": SCRIPTS}.items():
+        assert set(scripts) <= set(found.get(name, {})), f"{name} missing in {set(scripts) - set(found.get(name, {}))}"
+        bodies = {found[name][script] for script in scripts}
+        assert len(bodies) == 1, f"{name} differs between {', '.join(scripts)}"
