@@ -208,10 +208,11 @@ def main(argv=None):
         device = torch.device("cuda", local_rank if distributed else device.index or 0)
         torch.cuda.set_device(device)
         torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick its fastest kernels
+        torch.set_float32_matmul_precision("high")  # TF32 where --amp off leaves float32 matmuls
     if distributed:
         cuda = device.type == "cuda"
         dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
-    torch.manual_seed(args.seed)  # the same on every rank: a --dummy random teacher is one teacher, not one per rank
+    torch.manual_seed(args.seed)  # the same on every rank: a model DDP does not wrap (the teacher) is one model
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp)
     autocast = torch.autocast(device.type, dtype=dtype) if dtype else nullcontext()
     global_batch = args.batch_size * world

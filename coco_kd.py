@@ -28,7 +28,7 @@ A run prints the teacher's val AP, then the losses every --log-every steps and t
 args.json, metrics.jsonl, last.pt, best.pt, summary.json (headline: the last epoch's AP, as detection papers report).
 """
 import argparse
-import contextlib
+from contextlib import nullcontext, redirect_stdout
 import datetime
 import importlib.metadata
 import io
@@ -215,9 +215,10 @@ def main(argv=None):
     args = parse_args(argv)
     t_start = time.time()
 
-    # ---- set-up: one code path; torchrun's RANK means DDP --------------------------------------------------------
+    # ---- set-up: one code path; torchrun's RANK means DDP ----
     distributed = "RANK" in os.environ
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
     is_main = rank == 0
     try:
         device = torch.device(args.device)
@@ -226,22 +227,22 @@ def main(argv=None):
     if device.type == "cuda":  # one process per GPU under torchrun; an explicit index for set_device
         if not torch.cuda.is_available():
             fail(f"--device {args.device} but CUDA is not available; pass --device cpu")
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) if distributed else device.index or 0)
+        device = torch.device("cuda", local_rank if distributed else device.index or 0)
         torch.cuda.set_device(device)
         # no cudnn.benchmark: detection batches come in many sizes, and it would re-tune for each
         torch.set_float32_matmul_precision("high")  # TF32 where --amp off leaves float32 matmuls
     if distributed:
         cuda = device.type == "cuda"
         dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
-    torch.manual_seed(args.seed)  # the same initialisation on every rank (the frozen teacher is not DDP-synchronised)
+    torch.manual_seed(args.seed)  # the same on every rank: a model DDP does not wrap (the teacher) is one model
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp)
-    autocast = torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
+    autocast = torch.autocast(device.type, dtype=dtype) if dtype else nullcontext()
     global_batch = args.batch_size * world
     lr = args.lr * global_batch / 16  # linear scaling from detectron2's 0.02 per 16 images
-    out_dir = args.out_dir
+    out_dir = Path(args.out_dir)
     args_json = json.loads(json.dumps(vars(args), default=str))  # plain types, for weights_only loads
 
-    # ---- bad input: refused before anything is written ---------------------------------------------------------
+    # ---- bad input: refused before anything is written ----
     if COCO is None:
         fail("pycocotools is not installed; pip install pycocotools")
     if args.evaluate and not args.resume:
@@ -269,7 +270,8 @@ def main(argv=None):
         if checkpoint.get("world_size", world) != world:  # the global batch, hence the lr and the steps per epoch
             fail(f"{args.resume} was trained by {checkpoint['world_size']} processes, not {world}; use as many")
 
-    # ---- data: aspect-ratio grouped training batches; val sharded by rank, nothing dropped -------------------------
+    # ---- data ----
+    # aspect-ratio grouped training batches; val sharded by rank, nothing dropped
     train_set, val_set = build_data(args)
     steps = len(train_batches(train_set.aspect, args.batch_size, args.seed, 0, rank, world))
     steps = min(steps, args.max_steps or steps)
@@ -279,7 +281,8 @@ def main(argv=None):
     val_batches = [[(i, False)] for i in range(rank, len(val_set), world)]
     val_loader = loader(val_set, val_batches, args, device)
 
-    # ---- models: student, teacher, distiller (one per pair of FPN levels of one stride); --evaluate ends here ----
+    # ---- models: student, teacher, distiller ----
+    # one distiller per pair of FPN levels of one stride; --evaluate ends here
     try:
         student = build_student(args, args.student, not (args.no_pretrained_backbone or args.dummy or args.evaluate))
     except OSError as e:  # offline: torchvision could not fetch the ImageNet weights
@@ -312,7 +315,8 @@ def main(argv=None):
             dist.destroy_process_group()
         return record
 
-    # ---- optimisation: SGD on the student and the projectors W_p; linear warm-up, x0.1 at --lr-milestones -------
+    # ---- optimisation ----
+    # SGD on the student and the projectors W_p; linear warm-up, x0.1 at --lr-milestones
     model = StudentWithDistiller(student, distiller, levels)
     if distributed and args.sync_bn:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
@@ -328,7 +332,7 @@ def main(argv=None):
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
     scaler = torch.amp.GradScaler("cuda", enabled=args.amp == "fp16")
 
-    # ---- resume ----------------------------------------------------------------------------------------------------
+    # ---- resume ----
     start_epoch, best, best_epoch = 0, None, None
     if checkpoint is not None:
         distiller.load_state_dict(checkpoint["distiller"] or {})
@@ -337,7 +341,7 @@ def main(argv=None):
         scaler.load_state_dict(checkpoint["scaler"])
         start_epoch, best, best_epoch = checkpoint["epoch"], checkpoint["best"], checkpoint["best_epoch"]
 
-    # ---- outputs: the run writes from here on ----------------------------------------------------------------------
+    # ---- outputs: the run writes from here on ----
     metrics_path = out_dir / "metrics.jsonl"
     if is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -354,7 +358,8 @@ def main(argv=None):
         if checkpoint is not None:
             print(f"resuming {args.resume}: {start_epoch} epochs done, best AP {100 * best:.1f} (epoch {best_epoch})")
 
-    # ---- the teacher's score: a wrong checkpoint or pre-processing shows here, before any training -----------------
+    # ---- the teacher's score ----
+    # a wrong checkpoint or pre-processing shows here, before any training
     teacher_metrics = None
     if teacher is not None:
         n_check = args.teacher_eval_images or len(val_set)
@@ -368,7 +373,7 @@ def main(argv=None):
                 print(f"warning: {args.teacher} scores AP {ap:.1f} on {n} val images, published {published} on all "
                       "5,000; check --data-dir and --min-size/--max-size (800/1333)")
 
-    # ---- training --------------------------------------------------------------------------------------------------
+    # ---- training ----
     zero = torch.zeros((), device=device)  # loss_feat without a teacher
     t_loop, total_steps, epoch_ips, last = time.time(), (args.epochs - start_epoch) * steps, [], None
     for epoch in range(start_epoch, args.epochs):
@@ -421,7 +426,7 @@ def main(argv=None):
         epoch_s = time.time() - t_epoch
         epoch_ips.append(epoch_images / epoch_s)
 
-        # ---- evaluation, checkpoint, record ------------------------------------------------------------------------
+        # ---- evaluation, checkpoint, record ----
         metrics = evaluate(student, val_loader, device, args.channels_last)
         last = metrics["AP"]
         if best is None or last > best:
@@ -447,7 +452,8 @@ def main(argv=None):
             print(f"epoch {epoch + 1}/{args.epochs} | val {fmt(metrics)} on {metrics['images']} images | best AP "
                   f"{100 * best:.1f} (epoch {best_epoch}) | {epoch_s:.0f} s | peak {record['peak_mem_mb']:.0f} MB")
 
-    # ---- summary: the headline is the last epoch's AP, as detection papers report; best is a diagnostic ------------
+    # ---- summary ----
+    # the headline is the last epoch's AP, as detection papers report; best is a diagnostic
     summary = {"metric": "AP", "best": best, "best_epoch": best_epoch, "last": last, "headline": "last",
                "teacher": teacher_metrics["AP"] if teacher_metrics else None, "student_arch": args.student,
                "teacher_arch": args.teacher if teacher else None, "distill": args.distill,
@@ -476,7 +482,7 @@ class CocoBoxes(CocoDetection):
     """
 
     def __init__(self, root, ann_file, train):
-        with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
+        with redirect_stdout(io.StringIO()):  # pycocotools prints progress
             super().__init__(root, ann_file)
         if train:
             self.ids = [i for i in self.ids if len(self.target(i)["boxes"])]
@@ -517,7 +523,7 @@ class DummyBoxes(torch.utils.data.Dataset):
             "categories": [{"id": c} for c in range(1, NUM_CLASSES)],
             "annotations": [{"id": k, "image_id": i, "category_id": c, "bbox": [x, y, w, h], "area": w * h,
                              "iscrowd": 0} for k, (i, c, x, y, w, h) in enumerate(boxes, 1)]}
-        with contextlib.redirect_stdout(io.StringIO()):
+        with redirect_stdout(io.StringIO()):
             self.coco.createIndex()
 
     def make_target(self, index):
@@ -690,7 +696,7 @@ def evaluate(model, loader, device, channels_last=False):
     metrics = [None]
     if not dist.is_initialized() or dist.get_rank() == 0:
         coco_gt = loader.dataset.coco
-        with contextlib.redirect_stdout(io.StringIO()):  # COCOeval over exactly these images
+        with redirect_stdout(io.StringIO()):  # COCOeval over exactly these images
             ev = COCOeval(coco_gt, coco_gt.loadRes(detections) if detections else COCO(), "bbox")
             ev.params.imgIds = sorted(image_ids)
             ev.evaluate(), ev.accumulate(), ev.summarize()

@@ -45,6 +45,7 @@ import sys
 import time
 import urllib.parse
 import urllib.request
+from contextlib import nullcontext
 from pathlib import Path
 
 import huggingface_hub
@@ -220,7 +221,7 @@ def main(argv=None):
     args = parse_args(argv)
     t_start = time.time()
 
-    # ---- set-up: one code path; torchrun's RANK means DDP ---------------------------------------------------
+    # ---- set-up: one code path; torchrun's RANK means DDP ----
     distributed = "RANK" in os.environ
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
@@ -239,16 +240,16 @@ def main(argv=None):
     if distributed:
         cuda = device.type == "cuda"
         dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
-    torch.manual_seed(args.seed)  # the same on every rank: the teacher (not DDP-wrapped) is identical everywhere
+    torch.manual_seed(args.seed)  # the same on every rank: a model DDP does not wrap (the teacher) is one model
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp)
-    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+    autocast = torch.autocast(device.type, dtype=dtype) if dtype else nullcontext()
     global_batch = args.batch_size * world
     scale = global_batch / 512  # DeiT's linear scaling rule, applied to every lr of the schedule
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
-    out_dir = args.out_dir
+    out_dir = Path(args.out_dir)
     args_json = json.loads(json.dumps(vars(args), default=str))  # plain types, for weights_only loads
 
-    # ---- bad input: refused before anything is written --------------------------------------------------------
+    # ---- bad input: refused before anything is written ----
     if args.img_size % 16:
         fail(f"--img-size {args.img_size} is not a multiple of 16; the stems downsample by 16")
     if (args.mixup > 0 or args.cutmix > 0) and args.batch_size % 2:
@@ -277,14 +278,14 @@ def main(argv=None):
                 fail(f"{args.resume} was trained with --{flag.replace('_', '-')} {ckpt['args'].get(flag)}, "
                      f"not {args_json[flag]}; pass that run's flags to resume it")
 
-    # ---- data -------------------------------------------------------------------------------------------------
+    # ---- data ----
     train_loader, val_loader, classes = build_data(args, device, rank, world)
     steps = min(len(train_loader), args.max_steps or len(train_loader))
     if steps == 0 and not args.evaluate:
         fail(f"{len(train_loader.dataset)} training images are fewer than one global batch of {global_batch}; "
              "lower --batch-size")
 
-    # ---- models: student, teacher, distiller ------------------------------------------------------------------
+    # ---- models: student, teacher, distiller ----
     student = build_student(args, classes)
     if ckpt is not None:
         load_weights(student, ckpt, args.resume, "student")
@@ -318,7 +319,7 @@ def main(argv=None):
             dist.destroy_process_group()
         return record
 
-    # ---- optimisation -----------------------------------------------------------------------------------------
+    # ---- optimisation ----
     no_decay = {f"student.{n}" for n in student.no_weight_decay()}  # position embedding, tokens
     decay = [p for n, p in model.named_parameters() if p.ndim > 1 and n not in no_decay]
     rest = [p for n, p in model.named_parameters() if p.ndim <= 1 or n in no_decay]  # + biases and norms
@@ -334,7 +335,7 @@ def main(argv=None):
     if distributed:
         model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
 
-    # ---- resume -----------------------------------------------------------------------------------------------
+    # ---- resume ----
     start_epoch, best, best_epoch = 0, -1.0, -1
     if ckpt is not None:
         if distiller is not None:
@@ -346,7 +347,7 @@ def main(argv=None):
         # at the lr the loop sets after the last step done; the scheduler's saved state is not loaded.
         scheduler.step_update(start_epoch * steps - 1)
 
-    # ---- outputs: the run writes from here on -----------------------------------------------------------------
+    # ---- outputs: the run writes from here on ----
     if is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         save_atomic(json.dumps(args_json, indent=2) + "\n", out_dir / "args.json")
@@ -363,7 +364,7 @@ def main(argv=None):
                 f.truncate(0)
                 f.writelines(kept)
 
-    # ---- the teacher's score ----------------------------------------------------------------------------------
+    # ---- the teacher's score ----
     teacher_top1 = None
     if teacher is not None:
         if args.dummy and not args.teacher_ckpt and is_main:
@@ -378,7 +379,7 @@ def main(argv=None):
                 print(f"warning: teacher {args.teacher} scores {teacher_top1:.2f}% top-1, far from its published "
                       f"{published}%: check --teacher-ckpt and the validation data")
 
-    # ---- training ---------------------------------------------------------------------------------------------
+    # ---- training ----
     terms = ["ce"] + ["kd"] * (teacher is not None) + ["feat"] * (distiller is not None)
     zero = torch.zeros((), device=device)  # an unused loss term
     run_time = 0.0
@@ -447,7 +448,7 @@ def main(argv=None):
         epoch_s = time.time() - t_epoch
         run_time += epoch_s
 
-        # ---- evaluation, checkpoint, record -------------------------------------------------------------------
+        # ---- evaluation, checkpoint, record ----
         if distributed:  # the conv stem's BN statistics: evaluate and save rank 0's, as DDP does
             for buffer in student.buffers():
                 dist.broadcast(buffer, 0)
@@ -474,7 +475,7 @@ def main(argv=None):
             print(f"epoch {epoch + 1}/{args.epochs} | top1 {last['top1']:.2f} top5 {last['top5']:.2f} | best "
                   f"{best:.2f} (epoch {best_epoch}) | {epoch_s:.0f} s | peak {record['peak_mem_mb']:.0f} MB", flush=True)
 
-    # ---- summary ----------------------------------------------------------------------------------------------
+    # ---- summary ----
     summary = None
     if is_main:
         summary = {"metric": "top1", "best": best, "best_epoch": best_epoch, "last": last["top1"],

@@ -235,6 +235,7 @@ def main(argv=None):
     # ---- set-up: one code path; torchrun's RANK means DDP ----
     distributed = "RANK" in os.environ
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
     is_main = rank == 0
     try:
         device = torch.device(args.device)
@@ -243,21 +244,21 @@ def main(argv=None):
     if device.type == "cuda":  # one process per GPU under torchrun; an explicit index for set_device
         if not torch.cuda.is_available():
             fail(f"--device {args.device} but CUDA is not available; pass --device cpu")
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) if distributed else device.index or 0)
+        device = torch.device("cuda", local_rank if distributed else device.index or 0)
         torch.cuda.set_device(device)
         torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick its fastest kernels
         torch.set_float32_matmul_precision("high")  # TF32 where --amp off leaves float32 matmuls
     if distributed:
         cuda = device.type == "cuda"
         dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
-    torch.manual_seed(args.seed)  # the same on every rank: the teacher (not DDP-synchronised) is identical on all
+    torch.manual_seed(args.seed)  # the same on every rank: a model DDP does not wrap (the teacher) is one model
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp)
     autocast = torch.autocast(device.type, dtype=dtype) if dtype else nullcontext()
     global_batch = args.batch_size * world
     lr = args.lr * global_batch / 256  # linear scaling rule (Goyal et al.)
     prepare = Prepare(device, args.channels_last)
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
-    out_dir = args.out_dir
+    out_dir = Path(args.out_dir)
     args_json = json.loads(json.dumps(vars(args), default=str))  # plain types, for weights_only loads
 
     # ---- bad input: refused before anything is written ----

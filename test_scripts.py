@@ -45,7 +45,7 @@ def check_ok(result):
 
 
 def check_bad_input(result, script, out_dir, *words):
-    """CONVENTIONS §6: exit code 2, one line on stderr that starts with the script's name and says
+    """Bad input: exit code 2, one line on stderr that starts with the script's name and says
     what is wrong (it contains each of ``words``), no traceback, nothing written."""
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert result.returncode == 2, f"exit {result.returncode}\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}"
@@ -1449,7 +1449,7 @@ def test_bad_input_one_line_exit_2_nothing_written(finished_run, case, tmp_path)
 
 
 def test_the_four_scripts_share_their_helpers_word_for_word():
-    """The helpers that do the same thing have the same source in every script (the README's glossary), and so
+    """The helpers that do the same thing have the same source in every script (the README's table of them), and so
     does the end of each file, where Ctrl-C becomes one line."""
     import ast
     found = {}
