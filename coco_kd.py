@@ -316,7 +316,6 @@ def main(argv=None):
         return record
 
     # ---- optimisation ----
-    # SGD on the student and the projectors W_p; linear warm-up, x0.1 at --lr-milestones
     model = StudentWithDistiller(student, distiller, levels)
     if distributed and args.sync_bn:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
@@ -359,7 +358,6 @@ def main(argv=None):
             print(f"resuming {args.resume}: {start_epoch} epochs done, best AP {100 * best:.1f} (epoch {best_epoch})")
 
     # ---- the teacher's score ----
-    # a wrong checkpoint or pre-processing shows here, before any training
     teacher_metrics = None
     if teacher is not None:
         n_check = args.teacher_eval_images or len(val_set)
