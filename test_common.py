@@ -5,8 +5,9 @@ import pytest
 import torch
 import torch.nn as nn
 
-from common import (DISTANCES, NORMS, PROJECTORS, FeatureDistiller, correlation_distance, correlation_sum,
-                    log_sum_exp_distance, make_norm, make_projector, mean_power_distance, projector_spectrum)
+from common import (DISTANCES, NORMS, PROJECTORS, FeatureDistiller, correlation_distance, correlation_sum, linear_cka,
+                    log_sum_exp_distance, make_norm, make_projector, mean_power_distance, projector_cka,
+                    projector_spectrum)
 
 
 def naive_log_sum(a, b, alpha):
@@ -229,7 +230,7 @@ def test_make_projector_kinds():
     assert make_projector(8, 8, "none")(x) is x
     with pytest.raises(ValueError, match="equal student and teacher widths"):
         make_projector(8, 16, "none")
-    with pytest.raises(ValueError, match="linear, mlp, none"):
+    with pytest.raises(ValueError, match="linear, mlp, mlp-plain, none"):
         make_projector(8, 16, "conv")
 
 
@@ -462,3 +463,70 @@ def test_distiller_takes_the_global_batch_under_ddp(tmp_path):
         local = fresh(x[:8].detach(), z_t[:8]).item()
         assert abs(got["local_loss"] - local) <= 1e-5 * max(1.0, abs(local)), case
         assert abs(local - loss.item()) > 1e-3, case  # the two objectives differ: the test can tell them apart
+
+
+def test_plain_mlp_projector_is_linear_relu_linear():
+    """'mlp-plain' is the official code's MLP: Linear-ReLU-Linear, no BN; its value is the formula in float64."""
+    torch.manual_seed(0)
+    mlp = make_projector(8, 16, "mlp-plain", hidden=32)
+    assert [type(m) for m in mlp] == [nn.Linear, nn.ReLU, nn.Linear] and mlp[0].out_features == 32
+    assert not list(mlp.buffers())
+    x = torch.randn(10, 8)
+    w1, b1, w2, b2 = (t.detach().double() for t in (mlp[0].weight, mlp[0].bias, mlp[2].weight, mlp[2].bias))
+    expected = (x.double() @ w1.T + b1).clamp_min(0) @ w2.T + b2
+    torch.testing.assert_close(mlp(x).double(), expected, rtol=1e-5, atol=1e-6)
+    assert make_projector(8, 16, "mlp-plain")[0].out_features == 16  # hidden defaults to the output width
+
+
+def naive_linear_cka(x, y):
+    """Linear CKA by its kernel definition in float64: HSIC(K, L) / sqrt(HSIC(K, K) HSIC(L, L)), K = x x^T, L = y y^T,
+    HSIC(K, L) = tr(K H L H) with the centring matrix H = I - 11^T / n."""
+    x, y = x.double(), y.double()
+    n = x.shape[0]
+    h = torch.eye(n, dtype=torch.float64) - 1.0 / n
+    k, l = x @ x.T, y @ y.T
+    hsic = lambda a, b: torch.trace(a @ h @ b @ h)
+    return hsic(k, l) / (hsic(k, k) * hsic(l, l)).sqrt()
+
+
+def test_linear_cka_is_the_kernel_formula():
+    torch.manual_seed(0)
+    x = torch.randn(50, 8) * 3 + 2
+    y = torch.tanh(x @ torch.randn(8, 12)) + 0.1 * torch.randn(50, 12)
+    cka = linear_cka(x, y)
+    assert cka.dtype == torch.float32 and cka.dim() == 0 and 0 < cka < 1
+    torch.testing.assert_close(cka.double(), naive_linear_cka(x, y), rtol=1e-5, atol=1e-6)
+    q = torch.linalg.qr(torch.randn(8, 8))[0]  # invariant to an orthogonal map, a scale and a shift
+    torch.testing.assert_close(linear_cka(x, 5 * x @ q + 3), torch.tensor(1.0), rtol=1e-5, atol=1e-5)
+    assert linear_cka(torch.randn(4000, 4), torch.randn(4000, 4)) < 0.01  # independent: near 0
+
+
+@pytest.mark.parametrize("projector", ["linear", "mlp", "mlp-plain", "none"])
+def test_projector_cka_is_the_formula_and_leaves_the_distiller_as_it_was(projector):
+    """Figure 6.3's measure: CKA(z_s, projector(z_s)) with the projector as in training (the MLP's BN on batch
+    statistics), computed on copies of its buffers; maps are taken as the distiller's rows (per position)."""
+    torch.manual_seed(0)
+    width = 8 if projector == "none" else 16
+    distiller = FeatureDistiller(8, width, projector=projector, hidden=32).train()
+    before = {k: v.clone() for k, v in distiller.state_dict().items()}
+    z_s = torch.randn(6, 8, 3, 3) * 2 + 1
+    rows = z_s.permute(0, 2, 3, 1).reshape(-1, 8)
+    cka = projector_cka(distiller, z_s)
+    assert cka.dtype == torch.float32 and cka.dim() == 0 and not cka.requires_grad
+    p = distiller.projector
+    if projector == "linear":
+        out = rows.double() @ p.weight.detach().double().T + p.bias.detach().double()
+    elif projector == "mlp":
+        h = rows.double() @ p[0].weight.detach().double().T + p[0].bias.detach().double()
+        h = ((h - h.mean(0)) / (h.var(0, unbiased=False) + p[1].eps).sqrt()).clamp_min(0)
+        out = h @ p[3].weight.detach().double().T + p[3].bias.detach().double()
+    elif projector == "mlp-plain":
+        h = (rows.double() @ p[0].weight.detach().double().T + p[0].bias.detach().double()).clamp_min(0)
+        out = h @ p[2].weight.detach().double().T + p[2].bias.detach().double()
+    else:
+        out = rows.double()
+    torch.testing.assert_close(cka.double(), naive_linear_cka(rows, out), rtol=1e-4, atol=1e-5)
+    assert all(torch.equal(before[k], v) for k, v in distiller.state_dict().items())  # BN running stats too
+    wrapped = nn.Module()
+    wrapped.module = distiller  # as DDP wraps it
+    assert torch.equal(projector_cka(wrapped, z_s), cka)
