@@ -128,7 +128,8 @@ def make_norm(dim, kind="bn"):
     ``'bn'``: ``BatchNorm1d(eps=1e-4, affine=False)`` as in the official code, batch statistics in
     training mode; ``'gn'``: GroupNorm without affine, 16 groups (the unused GroupNorm of the official code's first
     release; ``gcd(16, dim)`` groups when 16 does not divide ``dim``), the paper's Table 6.1, with eps 1e-4 as the
-    BN's: a departure, the official GroupNorm has eps 0; ``'ln'``: LayerNorm without affine; ``'l2'``: unit L2 norm; ``'none'``.
+    BN's: a departure, the official GroupNorm has eps 0; ``'ln'``: LayerNorm without affine; ``'l2'``: unit L2
+    norm; ``'none'``.
     """
     if kind == "bn":
         return nn.BatchNorm1d(dim, eps=1e-4, affine=False)
@@ -226,10 +227,12 @@ def projector_spectrum(distiller):
 
 def linear_cka(x, y):
     """Linear CKA of two sets of rows ``(n, d_x)`` and ``(n, d_y)``, both centred:
-    ``|x^T y|_F^2 / (|x^T x|_F |y^T y|_F)``, in [0, 1], 1 when ``y`` is an orthogonal map of ``x`` times a scale."""
-    x = x.float() - x.float().mean(0)
-    y = y.float() - y.float().mean(0)
-    return (x.T @ y).square().sum() / ((x.T @ x).norm() * (y.T @ y).norm()).clamp_min(torch.finfo(torch.float32).tiny)
+    ``|x^T y|_F^2 / (|x^T x|_F |y^T y|_F)``, in [0, 1], 1 when ``y`` is an orthogonal map of ``x`` times a scale.
+    Computed in float64 (in float32 a few rows of wide features err by 1e-3, above 1), returned as float32."""
+    x = x.double() - x.double().mean(0)
+    y = y.double() - y.double().mean(0)
+    cka = (x.T @ y).square().sum() / ((x.T @ x).norm() * (y.T @ y).norm()).clamp_min(torch.finfo(torch.float64).tiny)
+    return cka.float()
 
 
 @torch.no_grad()
