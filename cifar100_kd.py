@@ -53,7 +53,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from common import DISTANCES, NORMS, PROJECTORS, FeatureDistiller, projector_spectrum
+from common import DISTANCES, NORMS, PROJECTORS, FeatureDistiller, projector_cka, projector_spectrum
 
 PROG = Path(__file__).stem
 CIFAR_URL = "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"
@@ -115,11 +115,18 @@ def parse_args(argv=None):
     g.add_argument("--feat-weight", type=float, default=2.0, help="weight of the feature loss (srd); the paper "
                    "does not state it: the official code's")
     g.add_argument("--alpha", type=float, default=4.0, help="exponent of the soft maximum log sum |d|^alpha")
-    g.add_argument("--norm", default="bn", choices=NORMS, help="normalisation of both features (paper: bn, no affine)")
-    g.add_argument("--projector", default="mlp", choices=PROJECTORS, help="W_p (paper: mlp here, linear on ImageNet)")
+    g.add_argument("--norm", default="bn", choices=NORMS, help="normalisation of z_s W_p and z_t, no affine: "
+                   "bn (the paper's), gn (Table 6.1; eps 1e-4 where the official code's has 0: a departure), ln, l2, "
+                   "none")
+    g.add_argument("--projector", default="mlp", choices=PROJECTORS, help="W_p: linear (the paper's on ImageNet); "
+                   "mlp (the paper's here): Linear-BN-ReLU-Linear, our reading of 'MLP', its BN keeps the hidden "
+                   "layer from collapsing; mlp-plain: Linear-ReLU-Linear (the official code's); none")
     g.add_argument("--projector-hidden", type=int, default=1024,
                    help="hidden width of the 'mlp' projector (the paper's CIFAR-100 runs: 1024)")
-    g.add_argument("--distance", default="logsum", choices=DISTANCES, help="feature distance")
+    g.add_argument("--distance", default="logsum", choices=DISTANCES, help="logsum: the paper's log sum "
+                   "|d|^alpha; corr: the official DeiT code's correlation form; "
+                   "mean: mean |d|^alpha (no log: Tables 6.3, 6.9; averaged over batch and dimensions where the paper "
+                   "writes a squared norm: our reading); corr-nolog: the correlation form without the log")
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int, default=240, help="training epochs")
     g.add_argument("--max-steps", type=int, help="cap on the steps of each epoch (smoke tests, benchmarks)")
@@ -179,7 +186,7 @@ class StudentWithDistiller(nn.Module):
 
     def forward(self, x, z_t=None):
         logits, z_s = self.student(x)
-        return logits, self.distiller(z_s, z_t) if self.distiller is not None else None
+        return logits, self.distiller(z_s, z_t) if self.distiller is not None else None, z_s
 
 
 def kd_loss(logits_s, logits_t, T):
@@ -341,13 +348,14 @@ def main(argv=None):
     uses_kd = teacher is not None and args.kd_weight > 0  # srd's default has no KL term (the paper's CIFAR distiller)
 
     def train_step(x, y):
-        """One step of the paper's objective; returns the unweighted loss terms (ce, kd, feat), left on the device."""
+        """One step of the paper's objective; returns the unweighted loss terms (ce, kd, feat) and the student's
+        features z_s, left on the device."""
         with autocast:
             logits_t = z_t = None
             if teacher is not None:
                 with torch.no_grad():
                     logits_t, z_t = teacher(x)
-            logits_s, loss_feat = model(x, z_t)
+            logits_s, loss_feat, z_s = model(x, z_t)
             loss_ce = F.cross_entropy(logits_s.float(), y)
             loss_kd = kd_loss(logits_s, logits_t, args.temperature) if uses_kd else zero
             loss_feat = zero if loss_feat is None else loss_feat
@@ -356,7 +364,7 @@ def main(argv=None):
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
-        return torch.stack([loss_ce, loss_kd, loss_feat]).detach()
+        return torch.stack([loss_ce, loss_kd, loss_feat]).detach(), z_s.detach()
 
     # --compile: on one GPU the graphs replay as CUDA graphs, since at batch 64 these models are bound by kernel
     # launches. Shapes are static: the epoch's last, partial batch runs eagerly, so nothing compiles again.
@@ -370,12 +378,13 @@ def main(argv=None):
         model.train()
         epoch_sums = torch.zeros(3, device=device)  # ce, kd, feat: summed on the device, read at log steps only
         log_sums, log_steps, t_log, data_s, t_epoch = torch.zeros(3, device=device), 0, time.time(), 0.0, time.time()
+        cka = []  # [global step, CKA of z_s and its projection] at each log step: Figure 6.3
         for step in range(steps):
             t_data = time.perf_counter()
             idx = order[step * args.batch_size:(step + 1) * args.batch_size]
             x, y = normalise(crop_flip(train_x[idx], own)), train_y[idx]
             data_s += time.perf_counter() - t_data
-            terms = (compiled_step if len(idx) == args.batch_size else train_step)(x, y)
+            terms, z_s = (compiled_step if len(idx) == args.batch_size else train_step)(x, y)
             if args.compile and step == 1 and epoch == start_epoch and is_main:  # the graphs of the first two steps
                 print(f"compiled the training step in {time.time() - t_epoch:.0f} s", flush=True)
             epoch_sums += terms
@@ -397,6 +406,8 @@ def main(argv=None):
                     lr_now, speed = float(optimizer.param_groups[0]["lr"]), log_steps * global_batch / (now - t_log)
                     print(f"epoch {epoch + 1}/{args.epochs} step {step + 1}/{steps} | {losses} | lr {lr_now:.4g} | "
                           f"{speed:.0f} img/s | data {1000 * data_s / log_steps:.1f} ms/step | eta {eta}")
+                if is_main and distiller is not None:
+                    cka.append([epoch * steps + step + 1, projector_cka(distiller, z_s).item()])
                 log_sums.zero_()
                 log_steps, t_log, data_s = 0, now, 0.0
         if device.type == "cuda":
@@ -426,6 +437,7 @@ def main(argv=None):
             if distiller is not None:  # every singular value of W_p, sorted (Figure 6.2); None unless it is linear
                 sv = projector_spectrum(distiller)
                 record["projector_sv"] = None if sv is None else sv.tolist()
+                record["projector_cka"] = cka
             weights = student.state_dict()  # also under "model", RepDistiller's key: torch.save stores it once
             ckpt = {"model": weights, "student": weights, "distiller": distiller.state_dict() if distiller else None,
                     "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),

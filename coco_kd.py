@@ -15,8 +15,16 @@ stride-4/8/16/32 stages and a max-pool level (ReviewKD's detectron2 student); th
 fasterrcnn_resnet50_fpn, the paper's architecture, whose COCO weights score 37.0 AP, not the 40.22 of the
 paper's detectron2 weights. Detectron2's 1x schedule, which ReviewKD's 180k iterations of 8 images at lr 0.01
 equal: 12 epochs, x0.1 at 8 and 11, SGD momentum 0.9, lr 0.02 per 16 images, wd 1e-4, 1000 warm-up iterations,
-shorter side 640-800 in training and 800 at test (longer at most 1333), flips, aspect-ratio bins. The paper does
-not state its feature weight (1 here). Every COCOeval (bbox) runs in float32.
+shorter side 640-800 in training and 800 at test (longer at most 1333), flips, aspect-ratio bins. Every COCOeval
+(bbox) runs in float32. Where this departs from the paper's runs, one line each:
+- torchvision's Faster R-CNN heads are not detectron2's (RoIAlign v1 with sampling ratio 2, smooth-L1 beta 1/9,
+  2,000 RPN proposals kept in training, 91 classes): 29.47 / 32.92 are not directly comparable; the honest figure
+  is SRD against this script's own --distill none run;
+- the paper's teacher (40.22) is detectron2's 3x model on an MSRA ResNet-50, not torchvision's 37.0 weights;
+- ReviewKD weights its feature loss 2.0, the paper does not state its weight: 1 here (--feat-weight), since 2.0
+  weights ReviewKD's own loss, whose scale the log-sum does not share;
+- distilling all five FPN maps is our reading of the paper's "backbone output features";
+- the student's ImageNet weights and RGB normalisation are torchvision's, not ReviewKD's checkpoint.
 
     torchrun --nproc_per_node=8 coco_kd.py --data-dir data/coco                  # SRD: 32.92 AP in the paper
     python coco_kd.py --data-dir data/coco --batch-size 16                       # the same on one GPU
@@ -55,7 +63,7 @@ from torchvision.models.detection.backbone_utils import BackboneWithFPN, resnet_
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from common import DISTANCES, NORMS, PROJECTORS, FeatureDistiller, projector_spectrum
+from common import DISTANCES, NORMS, PROJECTORS, FeatureDistiller, projector_cka, projector_spectrum
 
 try:
     from pycocotools.coco import COCO
@@ -114,13 +122,18 @@ def parse_args(argv=None):
     g.add_argument("--distill", default="srd", choices=("none", "srd"), help="none: detection losses; srd: + features")
     g.add_argument("--feat-weight", type=float, default=1.0, help="weight of the feature term (the paper's: unstated)")
     g.add_argument("--alpha", type=float, default=4.0, help="alpha of the soft maximum log sum |z_s W_p - z_t|^alpha")
-    g.add_argument("--norm", default="bn", choices=NORMS, help="normalisation of z_s W_p and z_t: bn (the paper's, per "
-                   "channel over the batch's positions), gn, l2, none (Table 6.1's ablation), ln")
-    g.add_argument("--projector", default="linear", choices=PROJECTORS, help="W_p at every position (a 1x1 conv)")
+    g.add_argument("--norm", default="bn", choices=NORMS, help="normalisation of z_s W_p and z_t, no affine: "
+                   "bn (the paper's, per channel over the batch's positions), gn (Table 6.1; eps 1e-4 where the "
+                   "official code's has 0: a departure), ln, l2, none")
+    g.add_argument("--projector", default="linear", choices=PROJECTORS, help="W_p at every position (a 1x1 "
+                   "conv): linear (the paper's); mlp: Linear-BN-ReLU-Linear (our reading of the paper's 'MLP'); "
+                   "mlp-plain: Linear-ReLU-Linear (the official code's); none")
     g.add_argument("--projector-hidden", type=int,
                    help="hidden width of the 'mlp' projector (default: the teacher's feature width)")
     g.add_argument("--distance", default="logsum", choices=DISTANCES, help="logsum: the paper's soft maximum; corr: "
-                   "the official DeiT code's; mean, corr-nolog: without the log (Tables 6.3, 6.9)")
+                   "the official DeiT code's; mean: mean |d|^alpha (no log: Tables 6.3, 6.9; averaged over batch and "
+                   "dimensions where the paper writes a squared norm: our reading); corr-nolog: the correlation form "
+                   "without the log")
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int, default=12, help="epochs (the 1x schedule)")
     g.add_argument("--max-steps", type=int, help="cap on the steps of each epoch (smoke tests, benchmarks)")
@@ -170,9 +183,10 @@ def parse_args(argv=None):
 class StudentWithDistiller(nn.Module):
     """What DDP wraps: the student's training forward and the distillers (one per paired FPN level, {student:
     teacher} in ``levels``), so the projectors W_p are averaged like the student's weights and stay identical
-    on every rank. ``forward(batch, targets, features_t) -> (the detection losses, loss_feat or None)``.
-    Backbone and FPN (nearly all the FLOPs) run under the caller's autocast; the RPN and RoI heads and the
-    distillers stay in float32, as bf16's 8-bit mantissa would move box corners near x = 1000 by up to 4 px."""
+    on every rank. ``forward(batch, targets, features_t) -> (the detection losses, loss_feat or None, the
+    student's FPN maps)``. Backbone and FPN (nearly all the FLOPs) run under the caller's autocast; the RPN and
+    RoI heads and the distillers stay in float32, as bf16's 8-bit mantissa would move box corners near x = 1000
+    by up to 4 px."""
 
     def __init__(self, student, distiller, levels):
         super().__init__()
@@ -186,7 +200,7 @@ class StudentWithDistiller(nn.Module):
             _, roi_losses = self.student.roi_heads(features, proposals, batch.image_sizes, targets)
             loss_feat = None if features_t is None else sum(  # d(BN(z_s W_p), BN(z_t)) at every paired level
                 self.distiller[ks](features[ks], features_t[kt].float()) for ks, kt in self.levels.items())
-        return {**rpn_losses, **roi_losses}, loss_feat
+        return {**rpn_losses, **roi_losses}, loss_feat, features
 
 
 @torch.no_grad()
@@ -379,6 +393,7 @@ def main(argv=None):
         batches = train_batches(train_set.aspect, args.batch_size, args.seed, epoch, rank, world)[:steps]
         interval = torch.zeros(len(DET_LOSSES) + 1, device=device)  # the detection terms and feat, on device
         seen, data_time, last_log, epoch_sums, epoch_images = 0, 0.0, 0, [0.0] * len(interval), 0
+        cka = []  # [global step, CKA of z_s and its projection, mean over the levels] at each log step: Figure 6.3
         t_epoch = t_log = t_ready = time.time()
         for step, (images, targets) in enumerate(loader(train_set, batches, args, device), 1):
             data_time += time.time() - t_ready
@@ -390,7 +405,7 @@ def main(argv=None):
                 if teacher is not None:
                     with torch.no_grad():
                         features_t = teacher.backbone(batch.tensors)
-                losses, loss_feat = model(batch, targets, features_t)
+                losses, loss_feat, features = model(batch, targets, features_t)
                 loss_feat = zero if loss_feat is None else loss_feat
                 loss = sum(losses[k] for k in DET_LOSSES) + args.feat_weight * loss_feat
             scaler.scale(loss).backward()
@@ -419,6 +434,9 @@ def main(argv=None):
                           f" | data {1000 * data_time / (step - last_log):.1f} ms/step | eta {eta}")
                 epoch_sums, epoch_images = [a + b for a, b in zip(epoch_sums, sums)], epoch_images + n_images
                 interval.zero_()
+                if is_main and teacher is not None:
+                    level_cka = [projector_cka(distiller[ks], features[ks]) for ks in levels]
+                    cka.append([epoch * steps + step, torch.stack(level_cka).mean().item()])
                 seen, data_time, last_log, t_log = 0, 0.0, step, now
             t_ready = time.time()
         epoch_s = time.time() - t_epoch
@@ -445,6 +463,7 @@ def main(argv=None):
             if teacher is not None:  # every singular value of each level's W_p, sorted: the paper's Figure 6.2
                 spectra = {ks: projector_spectrum(d) for ks, d in distiller.items()}
                 record["projector_sv"] = {ks: None if sv is None else sv.tolist() for ks, sv in spectra.items()}
+                record["projector_cka"] = cka
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
             print(f"epoch {epoch + 1}/{args.epochs} | val {fmt(metrics)} on {metrics['images']} images | best AP "

@@ -17,7 +17,7 @@ DIR/val/<class>/*.JPEG), with DeiT's regnety_160-a5fe301d.pth (or timm's ``regne
     python deit_kd.py --evaluate --resume runs/deit_kd-deit_tiny-srd/best.pt --data-dir /data/imagenet  # + mu_T
     python deit_kd.py --dummy --img-size 64 --epochs 1 --max-steps 20          # the whole pipeline, no files
 
-The loss: CE(head(cls token), mixed targets) + kd_weight * KL(head_conv(conv token) || teacher) * T^2 +
+The loss: CE(head(cls token), mixed targets) + kd_weight * KL(teacher || head_conv(conv token)) * T^2 +
 feat_weight * D(BN(mean of patch tokens W_p), BN(z_t)), with z_t the teacher's pooled 3024-d feature, W_p linear
 (192 or 384 -> 3024), BN without affine parameters on both sides, D the released DeiT code's correlation distance
 (``--distance corr``; ``logsum`` is the paper's general form). The conv stem: three conv-BN-ReLU layers of 64
@@ -64,7 +64,7 @@ from timm.scheduler import CosineLRScheduler
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
-from common import DISTANCES, NORMS, PROJECTORS, FeatureDistiller, projector_spectrum
+from common import DISTANCES, NORMS, PROJECTORS, FeatureDistiller, projector_cka, projector_spectrum
 
 PROG = Path(__file__).stem
 STUDENTS = {"deit_tiny": dict(embed_dim=192, depth=12, num_heads=3),
@@ -125,12 +125,18 @@ def parse_args(argv=None):
     g.add_argument("--kd-weight", type=float, default=1.0, help="weight of the KL term (the paper: unstated)")
     g.add_argument("--temperature", type=float, default=1.0, help="KD temperature T")
     g.add_argument("--alpha", type=float, default=4.0, help="exponent of the distance")
-    g.add_argument("--norm", default="bn", choices=NORMS, help="normalisation of both features")
-    g.add_argument("--projector", default="linear", choices=PROJECTORS, help="student-to-teacher projector W_p")
+    g.add_argument("--norm", default="bn", choices=NORMS, help="normalisation of z_s W_p and z_t, no affine: "
+                   "bn (the paper's), gn (Table 6.1; eps 1e-4 where the official code's has 0: a departure), ln, l2, "
+                   "none")
+    g.add_argument("--projector", default="linear", choices=PROJECTORS, help="W_p: linear (the "
+                   "paper's); mlp: Linear-BN-ReLU-Linear (our reading of the paper's 'MLP'); mlp-plain: "
+                   "Linear-ReLU-Linear (the official code's); none")
     g.add_argument("--projector-hidden", type=int, help="hidden width of the 'mlp' projector (default: the "
                    "teacher's feature width)")
     g.add_argument("--distance", default="corr", choices=DISTANCES, help="corr: the released DeiT code's (the "
-                   "paper does not name its DeiT distance); logsum: the paper's log sum |z_s W_p - z_t|^alpha")
+                   "paper does not name its DeiT distance); logsum: the paper's log sum |z_s W_p - z_t|^alpha; "
+                   "mean: mean |d|^alpha (no log: Tables 6.3, 6.9; averaged over batch and dimensions where the paper "
+                   "writes a squared norm: our reading); corr-nolog: the correlation form without the log")
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int, default=300, help="training epochs")
     g.add_argument("--max-steps", type=int, help="cap on the steps of each epoch (smoke tests, benchmarks)")
@@ -162,6 +168,9 @@ def parse_args(argv=None):
     g.add_argument("--resume", type=Path, help="checkpoint (last.pt) to continue, or to evaluate with --evaluate")
     g.add_argument("--evaluate", action="store_true", help="evaluate the student of --resume (top-1, top-5, mu_T), "
                    "write eval.json, exit")
+    g.add_argument("--mu-t", default="block", choices=("block", "cumulative"), help="mu_T's reading: block: the "
+                   "thesis's Listing 2, each block on its own input; cumulative: the student up to each block, the "
+                   "image rolled (our earlier reading)")
     args = p.parse_args(argv)
     if args.batch_size is None:
         args.batch_size = 512 // int(os.environ.get("WORLD_SIZE", 1))  # the paper's global batch
@@ -185,8 +194,8 @@ def parse_args(argv=None):
 # ---- the method: the student with its distiller, the KD term, the schedule ----
 class StudentWithDistiller(nn.Module):
     """The student and the feature distiller in one module, so that DDP keeps the projector identical on
-    every rank. Returns the logits (in training the pair: cls head, second head) and the unweighted feature
-    loss (None without a distiller)."""
+    every rank. Returns the logits (in training the pair: cls head, second head), the unweighted feature
+    loss (None without a distiller) and the student's feature z_s."""
 
     def __init__(self, student, distiller):
         super().__init__()
@@ -195,10 +204,8 @@ class StudentWithDistiller(nn.Module):
     def forward(self, x, z_t=None):
         tokens = self.student.forward_features(x)
         logits = self.student.forward_head(tokens)
-        if self.distiller is None:
-            return logits, None
         z_s = tokens[:, self.student.num_prefix_tokens:].mean(1)  # mean of the patch-token outputs
-        return logits, self.distiller(z_s, z_t)
+        return logits, None if self.distiller is None else self.distiller(z_s, z_t), z_s
 
 
 def kd_loss(logits_s, logits_t, T):
@@ -306,13 +313,13 @@ def main(argv=None):
 
     if args.evaluate:
         record = evaluate(student, val_loader, device, memory_format)
-        mu_t = torch.tensor(translation_equivariance(student, val_loader, device, memory_format))
+        mu_t = torch.tensor(translation_equivariance(student, val_loader, device, memory_format, args.mu_t))
         record |= {"checkpoint": str(args.resume), "mu_t": mu_t.tolist(), "mu_t_mean": mu_t.mean().item(),
-                   "mu_t_std": mu_t.std(unbiased=False).item()}
+                   "mu_t_std": mu_t.std(unbiased=False).item(), "mu_t_reading": args.mu_t}
         if is_main:
             print(f"{args.resume}: top1 {record['top1']:.2f} top5 {record['top5']:.2f} on {record['images']} images "
-                  f"| mu_T {record['mu_t_mean']:.3g} +- {record['mu_t_std']:.3g} over {len(mu_t)} blocks (thesis "
-                  "Table 6.7, DeiT-S: DeiT 1.52 +- 0.15, CivT 0.13 +- 0.05, SRD 0.04 +- 0.02)")
+                  f"| mu_T ({args.mu_t}) {record['mu_t_mean']:.3g} +- {record['mu_t_std']:.3g} over {len(mu_t)} blocks "
+                  "(thesis Table 6.7, DeiT-S: DeiT 1.52 +- 0.15, CivT 0.13 +- 0.05, SRD 0.04 +- 0.02)")
             out_dir.mkdir(parents=True, exist_ok=True)
             save_atomic(json.dumps(record, indent=2) + "\n", out_dir / "eval.json")
         if distributed:
@@ -394,6 +401,7 @@ def main(argv=None):
         model.train()
         loss_sum = torch.zeros(4, device=device)  # ce, kd, feat and the weighted total, summed over the epoch
         logged, logged_step, t_log, data_time = torch.zeros(4, device=device), 0, time.time(), 0.0
+        cka = []  # [global step, CKA of z_s and its projection] at each log step: Figure 6.3
         t_epoch = t_data = time.time()
         for step, (x, y) in enumerate(train_loader):
             if step == steps:
@@ -407,7 +415,7 @@ def main(argv=None):
                 if teacher is not None:
                     with torch.no_grad():
                         logits_t, z_t = teach(x)
-                (logits_s, logits_aux), loss_feat = model(x, z_t)  # the cls head; the conv-token (or dist.) head
+                (logits_s, logits_aux), loss_feat, z_s = model(x, z_t)  # the cls head; the conv-token (or dist.) head
                 if teacher is None:  # both heads learn the labels, as both vote at evaluation
                     loss_ce, loss_kd = (criterion(logits_s, y) + criterion(logits_aux, y)) / 2, zero
                 else:  # the labels on the cls head, the teacher on the second head
@@ -444,6 +452,8 @@ def main(argv=None):
                           f"data {1000 * data_time / (step + 1 - logged_step):.1f} ms/step | "
                           f"eta {datetime.timedelta(seconds=round(eta))}", flush=True)
                 logged, logged_step, t_log, data_time = total, step + 1, now, 0.0
+                if is_main and distiller is not None:
+                    cka.append([epoch * steps + step + 1, projector_cka(distiller, z_s).item()])
             t_data = time.time()
         epoch_s = time.time() - t_epoch
         run_time += epoch_s
@@ -469,7 +479,8 @@ def main(argv=None):
                          for n, v in zip(("ce", "kd", "feat"), logged.tolist())},
                       "top1": last["top1"], "top5": last["top5"], "images_per_s": steps * global_batch / epoch_s,
                       "epoch_s": epoch_s, "peak_mem_mb": peak_memory_mb(device),
-                      "projector_sv": None if sv is None else sv.tolist()}  # all of W_p's, sorted: Figure 6.2
+                      "projector_sv": None if sv is None else sv.tolist(),  # all of W_p's, sorted: Figure 6.2
+                      "projector_cka": cka if distiller is not None else None}
             with open(out_dir / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
             print(f"epoch {epoch + 1}/{args.epochs} | top1 {last['top1']:.2f} top5 {last['top5']:.2f} | best "
@@ -651,31 +662,55 @@ def evaluate(model, loader, device, memory_format):
             "images": int(counts[2].item())}
 
 
+def shift_patches(patches):
+    """T of the thesis's Listing 2 on a ``(B, h, w, C)`` patch grid: one patch to the right, the first column filled
+    with zeros. It must not wrap: a block is permutation-equivariant, so under a circular roll every mu_T is 0."""
+    return F.pad(patches[:, :, :-1], (0, 0, 1, 0))
+
+
+def block_mu_t(block, tokens, prefix, grid):
+    """Listing 2 for one block: ``(block(T x) - T block(x))^2`` on the patch tokens, averaged over channels, per image
+    and position ``(B, h, w)``; x = the block's input tokens ``(B, prefix + h*w, C)``, whose ``prefix`` tokens (cls,
+    conv or distillation) enter the block unmoved and are not compared."""
+    def patches(t):
+        return t[:, prefix:].unflatten(1, grid)
+    moved = torch.cat([tokens[:, :prefix], shift_patches(patches(tokens)).flatten(1, 2)], 1)
+    return (patches(block(moved)) - shift_patches(patches(block(tokens)))).float().pow(2).mean(-1)
+
+
 @torch.no_grad()
-def translation_equivariance(student, loader, device, memory_format):
-    """The paper's mu_T(phi) = ||phi(Tx) - T phi(x)||^2 (thesis Table 6.7), phi = the student up to each transformer
-    block. A block alone is permutation-equivariant (attention and MLP see no position), so T acts on the image: a
-    circular roll by one patch (img-size / grid pixels, 16 at 224) down and right; on the output, the patch tokens
-    roll by one row and one column of their grid (14 x 14 at 224, read from the model), the cls and conv (or
-    distillation) tokens set aside, neither rolled nor counted. What breaks equivariance is the position embedding
-    and the stem's borders. The squared difference is averaged over images, patch tokens and channels, in float32,
-    over every image of ``loader``; one mu_T per block (the paper's mean +- std is over the blocks)."""
+def translation_equivariance(student, loader, device, memory_format, reading="block"):
+    """The paper's mu_T(phi) = ||phi(Tx) - T phi(x)||^2 (thesis Table 6.7), one value per transformer block (the
+    paper's mean +- std is over the blocks), averaged in float64 over every image of ``loader``.
+
+    ``block`` (the thesis's Listing 2): phi = the block alone, on the tokens the student gives it, T =
+    ``shift_patches``. The filled first column is not counted (T leaves nothing there to compare: our reading), so
+    a per-token map scores exactly 0 and what is measured is the attention's use of position.
+    ``cumulative`` (our earlier reading, kept for comparison): phi = the student up to the block, T = a circular roll
+    of the image by one patch down and right and of the patch grid by one row and column; it measures the position
+    embedding and the stem's borders as well."""
     was_training = student.training
     student.eval()
     grid, prefix = student.patch_embed.grid_size, student.num_prefix_tokens
     sums, count = torch.zeros(len(student.blocks), device=device, dtype=torch.float64), torch.zeros((), device=device)
 
-    def blocks(x):  # the tokens after each block
+    def blocks(x):  # each block with its input and output tokens
         tokens = student.norm_pre(student.patch_drop(student._pos_embed(student.patch_embed(x))))
         for block in student.blocks:
-            tokens = block(tokens)
-            yield tokens[:, prefix:].unflatten(1, grid)  # (B, h, w, C)
+            out = block(tokens)
+            yield block, tokens, out
+            tokens = out
 
     for x, _ in loader:
         x = x.to(device, non_blocking=True, memory_format=memory_format)
-        shift = (x.shape[-2] // grid[0], x.shape[-1] // grid[1])
-        for i, (plain, moved) in enumerate(zip(blocks(x), blocks(x.roll(shift, dims=(-2, -1))))):
-            sums[i] += (moved - plain.roll((1, 1), dims=(1, 2))).double().pow(2).mean((1, 2, 3)).sum()
+        if reading == "block":
+            for i, (block, tokens, _) in enumerate(blocks(x)):
+                sums[i] += block_mu_t(block, tokens, prefix, grid)[:, :, 1:].double().mean((1, 2)).sum()
+        else:
+            shift = (x.shape[-2] // grid[0], x.shape[-1] // grid[1])
+            for i, ((*_, plain), (*_, moved)) in enumerate(zip(blocks(x), blocks(x.roll(shift, dims=(-2, -1))))):
+                plain, moved = (t[:, prefix:].unflatten(1, grid) for t in (plain, moved))
+                sums[i] += (moved - plain.roll((1, 1), dims=(1, 2))).double().pow(2).mean((1, 2, 3)).sum()
         count += len(x)
     if dist.is_initialized():
         dist.all_reduce(sums)

@@ -61,6 +61,13 @@ def read_jsonl(path):
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
+def assert_cka_record(record, steps, log_every):
+    """Figure 6.3's record: [global step, linear CKA of z_s and z_s W_p] at each log step of the record's epoch."""
+    logged = [step for step in range(1, steps + 1) if step % log_every == 0 or step == steps]
+    assert [step for step, _ in record["projector_cka"]] == [(record["epoch"] - 1) * steps + s for s in logged]
+    assert all(0 < cka <= 1 for _, cka in record["projector_cka"]), record["projector_cka"]
+
+
 def load_checkpoint(path):
     return torch.load(path, map_location="cpu", weights_only=True)
 
@@ -181,6 +188,7 @@ def test_cifar100_teacher_then_srd_then_resume(tmp_path):
             assert {"lr", "loss_ce", "loss_kd", "loss_feat", "top1", "top5", "images_per_s", "epoch_s",
                     "peak_mem_mb"} <= r.keys()
             assert len(r["projector_sv"]) == 64 and min(r["projector_sv"]) > 0 and r["loss_kd"] > 0
+            assert_cka_record(r, steps=6, log_every=2)
         summary = json.loads((run / "summary.json").read_text())
         assert summary["metric"] == "top1" and summary["last"] == records[-1]["top1"]
         assert summary["best"] == max(r["top1"] for r in records)
@@ -202,6 +210,7 @@ def test_cifar100_dummy_kd_bf16_channels_last(tmp_path):
                         "--out-dir", out))
     (record,) = read_jsonl(out / "metrics.jsonl")
     assert record["loss_kd"] is not None and record["loss_feat"] is None and "projector_sv" not in record
+    assert "projector_cka" not in record
     assert json.loads((out / "args.json").read_text())["kd_weight"] == 1.0  # --distill kd is CE + KL by default
     check_ok(run_script(CIFAR100, "--dummy", "--student", "wrn_16_1", "--channels-last", "--amp", "off", "--evaluate",
                         "--resume", out / "last.pt"))
@@ -237,6 +246,7 @@ def test_cifar100_default_distiller_is_the_papers(tmp_path):
     assert len(log_lines) == 2 and all(" ce " in line and " feat " in line and " kd " not in line for line in log_lines)
     assert json.loads((out / "args.json").read_text())["kd_weight"] == 0.0
     assert record["projector_sv"] is None  # the MLP has no single W_p whose spectrum Figure 6.2 plots
+    assert_cka_record(record, steps=2, log_every=1)  # but a CKA of its input and output (Figure 6.3)
 
 
 def test_cifar100_projector_spectrum_gn_and_distance_without_log(tmp_path):
@@ -553,6 +563,7 @@ def test_imagenet_train_nonfinite_and_exact_resume(imagenet_data, tmp_path):
         assert r["top1"] * 5 / 100 == pytest.approx(round(r["top1"] * 5 / 100))  # k right out of 5 images
         sv = r["projector_sv"]  # every singular value of the 512x512 W_p, sorted (Figure 6.2)
         assert len(sv) == 512 and sv == sorted(sv, reverse=True) and sv[-1] > 0
+        assert_cka_record(r, steps=3, log_every=1)
     summary = json.loads((full / "summary.json").read_text())
     assert summary["metric"] == "top1" and summary["last"] == records[-1]["top1"] and summary["world_size"] == 1
     assert summary["best"] == max(r["top1"] for r in records) and summary["teacher"] is not None
@@ -606,6 +617,7 @@ def test_imagenet_dummy_kd_and_srd(tmp_path):
     assert "teacher resnet18 (random" in out and "step 2/2 | ce" in out and " feat " not in out
     record, = read_jsonl(tmp_path / "metrics.jsonl")
     assert record["loss_kd"] is not None and record["loss_feat"] is None and "projector_sv" not in record
+    assert "projector_cka" not in record
     assert load_checkpoint(tmp_path / "last.pt")["distiller"] is None
     # srd's first KL term equals kd's: same student, same batch, and the same teacher in eval mode
     # (sizing the projector with a dry forward must leave the teacher's batch norms alone).
@@ -686,8 +698,9 @@ def test_imagenet_ablation_pairs(teacher, student, t_dim, s_dim, size, one_threa
     x, y = torch.randn(2, 3, size, size), torch.tensor([0, 1])
     with torch.no_grad():
         logits_t, z_t = teacher_net(x)
-    logits_s, loss_feat = model(x, z_t)
+    logits_s, loss_feat, z_s_returned = model(x, z_t)
     z_s = model.student(x)[1]
+    assert torch.equal(z_s_returned, z_s)
     loss = torch.nn.functional.cross_entropy(logits_s, y) + imagenet_kd.kd_loss(logits_s, logits_t, 1.0) + 2 * loss_feat
     loss.backward()
     assert z_t.shape == (2, t_dim) and torch.isfinite(loss)
@@ -844,6 +857,7 @@ def test_deit_conv_stem_srd_trains_evaluates_and_resumes_exactly(deit_data, tmp_
                 "peak_mem_mb", "projector_sv"} <= r.keys()
         sv = r["projector_sv"]  # W_p: 192 -> 512 (resnet10t's width): 192 singular values, largest first
         assert r["loss_kd"] is not None and len(sv) == 192 and sv == sorted(sv, reverse=True) and sv[-1] > 0
+        assert_cka_record(r, steps=2, log_every=1)
     assert [r["top1"] for r in records] == [r["top1"] for r in read_jsonl(full / "metrics.jsonl")]
     summary = json.loads((part / "summary.json").read_text())
     assert summary["metric"] == "top1" and summary["last"] == records[-1]["top1"]
@@ -972,8 +986,8 @@ def test_deit_protocol_defaults(monkeypatch):
     assert deit_kd.parse_args([]).batch_size == 64
 
 
-def test_deit_translation_equivariance():
-    # mu_T is 0 for blocks that are exactly equivariant (per-token MLPs, after a patch embedding that a roll by
+def test_deit_cumulative_translation_equivariance():
+    # The cumulative reading: mu_T is 0 for blocks that are exactly equivariant (per-token MLPs, after a patch embedding that a roll by
     # one patch permutes and no position embedding), positive for a block that mixes tokens by position, and for
     # the conv-stem DeiT (its position embedding); one value per block, over every image.
     import deit_kd
@@ -986,18 +1000,54 @@ def test_deit_translation_equivariance():
         vit.pos_embed.zero_()
     vit.blocks = torch.nn.Sequential(*[torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.GELU(),
                                                            torch.nn.Linear(32, 16)) for _ in range(3)])
-    assert deit_kd.translation_equivariance(vit, loader, cpu, torch.contiguous_format) == [0.0, 0.0, 0.0]
+    assert deit_kd.translation_equivariance(vit, loader, cpu, torch.contiguous_format, "cumulative") == [0.0, 0.0, 0.0]
 
     class MixByPosition(torch.nn.Module):  # adds the first patch token to every token: not equivariant
         def forward(self, tokens):
             return tokens + tokens[:, 1:2]
 
     vit.blocks[1] = MixByPosition()
-    mu = deit_kd.translation_equivariance(vit, loader, cpu, torch.contiguous_format)
+    mu = deit_kd.translation_equivariance(vit, loader, cpu, torch.contiguous_format, "cumulative")
     assert mu[0] == 0.0 and mu[1] > 1e-5 and mu[2] > 1e-5  # once broken, equivariance stays broken
     student = deit_kd.ConvStemDeiT(img_size=64, num_classes=3, **deit_kd.STUDENTS["deit_tiny"])
-    mu = deit_kd.translation_equivariance(student, loader, cpu, torch.contiguous_format)
+    mu = deit_kd.translation_equivariance(student, loader, cpu, torch.contiguous_format, "cumulative")
     assert len(mu) == 12 and min(mu) > 0 and student.training
+
+
+def test_deit_block_mu_t_is_listing_2():
+    # Listing 2's reading: a per-token block (no attention) scores 0 away from the zero-filled column, a random
+    # attention block scores > 0, and a block's mu_T depends on its input only: a per-token block after a block that
+    # breaks equivariance still scores 0 (the cumulative reading carries the break on), and each block's value is
+    # block_mu_t on the tokens the student gives it, computed here by hand.
+    import deit_kd
+    from timm.models.vision_transformer import Block, VisionTransformer
+
+    torch.manual_seed(0)
+    grid, tokens = (4, 4), torch.randn(2, 1 + 16, 16)
+    per_token = torch.nn.Sequential(torch.nn.LayerNorm(16), torch.nn.Linear(16, 32), torch.nn.GELU(),
+                                    torch.nn.Linear(32, 16))
+    attention = Block(16, num_heads=2).eval()
+    with torch.no_grad():
+        errors = deit_kd.block_mu_t(per_token, tokens, 1, grid)
+        assert errors.shape == (2, 4, 4) and errors[:, :, 1:].abs().max() < 1e-12 and errors[:, :, 0].min() > 0
+        assert deit_kd.block_mu_t(attention, tokens, 1, grid)[:, :, 1:].min() > 1e-6
+        shifted = deit_kd.shift_patches(tokens[:, 1:].unflatten(1, grid))
+        assert torch.equal(shifted[:, :, 1:], tokens[:, 1:].unflatten(1, grid)[:, :, :-1]) and not shifted[:, :, 0].any()
+
+    class MixByPosition(torch.nn.Module):  # adds the first patch token to every token: not equivariant
+        def forward(self, t):
+            return t + t[:, 1:2]
+
+    x = torch.randn(6, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    vit = VisionTransformer(img_size=64, patch_size=16, embed_dim=16, depth=3, num_heads=2, num_classes=3)
+    vit.blocks = torch.nn.Sequential(MixByPosition(), per_token, attention)
+    mu = deit_kd.translation_equivariance(vit, [(x[:4], None), (x[4:], None)], torch.device("cpu"),
+                                          torch.contiguous_format)
+    assert mu[0] > 1e-5 and mu[1] < 1e-12 and mu[2] > 1e-6
+    with torch.no_grad():
+        held = vit.blocks[:2](vit.norm_pre(vit._pos_embed(vit.patch_embed(x))))  # the last block's input
+        by_hand = deit_kd.block_mu_t(attention, held, 1, grid)[:, :, 1:].double().mean().item()
+    assert mu[2] == pytest.approx(by_hand, rel=1e-6)
 
 
 def test_deit_notebook_without_teacher_bf16_scores_in_float32(deit_data, tmp_path):
@@ -1022,6 +1072,7 @@ def test_deit_notebook_without_teacher_bf16_scores_in_float32(deit_data, tmp_pat
     assert "| ce " in result.stdout and " kd " not in result.stdout and "teacher resnet10t" not in result.stdout
     (record,) = read_jsonl(tmp_path / "run" / "metrics.jsonl")
     assert record["loss_kd"] is None and record["loss_feat"] is None and record["projector_sv"] is None
+    assert record["projector_cka"] is None
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["teacher"] is None and summary == result.summary  # main returns the summary it wrote
     assert load_checkpoint(tmp_path / "run" / "last.pt")["distiller"] is None
@@ -1170,6 +1221,7 @@ def test_coco_train_evaluate_resume(coco_data, tmp_path):
         assert r["loss_feat"] > 0 and r["loss_det"] > 0
         assert set(r["projector_sv"]) == {"0", "1", "2", "3", "pool"}  # every singular value of each W_p, sorted
         assert all(len(sv) == 256 and sv == sorted(sv, reverse=True) and sv[0] > 0 for sv in r["projector_sv"].values())
+        assert_cka_record(r, steps=1, log_every=1)  # the mean over the five levels
     # one step per epoch: no warm-up, as torchvision's min(1000, steps - 1); the lr is 0.02 per 16 images
     assert records[0]["lr"] == pytest.approx(0.02 * 2 / 16)
     summary = json.loads((tmp_path / "full" / "summary.json").read_text())
@@ -1509,7 +1561,7 @@ def ablation_rows():
                 continue
             fragment = match[1].replace("$F", "--train-fraction 0.2").replace("--alpha …", "--alpha 4")
             fragment = fragment.replace("…", "").strip()
-            if fragment in NORMS_IN_README:
+            if fragment in ("l2", "gn", "bn"):
                 commands.append([*commands[-1][:commands[-1].index("--norm")], "--norm", fragment])
             elif fragment.startswith("--") and cells[2].startswith("the same with"):
                 commands += [[*command, *shlex.split(fragment)] for command in previous]
@@ -1518,9 +1570,6 @@ def ablation_rows():
         rows[cells[0]] = commands
         previous = commands
     return rows
-
-
-NORMS_IN_README = ("l2", "gn", "bn")
 
 
 def test_readme_ablation_rows_run_what_the_tables_ran():
