@@ -198,6 +198,28 @@ def kd_loss(logits_s, logits_t, T):
                     reduction="batchmean", log_target=True) * T * T
 
 
+def train_step(model, teacher, optimizer, scaler, autocast, args, x, y):
+    """One step of the paper's objective, CE + kd_weight * KL + feat_weight * the feature loss, with the frozen
+    teacher under no_grad; returns the unweighted terms (ce, kd, feat) and the student's features z_s, left on the
+    device. srd's default has no KL term (the paper's CIFAR distiller): an unused term is 0."""
+    with autocast:
+        logits_t = z_t = None
+        if teacher is not None:
+            with torch.no_grad():
+                logits_t, z_t = teacher(x)
+        logits_s, loss_feat, z_s = model(x, z_t)
+        loss_ce = F.cross_entropy(logits_s.float(), y)
+        zero = torch.zeros((), device=x.device)
+        loss_kd = kd_loss(logits_s, logits_t, args.temperature) if teacher is not None and args.kd_weight > 0 else zero
+        loss_feat = zero if loss_feat is None else loss_feat
+        loss = args.ce_weight * loss_ce + args.kd_weight * loss_kd + args.feat_weight * loss_feat
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return torch.stack([loss_ce, loss_kd, loss_feat]).detach(), z_s.detach()
+
+
 def main(argv=None):
     args = parse_args(argv)
     t_start = time.time()
@@ -350,27 +372,8 @@ def main(argv=None):
     # ---- training ----
     total_steps, done_steps, t_loop = (args.epochs - start_epoch) * steps, 0, time.time()
     run_images, run_train_s, summary = 0, 0.0, None
-    zero = torch.zeros((), device=device)  # an unused term: 0, so that one expression serves every mode
     uses_kd = teacher is not None and args.kd_weight > 0  # srd's default has no KL term (the paper's CIFAR distiller)
-
-    def train_step(x, y):
-        """One step of the paper's objective; returns the unweighted loss terms (ce, kd, feat) and the student's
-        features z_s, left on the device."""
-        with autocast:
-            logits_t = z_t = None
-            if teacher is not None:
-                with torch.no_grad():
-                    logits_t, z_t = teacher(x)
-            logits_s, loss_feat, z_s = model(x, z_t)
-            loss_ce = F.cross_entropy(logits_s.float(), y)
-            loss_kd = kd_loss(logits_s, logits_t, args.temperature) if uses_kd else zero
-            loss_feat = zero if loss_feat is None else loss_feat
-            loss = args.ce_weight * loss_ce + args.kd_weight * loss_kd + args.feat_weight * loss_feat
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        return torch.stack([loss_ce, loss_kd, loss_feat]).detach(), z_s.detach()
+    step_args = (model, teacher, optimizer, scaler, autocast, args)
 
     # --compile: on one GPU the graphs replay as CUDA graphs, since at batch 64 these models are bound by kernel
     # launches. Shapes are static: the epoch's last, partial batch runs eagerly, so nothing compiles again.
@@ -390,7 +393,7 @@ def main(argv=None):
             idx = order[step * args.batch_size:(step + 1) * args.batch_size]
             x, y = normalise(crop_flip(train_x[idx], own)), train_y[idx]
             data_s += time.perf_counter() - t_data
-            terms, z_s = (compiled_step if len(idx) == args.batch_size else train_step)(x, y)
+            terms, z_s = (compiled_step if len(idx) == args.batch_size else train_step)(*step_args, x, y)
             if args.compile and step == 1 and epoch == start_epoch and is_main:  # the graphs of the first two steps
                 print(f"compiled the training step in {time.time() - t_epoch:.0f} s", flush=True)
             epoch_sums += terms

@@ -205,6 +205,26 @@ class StudentWithDistiller(nn.Module):
         return {**rpn_losses, **roi_losses}, loss_feat, features
 
 
+def train_step(model, teacher, optimizer, scaler, autocast, args, batch, targets):
+    """One step: the four detection losses + feat_weight * the feature loss, with the frozen teacher's backbone
+    (x -> FPN maps) under no_grad; returns the unweighted terms (DET_LOSSES, then feat) and the student's FPN maps,
+    left on the device. Without a teacher the feature term is 0."""
+    with autocast:
+        features_t = None
+        if teacher is not None:
+            with torch.no_grad():
+                features_t = teacher(batch.tensors)
+        losses, loss_feat, features = model(batch, targets, features_t)
+        loss_feat = torch.zeros((), device=batch.tensors.device) if loss_feat is None else loss_feat
+        loss = sum(losses[k] for k in DET_LOSSES) + args.feat_weight * loss_feat
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    terms = torch.stack([*(losses[k].detach() for k in DET_LOSSES), loss_feat.detach()])
+    return terms, {k: v.detach() for k, v in features.items()}
+
+
 @torch.no_grad()
 def match_levels(student, teacher):
     """Pair FPN levels by their measured stride, each teacher level once: {student: teacher}, and the levels'
@@ -388,7 +408,6 @@ def main(argv=None):
                       "5,000; check --data-dir and --min-size/--max-size (800/1333)")
 
     # ---- training ----
-    zero = torch.zeros((), device=device)  # loss_feat without a teacher
     t_loop, total_steps, epoch_ips, last = time.time(), (args.epochs - start_epoch) * steps, [], None
     for epoch in range(start_epoch, args.epochs):
         torch.manual_seed(seed_of(args.seed, epoch, rank))  # sizes, RPN/RoI sampling: f(seed, epoch, rank)
@@ -402,20 +421,10 @@ def main(argv=None):
             images = [image.to(device, non_blocking=True).float().div_(255) for image in images]
             targets = [{k: t[k].to(device, non_blocking=True) for k in ("boxes", "labels")} for t in targets]
             batch, targets = transform(student, images, targets, args.channels_last)  # once, for both backbones
-            with autocast:
-                features_t = None
-                if teacher is not None:
-                    with torch.no_grad():
-                        features_t = teacher.backbone(batch.tensors)
-                losses, loss_feat, features = model(batch, targets, features_t)
-                loss_feat = zero if loss_feat is None else loss_feat
-                loss = sum(losses[k] for k in DET_LOSSES) + args.feat_weight * loss_feat
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
+            terms, features = train_step(model, teacher.backbone if teacher is not None else None, optimizer, scaler,
+                                         autocast, args, batch, targets)
             scheduler.step()
-            interval += torch.stack([*(losses[k].detach() for k in DET_LOSSES), loss_feat.detach()])
+            interval += terms
             seen += len(images)
             if step % args.log_every == 0 or step == steps:  # the only host-device syncs of the loop
                 stats = torch.cat([interval, interval.new_tensor([seen])])
@@ -424,8 +433,8 @@ def main(argv=None):
                 *sums, n_images = stats.tolist()
                 mean = [v / ((step - last_log) * world) for v in sums]
                 if not all(map(math.isfinite, mean)):
-                    terms = " ".join(f"{k} {v}" for k, v in zip([*DET_LOSSES, "loss_feat"], mean))
-                    fail(f"non-finite loss at epoch {epoch + 1} step {step}: {terms}; lower --lr or --feat-weight", 3)
+                    values = " ".join(f"{k} {v}" for k, v in zip([*DET_LOSSES, "loss_feat"], mean))
+                    fail(f"non-finite loss at epoch {epoch + 1} step {step}: {values}; lower --lr or --feat-weight", 3)
                 now, done = time.time(), (epoch - start_epoch) * steps + step
                 if is_main:
                     eta = datetime.timedelta(seconds=round((now - t_loop) / done * (total_steps - done)))

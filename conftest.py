@@ -1,7 +1,6 @@
 """Two tiers: ``python -m pytest`` runs the fast one (every script end to end once, all of common.py's
 mathematics); ``python -m pytest --all`` adds the tests marked ``slow`` (torchrun, bit-exact resume, the full
-bad-input matrix, compiled steps, every architecture), as CI does."""
-import pytest
+bad-input matrix, compiled steps, the fetched teachers), as CI does."""
 
 
 def pytest_addoption(parser):

@@ -217,6 +217,34 @@ def kd_loss(logits_s, logits_t, T):
                     reduction="batchmean", log_target=True) * T * T
 
 
+def train_step(model, teacher, optimizer, scaler, autocast, args, x, y, criterion):
+    """One step: CE on the cls head + kd_weight * KL on the second head + feat_weight * the feature loss, with the
+    frozen teacher (x -> logits_t, z_t) under no_grad, the gradients clipped; returns the unweighted terms (ce, kd,
+    feat) with the weighted total, and the student's features z_s, left on the device. An unused term is 0."""
+    with autocast:
+        logits_t = z_t = None
+        if teacher is not None:
+            with torch.no_grad():
+                logits_t, z_t = teacher(x)
+        (logits_s, logits_aux), loss_feat, z_s = model(x, z_t)  # the cls head; the conv-token (or dist.) head
+        zero = torch.zeros((), device=x.device)
+        if teacher is None:  # both heads learn the labels, as both vote at evaluation
+            loss_ce, loss_kd = (criterion(logits_s, y) + criterion(logits_aux, y)) / 2, zero
+        else:  # the labels on the cls head, the teacher on the second head
+            loss_ce, loss_kd = criterion(logits_s, y), kd_loss(logits_aux, logits_t, args.temperature)
+        loss_feat = zero if loss_feat is None else loss_feat
+        loss = loss_ce + args.kd_weight * loss_kd + args.feat_weight * loss_feat
+    scaler.scale(loss).backward()
+    if args.clip_grad:
+        if not args.clip_scaled:  # clip the true gradients; --clip-scaled: the scaled ones (official code)
+            scaler.unscale_(optimizer)
+        nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return torch.stack([loss_ce, loss_kd, loss_feat, loss]).detach(), z_s.detach()
+
+
 def build_scheduler(optimizer, args, steps, scale):
     """The official code's schedule, stepped per iteration: one cosine over all epochs x steps whose first
     warmup_epochs x steps are replaced by a linear warm-up (no warmup_prefix: the cosine does not start at the
@@ -391,8 +419,7 @@ def main(argv=None):
                       f"{published}%: check --teacher-ckpt and the validation data")
 
     # ---- training ----
-    terms = ["ce"] + ["kd"] * (teacher is not None) + ["feat"] * (distiller is not None)
-    zero = torch.zeros((), device=device)  # an unused loss term
+    term_names = ["ce"] + ["kd"] * (teacher is not None) + ["feat"] * (distiller is not None)
     run_time = 0.0
     for epoch in range(start_epoch, args.epochs):
         # Every random draw is a function of (seed, epoch, rank): resuming continues exactly.
@@ -414,28 +441,10 @@ def main(argv=None):
             x, y = x.to(device, non_blocking=True, memory_format=memory_format), y.to(device, non_blocking=True)
             if mixup:
                 x, y = mixup(x, y)
-            with autocast:
-                logits_t = z_t = None
-                if teacher is not None:
-                    with torch.no_grad():
-                        logits_t, z_t = teach(x)
-                (logits_s, logits_aux), loss_feat, z_s = model(x, z_t)  # the cls head; the conv-token (or dist.) head
-                if teacher is None:  # both heads learn the labels, as both vote at evaluation
-                    loss_ce, loss_kd = (criterion(logits_s, y) + criterion(logits_aux, y)) / 2, zero
-                else:  # the labels on the cls head, the teacher on the second head
-                    loss_ce, loss_kd = criterion(logits_s, y), kd_loss(logits_aux, logits_t, args.temperature)
-                loss_feat = zero if loss_feat is None else loss_feat
-                loss = loss_ce + args.kd_weight * loss_kd + args.feat_weight * loss_feat
-            scaler.scale(loss).backward()
-            if args.clip_grad:
-                if not args.clip_scaled:  # clip the true gradients; --clip-scaled: the scaled ones (official code)
-                    scaler.unscale_(optimizer)
-                nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
+            terms, z_s = train_step(model, teach if teacher is not None else None, optimizer, scaler, autocast, args,
+                                    x, y, criterion)
             scheduler.step_update(epoch * steps + step)  # as the official loop: the next step runs at this one's t
-            loss_sum += torch.stack([loss_ce, loss_kd, loss_feat, loss]).detach().float()
+            loss_sum += terms.float()
 
             if (step + 1) % args.log_every == 0 or step + 1 == steps:  # the only host-device syncs
                 total = loss_sum.clone()
@@ -443,7 +452,7 @@ def main(argv=None):
                     dist.all_reduce(total)
                     total /= world
                 mean = ((total - logged) / (step + 1 - logged_step)).tolist()
-                values = " ".join(f"{name} {v:.3f}" for name, v in zip(("ce", "kd", "feat"), mean) if name in terms)
+                values = " ".join(f"{name} {v:.3f}" for name, v in zip(("ce", "kd", "feat"), mean) if name in term_names)
                 if not math.isfinite(sum(mean)):
                     fail(f"non-finite loss at epoch {epoch + 1} step {step + 1}: {values} total {mean[3]:.3f}; lower "
                          f"--lr or try --amp off; last.pt holds epoch {epoch}", 3)
@@ -479,7 +488,7 @@ def main(argv=None):
                 save_atomic(ckpt, out_dir / "best.pt")
             sv = projector_spectrum(distiller) if distiller is not None else None
             record = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"],
-                      **{f"loss_{n}": (v / steps if n in terms else None)  # the last log step closes the epoch
+                      **{f"loss_{n}": (v / steps if n in term_names else None)  # the last log step closes the epoch
                          for n, v in zip(("ce", "kd", "feat"), logged.tolist())},
                       "top1": last["top1"], "top5": last["top5"], "images_per_s": steps * global_batch / epoch_s,
                       "epoch_s": epoch_s, "peak_mem_mb": peak_memory_mb(device),

@@ -236,6 +236,28 @@ def kd_loss(logits_s, logits_t, T):
                     reduction="batchmean", log_target=True) * T * T
 
 
+def train_step(model, teacher, optimizer, scaler, autocast, args, x, y):
+    """One step of the paper's objective, CE + kd_weight * KL + feat_weight * the feature loss, with the frozen
+    teacher under no_grad; returns the unweighted terms (ce, kd, feat) and the student's features z_s, left on the
+    device. An unused term is 0."""
+    with autocast:
+        logits_t = z_t = None
+        if teacher is not None:
+            with torch.no_grad():
+                logits_t, z_t = teacher(x)
+        logits_s, loss_feat, z_s = model(x, z_t)
+        loss_ce = F.cross_entropy(logits_s, y)
+        zero = torch.zeros((), device=x.device)
+        loss_kd = zero if teacher is None else kd_loss(logits_s, logits_t, args.temperature)
+        loss_feat = zero if loss_feat is None else loss_feat
+        loss = args.ce_weight * loss_ce + args.kd_weight * loss_kd + args.feat_weight * loss_feat
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return torch.stack([loss_ce, loss_kd, loss_feat]).detach(), z_s.detach()
+
+
 def main(argv=None):
     args = parse_args(argv)
     t_start = time.time()
@@ -378,8 +400,7 @@ def main(argv=None):
                   "check --data-dir (the full validation set, class folders named by wnid) and --img-size 224")
 
     # ---- training ----
-    zero = torch.zeros((), device=device)
-    terms, used = ("ce", "kd", "feat"), (True, teacher is not None, distiller is not None)
+    term_names, used = ("ce", "kd", "feat"), (True, teacher is not None, distiller is not None)
     t_loop, total_steps, train_time = time.time(), steps * (args.epochs - start_epoch), 0.0
     for epoch in range(start_epoch, args.epochs):
         torch.manual_seed(seed_of(args.seed, epoch, rank))  # dropout and the like: a function of (seed, epoch, rank)
@@ -392,21 +413,8 @@ def main(argv=None):
         for step, (x, y) in enumerate(train_loader, 1):
             data_time += time.time() - t_ready
             x, y = prepare(x, y)
-            with autocast:
-                logits_t = z_t = None
-                if teacher is not None:
-                    with torch.no_grad():
-                        logits_t, z_t = teacher(x)
-                logits_s, loss_feat, z_s = model(x, z_t)
-                loss_ce = F.cross_entropy(logits_s, y)
-                loss_kd = zero if teacher is None else kd_loss(logits_s, logits_t, args.temperature)
-                loss_feat = zero if loss_feat is None else loss_feat
-                loss = args.ce_weight * loss_ce + args.kd_weight * loss_kd + args.feat_weight * loss_feat
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            interval += torch.stack([loss_ce, loss_kd, loss_feat]).detach().float()
+            terms, z_s = train_step(model, teacher, optimizer, scaler, autocast, args, x, y)
+            interval += terms.float()
 
             if step % args.log_every == 0 or step == steps:  # the only host-device syncs of the loop
                 if distributed:
@@ -416,7 +424,7 @@ def main(argv=None):
                 interval.zero_()
                 if is_main and distiller is not None:
                     cka.append([epoch * steps + step, projector_cka(distiller, z_s).item()])
-                losses = " ".join(f"{n} {v:.3f}" for n, v, u in zip(terms, means, used) if u)
+                losses = " ".join(f"{n} {v:.3f}" for n, v, u in zip(term_names, means, used) if u)
                 if not all(np.isfinite(means)):
                     fail(f"non-finite loss at epoch {epoch + 1} step {step}: {losses}; "
                          f"{out_dir}/last.pt holds the last finished epoch", 3)
@@ -444,7 +452,7 @@ def main(argv=None):
             best, best_epoch = metrics["top1"], epoch + 1
         means = (epoch_sums / (steps * world)).tolist()
         record = {"epoch": epoch + 1, "lr": epoch_lr,
-                  **{f"loss_{n}": (v if u else None) for n, v, u in zip(terms, means, used)},
+                  **{f"loss_{n}": (v if u else None) for n, v, u in zip(term_names, means, used)},
                   **metrics, "images_per_s": steps * global_batch / epoch_train_s,
                   "epoch_s": time.time() - t_epoch, "peak_mem_mb": peak_memory_mb(device)}
         if distiller is not None:  # every singular value of W_p, sorted (Figure 6.2); None unless it is linear
