@@ -64,10 +64,11 @@ MEAN, STD = (0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761)
 NUM_CLASSES = 100
 # --dummy images: a full training epoch (782 steps of 64) for benchmarks, a small test set for quick smoke tests.
 DUMMY_SIZES = (50_000, 1_000)
-# The flags that make a run what it is: a --resume must match them (speed and logging flags may change). The step
-# schedule and SGD's hyper-parameters are among them because the optimizer's and scheduler's states carry them.
+# What makes a resumed run the same run: the data, the models, the distiller, the optimiser and its schedule (all
+# but --epochs). The loss weights may change (a resume may re-weigh the objective), as may speed, logging and output
+# flags. The world size is checked too.
 RESUME_MUST_MATCH = ("dummy", "data_dir", "student", "teacher", "distill", "projector", "projector_hidden", "norm",
-                     "distance", "lr", "lr_milestones", "lr_gamma", "momentum", "wd")
+                     "distance", "alpha", "batch_size", "lr", "lr_milestones", "lr_gamma", "momentum", "wd")
 # RepDistiller's teachers, as mdistiller's `checkpoints` release redistributes them, with their test top-1 in CRD's
 # Tables 1-2: what a fetched teacher must score where its checkpoint records none (a --teacher-ckpt far below warns).
 TEACHERS_URL = "https://github.com/megvii-research/mdistiller/releases/download/checkpoints/cifar_teachers.tar"
@@ -265,18 +266,20 @@ def main(argv=None):
     if not (args.evaluate or args.resume) and ((out_dir / "args.json").exists() or (out_dir / "last.pt").exists()):
         fail(f"{out_dir} already holds a run; pass --resume {out_dir}/last.pt to continue it, "
              "or choose another --out-dir")
-    ckpt = read_checkpoint(args.resume) if args.resume else None
-    if ckpt is not None and not args.evaluate:  # checked here, before the data and the teacher's score
+    resumed = read_checkpoint(args.resume) if args.resume else None
+    if resumed is not None and not args.evaluate:  # checked here, before the data and the teacher's score
         needed = {"student", "distiller", "optimizer", "scheduler", "scaler", "epoch", "best", "best_epoch", "args"}
-        if not isinstance(ckpt, dict) or not needed <= ckpt.keys() or not isinstance(ckpt["args"], dict):
+        if not isinstance(resumed, dict) or not needed <= resumed.keys() or not isinstance(resumed["args"], dict):
             fail(f"{args.resume} is not a training checkpoint of {PROG}; use it as --teacher-ckpt, "
                  "or score it with --evaluate")
-        if ckpt["epoch"] >= args.epochs:
-            fail(f"{args.resume} has trained {ckpt['epoch']} epochs already; pass --epochs above {ckpt['epoch']}")
-        for flag in RESUME_MUST_MATCH:  # what makes it the same run; speed and logging flags may change
-            if ckpt["args"].get(flag) != args_json[flag]:
-                fail(f"{args.resume} was trained with --{flag.replace('_', '-')} {ckpt['args'].get(flag)}, "
+        if resumed["epoch"] >= args.epochs:
+            fail(f"{args.resume} has trained {resumed['epoch']} epochs already; pass --epochs above {resumed['epoch']}")
+        for flag in RESUME_MUST_MATCH:
+            if resumed["args"].get(flag) != args_json[flag]:
+                fail(f"{args.resume} was trained with --{flag.replace('_', '-')} {resumed['args'].get(flag)}, "
                      f"not {args_json[flag]}; pass that run's flags to resume it")
+        if resumed.get("world_size", world) != world:  # the global batch, hence the lr and the steps per epoch
+            fail(f"{args.resume} was trained by {resumed['world_size']} processes, not {world}; use as many")
     fetches = use_teacher and not args.teacher_ckpt and (args.teacher_url or not args.dummy)
     if fetches and args.teacher not in PUBLISHED_TOP1:
         fail(f"--teacher {args.teacher} has no published weights (the release holds {', '.join(PUBLISHED_TOP1)}); "
@@ -291,7 +294,7 @@ def main(argv=None):
     # ---- models: student, teacher, distiller ----
     student = build_student(args)
     if args.evaluate:
-        load_weights(student, ckpt, args.resume, f"student {args.student}")
+        load_weights(student, resumed, args.resume, f"student {args.student}")
         metrics = evaluate(student.to(device, memory_format=memory_format), test_set, normalise)
         record = {"checkpoint": str(args.resume), "student": args.student, **metrics}
         if is_main:
@@ -331,16 +334,16 @@ def main(argv=None):
 
     # ---- resume ----
     start_epoch, best, best_epoch = 0, -1.0, 0
-    if ckpt is not None:
-        load_weights(student, ckpt["student"], args.resume, f"student {args.student}")
+    if resumed is not None:
+        load_weights(student, resumed["student"], args.resume, f"student {args.student}")
         if distiller is not None:
-            load_weights(distiller, ckpt["distiller"], args.resume, "distiller")
-        optimizer.load_state_dict(ckpt["optimizer"])
+            load_weights(distiller, resumed["distiller"], args.resume, "distiller")
+        optimizer.load_state_dict(resumed["optimizer"])
         for group in optimizer.param_groups:  # this run's lr type, whatever the saving run's --compile was
             group["lr"] = as_lr(group["lr"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        scaler.load_state_dict(ckpt["scaler"] or {})
-        start_epoch, best, best_epoch = ckpt["epoch"], ckpt["best"], ckpt["best_epoch"]
+        scheduler.load_state_dict(resumed["scheduler"])
+        scaler.load_state_dict(resumed["scaler"] or {})
+        start_epoch, best, best_epoch = resumed["epoch"], resumed["best"], resumed["best_epoch"]
     if distributed:
         model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
 
@@ -357,7 +360,7 @@ def main(argv=None):
         print(f"world size {world} | device {device} | amp {args.amp} | global batch {global_batch} | lr {lr:g} | "
               f"{steps} steps/epoch | params: student {n_params(student):.2f}M, distiller {n_params(distiller):.3f}M, "
               f"teacher {n_params(teacher):.2f}M")
-        if ckpt is not None:
+        if resumed is not None:
             print(f"resuming {args.resume}: {start_epoch} epochs done, best top1 {best:.2f} (epoch {best_epoch})")
 
     # ---- the teacher's score ----
@@ -448,13 +451,14 @@ def main(argv=None):
                 record["projector_sv"] = None if sv is None else sv.tolist()
                 record["projector_cka"] = cka
             weights = student.state_dict()  # also under "model", RepDistiller's key: torch.save stores it once
-            ckpt = {"model": weights, "student": weights, "distiller": distiller.state_dict() if distiller else None,
-                    "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "scaler": scaler.state_dict(), "epoch": epoch + 1, "best": best, "best_epoch": best_epoch,
-                    "args": args_json}
-            save_atomic(ckpt, out_dir / "last.pt")  # before the record: the two never disagree
+            checkpoint = {"model": weights, "student": weights,
+                          "distiller": distiller.state_dict() if distiller else None,
+                          "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                          "scaler": scaler.state_dict(), "epoch": epoch + 1, "best": best, "best_epoch": best_epoch,
+                          "args": args_json, "world_size": world}
+            save_atomic(checkpoint, out_dir / "last.pt")  # before the record: the two never disagree
             if best_epoch == epoch + 1:
-                save_atomic(ckpt, out_dir / "best.pt")
+                save_atomic(checkpoint, out_dir / "best.pt")
             with open(out_dir / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
             print(f"epoch {epoch + 1}/{args.epochs} | top1 {metrics['top1']:.2f} top5 {metrics['top5']:.2f} | best "

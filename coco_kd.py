@@ -78,10 +78,12 @@ COCO_TEACHERS = {"fasterrcnn_resnet50_fpn": 37.0, "fasterrcnn_resnet50_fpn_v2": 
 NUM_CLASSES = 91  # torchvision's COCO heads: background + category ids 1..90 used directly as labels
 DET_LOSSES = {"loss_classifier": "cls", "loss_box_reg": "box", "loss_objectness": "obj", "loss_rpn_box_reg": "rpn"}
 METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
-# What makes a run itself: data, image size, models, distiller, and the lr, batch and steps its scheduler follows
+# What makes a resumed run the same run: the data, the models, the distiller, the optimiser and its schedule (all
+# but --epochs). The loss weights may change (a resume may re-weigh the objective), as may speed, logging and output
+# flags. The world size is checked too.
 RESUME_MUST_MATCH = ("dummy", "data_dir", "min_size", "max_size", "student", "no_pretrained_backbone", "teacher",
-                     "distill", "projector", "projector_hidden", "norm", "distance", "batch_size", "lr",
-                     "lr_milestones", "warmup_iters", "max_steps")
+                     "distill", "projector", "projector_hidden", "norm", "distance", "alpha", "batch_size", "lr",
+                     "lr_milestones", "warmup_iters", "momentum", "wd", "max_steps")
 LAYOUT = ("expected <data-dir>/annotations/instances_{train,val}2017.json and <data-dir>/{train,val}2017/ "
           "with the images (from cocodataset.org), or pass --dummy")
 
@@ -292,19 +294,19 @@ def main(argv=None):
     if not args.resume and ((out_dir / "args.json").exists() or (out_dir / "last.pt").exists()):
         fail(f"{out_dir} already holds a run; pass --resume {out_dir}/last.pt to continue it, "
              "or choose another --out-dir")
-    checkpoint = read_checkpoint(args.resume) if args.resume else None
-    if checkpoint is not None and not args.evaluate:  # --evaluate scores any student weights
-        if not (isinstance(checkpoint, dict) and {"optimizer", "epoch", "args"} <= checkpoint.keys()):
+    resumed = read_checkpoint(args.resume) if args.resume else None
+    if resumed is not None and not args.evaluate:  # --evaluate scores any student weights
+        if not (isinstance(resumed, dict) and {"optimizer", "epoch", "args"} <= resumed.keys()):
             fail(f"{args.resume} is not a training checkpoint of {PROG}; pass the last.pt of one of its runs")
-        if checkpoint["epoch"] >= args.epochs:
-            fail(f"{args.resume} has trained {checkpoint['epoch']} epochs already; "
-                 f"pass --epochs above {checkpoint['epoch']}")
-        for flag in RESUME_MUST_MATCH:  # what makes it the same run; speed and logging flags may change
-            if checkpoint["args"].get(flag) != args_json[flag]:
-                fail(f"{args.resume} was trained with --{flag.replace('_', '-')} {checkpoint['args'].get(flag)}, "
+        if resumed["epoch"] >= args.epochs:
+            fail(f"{args.resume} has trained {resumed['epoch']} epochs already; "
+                 f"pass --epochs above {resumed['epoch']}")
+        for flag in RESUME_MUST_MATCH:
+            if resumed["args"].get(flag) != args_json[flag]:
+                fail(f"{args.resume} was trained with --{flag.replace('_', '-')} {resumed['args'].get(flag)}, "
                      f"not {args_json[flag]}; pass that run's flags to resume it")
-        if checkpoint.get("world_size", world) != world:  # the global batch, hence the lr and the steps per epoch
-            fail(f"{args.resume} was trained by {checkpoint['world_size']} processes, not {world}; use as many")
+        if resumed.get("world_size", world) != world:  # the global batch, hence the lr and the steps per epoch
+            fail(f"{args.resume} was trained by {resumed['world_size']} processes, not {world}; use as many")
 
     # ---- data ----
     # aspect-ratio grouped training batches; val sharded by rank, nothing dropped
@@ -324,8 +326,8 @@ def main(argv=None):
     except OSError as e:  # offline: torchvision could not fetch the ImageNet weights
         fail(f"could not load the ImageNet weights of the {args.student} backbone ({type(e).__name__}); "
              "connect once so that torchvision caches them, or pass --no-pretrained-backbone")
-    if checkpoint is not None:
-        load_weights(student, checkpoint, args.resume, "student")
+    if resumed is not None:
+        load_weights(student, resumed, args.resume, "student")
     teacher, teacher_tag, levels, distiller = None, None, {}, nn.ModuleDict()
     if args.distill == "srd" and not args.evaluate:
         teacher, teacher_tag = build_teacher(args)
@@ -344,7 +346,7 @@ def main(argv=None):
     if args.evaluate:
         record = {**evaluate(student, val_loader, device, args.channels_last), "checkpoint": args.resume}
         if is_main:
-            print(f"{args.resume} (epoch {checkpoint.get('epoch')}): {fmt(record)} on {record['images']} val images")
+            print(f"{args.resume} (epoch {resumed.get('epoch')}): {fmt(record)} on {record['images']} val images")
             out_dir.mkdir(parents=True, exist_ok=True)
             save_atomic(json.dumps(record, indent=2) + "\n", out_dir / "eval.json")
         if distributed:
@@ -369,19 +371,19 @@ def main(argv=None):
 
     # ---- resume ----
     start_epoch, best, best_epoch = 0, None, None
-    if checkpoint is not None:
-        distiller.load_state_dict(checkpoint["distiller"] or {})
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        scheduler.load_state_dict(checkpoint["scheduler"])
-        scaler.load_state_dict(checkpoint["scaler"])
-        start_epoch, best, best_epoch = checkpoint["epoch"], checkpoint["best"], checkpoint["best_epoch"]
+    if resumed is not None:
+        distiller.load_state_dict(resumed["distiller"] or {})
+        optimizer.load_state_dict(resumed["optimizer"])
+        scheduler.load_state_dict(resumed["scheduler"])
+        scaler.load_state_dict(resumed["scaler"])
+        start_epoch, best, best_epoch = resumed["epoch"], resumed["best"], resumed["best_epoch"]
 
     # ---- outputs: the run writes from here on ----
     metrics_path = out_dir / "metrics.jsonl"
     if is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         save_atomic(json.dumps(args_json, indent=2) + "\n", out_dir / "args.json")
-        if checkpoint is not None and metrics_path.exists():  # forget the epochs logged after the checkpoint
+        if resumed is not None and metrics_path.exists():  # forget the epochs logged after the checkpoint
             save_atomic("".join(line for line in metrics_path.read_text().splitlines(True)
                                 if line.strip() and json.loads(line)["epoch"] <= start_epoch), metrics_path)
         print("args: " + json.dumps(args_json))
@@ -390,7 +392,7 @@ def main(argv=None):
               f"teacher {n_params(teacher):.2f}m | {len(train_set)} train / {len(val_set)} val images")
         if teacher is not None:
             print(f"teacher {args.teacher} with {teacher_tag}; distilled FPN levels (student: teacher) {levels}")
-        if checkpoint is not None:
+        if resumed is not None:
             print(f"resuming {args.resume}: {start_epoch} epochs done, best AP {100 * best:.1f} (epoch {best_epoch})")
 
     # ---- the teacher's score ----

@@ -72,9 +72,12 @@ STUDENTS = {"deit_tiny": dict(embed_dim=192, depth=12, num_heads=3),
             "deit_small": dict(embed_dim=384, depth=12, num_heads=6)}
 PUBLISHED_TOP1 = {"regnety_160.deit_in1k": 82.6}  # DeiT's teacher; a pretrained one far from this is wrong
 DUMMY_TRAIN, DUMMY_VAL, DUMMY_CLASSES = 12_800, 256, 1000
-# What makes a checkpoint this run on --resume; speed, logging and schedule flags may change
+# What makes a resumed run the same run: the data, the models, the distiller, the optimiser and its schedule (all
+# but --epochs). The loss weights may change (a resume may re-weigh the objective), as may speed, logging and output
+# flags. The world size is checked too.
 RESUME_MUST_MATCH = ("dummy", "data_dir", "img_size", "student", "stem", "teacher", "distill", "projector",
-                     "projector_hidden", "norm", "distance")
+                     "projector_hidden", "norm", "distance", "alpha", "batch_size", "lr", "min_lr", "warmup_lr",
+                     "warmup_epochs", "wd", "max_steps")
 
 
 def fail(msg, code=2):
@@ -305,17 +308,19 @@ def main(argv=None):
     if args.resume is None and ((out_dir / "args.json").exists() or (out_dir / "last.pt").exists()):
         fail(f"--out-dir {out_dir} already holds a run; pass --resume {out_dir}/last.pt to continue it, or "
              "choose another --out-dir")
-    ckpt = read_checkpoint(args.resume) if args.resume else None
-    if ckpt is not None and not args.evaluate:  # --evaluate takes any file of the student's weights
-        if not (isinstance(ckpt, dict) and isinstance(ckpt.get("args"), dict)
-                and all(k in ckpt for k in ("student", "distiller", "optimizer", "scaler", "epoch", "best"))):
+    resumed = read_checkpoint(args.resume) if args.resume else None
+    if resumed is not None and not args.evaluate:  # --evaluate takes any file of the student's weights
+        if not (isinstance(resumed, dict) and isinstance(resumed.get("args"), dict)
+                and all(k in resumed for k in ("student", "distiller", "optimizer", "scaler", "epoch", "best"))):
             fail(f"{args.resume} holds no training state; pass a last.pt written by {PROG}")
-        if ckpt["epoch"] >= args.epochs:
-            fail(f"{args.resume} has trained {ckpt['epoch']} epochs already; pass --epochs above {ckpt['epoch']}")
-        for flag in RESUME_MUST_MATCH:  # what makes it the same run; speed and logging flags may change
-            if ckpt["args"].get(flag) != args_json[flag]:
-                fail(f"{args.resume} was trained with --{flag.replace('_', '-')} {ckpt['args'].get(flag)}, "
+        if resumed["epoch"] >= args.epochs:
+            fail(f"{args.resume} has trained {resumed['epoch']} epochs already; pass --epochs above {resumed['epoch']}")
+        for flag in RESUME_MUST_MATCH:
+            if resumed["args"].get(flag) != args_json[flag]:
+                fail(f"{args.resume} was trained with --{flag.replace('_', '-')} {resumed['args'].get(flag)}, "
                      f"not {args_json[flag]}; pass that run's flags to resume it")
+        if resumed.get("world_size", world) != world:  # the global batch, hence the lr and the steps per epoch
+            fail(f"{args.resume} was trained by {resumed['world_size']} processes, not {world}; use as many")
 
     # ---- data ----
     train_loader, val_loader, classes = build_data(args, device, rank, world)
@@ -326,8 +331,8 @@ def main(argv=None):
 
     # ---- models: student, teacher, distiller ----
     student = build_student(args, classes)
-    if ckpt is not None:
-        load_weights(student, ckpt, args.resume, "student")
+    if resumed is not None:
+        load_weights(student, resumed, args.resume, "student")
     teacher = None if args.evaluate else build_teacher(args, classes)  # --evaluate scores the student alone
     distiller = None if teacher is None or args.distill != "srd" else FeatureDistiller(  # W_p: z_s's width to z_t's
         student.embed_dim, teacher.num_features, args.projector, args.norm, args.distance, args.alpha,
@@ -376,14 +381,14 @@ def main(argv=None):
 
     # ---- resume ----
     start_epoch, best, best_epoch = 0, -1.0, -1
-    if ckpt is not None:
+    if resumed is not None:
         if distiller is not None:
-            distiller.load_state_dict(ckpt["distiller"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scaler.load_state_dict(ckpt["scaler"])
-        start_epoch, best, best_epoch = ckpt["epoch"], ckpt["best"], ckpt.get("best_epoch", -1)
-        # The schedule is this run's flags' (--epochs, the batch, the world size may differ from the checkpoint's),
-        # at the lr the loop sets after the last step done; the scheduler's saved state is not loaded.
+            distiller.load_state_dict(resumed["distiller"])
+        optimizer.load_state_dict(resumed["optimizer"])
+        scaler.load_state_dict(resumed["scaler"])
+        start_epoch, best, best_epoch = resumed["epoch"], resumed["best"], resumed.get("best_epoch", -1)
+        # The schedule is this run's flags' (--epochs may differ from the checkpoint's), at the lr the loop sets
+        # after the last step done; the scheduler's saved state is not loaded.
         scheduler.step_update(start_epoch * steps - 1)
 
     # ---- outputs: the run writes from here on ----
@@ -395,7 +400,7 @@ def main(argv=None):
               f"{'' if global_batch == 512 else ' (the paper: 512)'} | lr {args.lr * scale:.4g} | {steps} steps/epoch "
               f"| params: student {n_params(student):.2f}m, distiller {n_params(distiller):.2f}m, teacher "
               f"{n_params(teacher):.2f}m")
-        if ckpt is not None:
+        if resumed is not None:
             print(f"resuming {args.resume}: {start_epoch} epochs done, best top1 {best:.2f} (epoch {best_epoch})")
             with open(out_dir / "metrics.jsonl", "a+") as f:  # forget the records of epochs about to be redone
                 f.seek(0)
@@ -408,11 +413,11 @@ def main(argv=None):
     if teacher is not None:
         if args.dummy and not args.teacher_ckpt and is_main:
             print(f"teacher {args.teacher} is randomly initialised (--dummy without --teacher-ckpt)")
-        metrics = evaluate(teacher, val_loader, device, memory_format)
-        teacher_top1 = metrics["top1"]
+        teacher_metrics = evaluate(teacher, val_loader, device, memory_format)
+        teacher_top1 = teacher_metrics["top1"]
         if is_main:
-            print(f"teacher {args.teacher}: top1 {metrics['top1']:.2f} top5 {metrics['top5']:.2f} "
-                  f"on {metrics['images']} images")
+            print(f"teacher {args.teacher}: top1 {teacher_metrics['top1']:.2f} top5 {teacher_metrics['top5']:.2f} "
+                  f"on {teacher_metrics['images']} images")
             published = PUBLISHED_TOP1.get(args.teacher)
             if published and not args.dummy and classes == 1000 and abs(teacher_top1 - published) > TEACHER_TOLERANCE:
                 print(f"warning: teacher {args.teacher} scores {teacher_top1:.2f}% top-1, far from its published "
@@ -452,7 +457,7 @@ def main(argv=None):
                     dist.all_reduce(total)
                     total /= world
                 mean = ((total - logged) / (step + 1 - logged_step)).tolist()
-                values = " ".join(f"{name} {v:.3f}" for name, v in zip(("ce", "kd", "feat"), mean) if name in term_names)
+                values = " ".join(f"{n} {v:.3f}" for n, v in zip(("ce", "kd", "feat"), mean) if n in term_names)
                 if not math.isfinite(sum(mean)):
                     fail(f"non-finite loss at epoch {epoch + 1} step {step + 1}: {values} total {mean[3]:.3f}; lower "
                          f"--lr or try --amp off; last.pt holds epoch {epoch}", 3)
@@ -475,40 +480,41 @@ def main(argv=None):
         if distributed:  # the conv stem's BN statistics: evaluate and save rank 0's, as DDP does
             for buffer in student.buffers():
                 dist.broadcast(buffer, 0)
-        last = evaluate(student, val_loader, device, memory_format)
-        if last["top1"] > best:
-            best, best_epoch = last["top1"], epoch + 1
+        metrics = evaluate(student, val_loader, device, memory_format)
+        if metrics["top1"] > best:
+            best, best_epoch = metrics["top1"], epoch + 1
         if is_main:
-            ckpt = {"student": student.state_dict(), "distiller": None if distiller is None else
-                    distiller.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "scaler": scaler.state_dict(), "epoch": epoch + 1, "best": best, "best_epoch": best_epoch,
-                    "args": args_json}
-            save_atomic(ckpt, out_dir / "last.pt")  # before the record: the two never disagree
+            checkpoint = {"student": student.state_dict(), "distiller": None if distiller is None else
+                          distiller.state_dict(), "optimizer": optimizer.state_dict(),
+                          "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch + 1,
+                          "best": best, "best_epoch": best_epoch, "args": args_json, "world_size": world}
+            save_atomic(checkpoint, out_dir / "last.pt")  # before the record: the two never disagree
             if best_epoch == epoch + 1:
-                save_atomic(ckpt, out_dir / "best.pt")
+                save_atomic(checkpoint, out_dir / "best.pt")
             sv = projector_spectrum(distiller) if distiller is not None else None
             record = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"],
                       **{f"loss_{n}": (v / steps if n in term_names else None)  # the last log step closes the epoch
                          for n, v in zip(("ce", "kd", "feat"), logged.tolist())},
-                      "top1": last["top1"], "top5": last["top5"], "images_per_s": steps * global_batch / epoch_s,
+                      "top1": metrics["top1"], "top5": metrics["top5"], "images_per_s": steps * global_batch / epoch_s,
                       "epoch_s": epoch_s, "peak_mem_mb": peak_memory_mb(device),
                       "projector_sv": None if sv is None else sv.tolist(),  # all of W_p's, sorted: Figure 6.2
                       "projector_cka": cka if distiller is not None else None}
             with open(out_dir / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
-            print(f"epoch {epoch + 1}/{args.epochs} | top1 {last['top1']:.2f} top5 {last['top5']:.2f} | best "
+            print(f"epoch {epoch + 1}/{args.epochs} | top1 {metrics['top1']:.2f} top5 {metrics['top5']:.2f} | best "
                   f"{best:.2f} (epoch {best_epoch}) | {epoch_s:.0f} s | peak {record['peak_mem_mb']:.0f} MB", flush=True)
 
     # ---- summary ----
     summary = None
     if is_main:
-        summary = {"metric": "top1", "best": best, "best_epoch": best_epoch, "last": last["top1"],
-                   "last_top5": last["top5"], "teacher": teacher_top1, "student_arch": args.student, "stem": args.stem,
+        summary = {"metric": "top1", "best": best, "best_epoch": best_epoch, "last": metrics["top1"],
+                   "last_top5": metrics["top5"], "teacher": teacher_top1, "student_arch": args.student,
+                   "stem": args.stem,
                    "teacher_arch": args.teacher if teacher is not None else None, "distill": args.distill,
                    "wall_s": time.time() - t_start, "images_per_s": (args.epochs - start_epoch) * steps * global_batch
                    / run_time, "peak_mem_mb": peak_memory_mb(device), "world_size": world, "versions": versions()}
         save_atomic(json.dumps(summary, indent=2) + "\n", out_dir / "summary.json")
-        print(f"done: best top1 {best:.2f} (epoch {best_epoch}), last top1 {last['top1']:.2f} | "
+        print(f"done: best top1 {best:.2f} (epoch {best_epoch}), last top1 {metrics['top1']:.2f} | "
               f"{summary['wall_s'] / 60:.1f} min | {out_dir}")
     if distributed:
         dist.destroy_process_group()

@@ -62,10 +62,12 @@ STD = (0.229, 0.224, 0.225)
 # --dummy: ImageNet's training length and classes; a validation set of a few batches (chance accuracy on
 # random images: evaluating them only exercises the code).
 DUMMY_TRAIN, DUMMY_VAL, DUMMY_CLASSES = 1_281_167, 256, 1000
-# What makes a run the run it resumes: its data, architectures and distiller, and what the optimizer's and the
-# scheduler's states bring back (lr, momentum, weight decay, milestones), which a resume could not follow.
+# What makes a resumed run the same run: the data, the models, the distiller, the optimiser and its schedule (all
+# but --epochs). The loss weights may change (a resume may re-weigh the objective), as may speed, logging and output
+# flags. The world size is checked too.
 RESUME_MUST_MATCH = ("dummy", "data_dir", "train_fraction", "img_size", "student", "teacher", "distill", "projector",
-                     "projector_hidden", "norm", "distance", "batch_size", "lr", "momentum", "wd", "lr_milestones")
+                     "projector_hidden", "norm", "distance", "alpha", "batch_size", "lr", "momentum", "wd",
+                     "lr_milestones")
 LAYOUT = ("<data-dir>/train/<class>/*.JPEG and <data-dir>/val/<class>/*.JPEG (the ImageFolder layout; "
           "sort the 50,000 validation images into class folders, e.g. with the valprep.sh script of "
           "pytorch/examples/imagenet)")
@@ -305,16 +307,19 @@ def main(argv=None):
         fail(f"--out-dir {out_dir} is a file; pass a folder")
     if args.resume is None and ((out_dir / "args.json").exists() or (out_dir / "last.pt").exists()):
         fail(f"{out_dir} already holds a run; pass --resume {out_dir}/last.pt to continue it, or choose another --out-dir")
-    ckpt = read_checkpoint(args.resume) if args.resume else None
-    if ckpt is not None and not args.evaluate:  # --evaluate takes any student weights; a resume, this run's
-        if not (isinstance(ckpt, dict) and isinstance(ckpt.get("args"), dict) and isinstance(ckpt.get("epoch"), int)):
+    resumed = read_checkpoint(args.resume) if args.resume else None
+    if resumed is not None and not args.evaluate:  # --evaluate takes any student weights; a resume, this run's
+        if not (isinstance(resumed, dict) and isinstance(resumed.get("args"), dict)
+                and isinstance(resumed.get("epoch"), int)):
             fail(f"{args.resume} is not a training checkpoint of {PROG}.py; pass the last.pt of one of its runs")
-        if ckpt["epoch"] >= args.epochs:
-            fail(f"{args.resume} has trained {ckpt['epoch']} epochs already; pass --epochs above {ckpt['epoch']}")
-        for flag in RESUME_MUST_MATCH:  # what makes it the same run; speed and logging flags may change
-            if ckpt["args"].get(flag) != args_json[flag]:
-                fail(f"{args.resume} was trained with --{flag.replace('_', '-')} {ckpt['args'].get(flag)}, "
+        if resumed["epoch"] >= args.epochs:
+            fail(f"{args.resume} has trained {resumed['epoch']} epochs already; pass --epochs above {resumed['epoch']}")
+        for flag in RESUME_MUST_MATCH:
+            if resumed["args"].get(flag) != args_json[flag]:
+                fail(f"{args.resume} was trained with --{flag.replace('_', '-')} {resumed['args'].get(flag)}, "
                      f"not {args_json[flag]}; pass that run's flags to resume it")
+        if resumed.get("world_size", world) != world:  # the global batch, hence the lr and the steps per epoch
+            fail(f"{args.resume} was trained by {resumed['world_size']} processes, not {world}; use as many")
 
     # ---- data ----
     train_loader, val_loader, classes = build_data(args, device, rank, world)
@@ -325,8 +330,8 @@ def main(argv=None):
 
     # ---- models: student, teacher, distiller ----
     student = build_student(args, classes)
-    if ckpt is not None:
-        load_weights(student, ckpt, args.resume, "student")
+    if resumed is not None:
+        load_weights(student, resumed, args.resume, "student")
     teacher, teacher_tag, published = (build_teacher(args, classes) if args.distill != "none" and not args.evaluate
                                        else (None, None, None))  # --evaluate scores the student alone
     model = StudentWithDistiller(student, None)  # the distiller joins once both feature widths are known
@@ -363,14 +368,14 @@ def main(argv=None):
 
     # ---- resume ----
     start_epoch, best, best_epoch = 0, None, None
-    if ckpt is not None:
+    if resumed is not None:
         try:
             if distiller is not None:
-                distiller.load_state_dict(ckpt["distiller"])
-            optimizer.load_state_dict(ckpt["optimizer"])
-            scheduler.load_state_dict(ckpt["scheduler"])
-            scaler.load_state_dict(ckpt["scaler"])
-            start_epoch, best, best_epoch = ckpt["epoch"], ckpt["best"], ckpt.get("best_epoch")
+                distiller.load_state_dict(resumed["distiller"])
+            optimizer.load_state_dict(resumed["optimizer"])
+            scheduler.load_state_dict(resumed["scheduler"])
+            scaler.load_state_dict(resumed["scaler"])
+            start_epoch, best, best_epoch = resumed["epoch"], resumed["best"], resumed.get("best_epoch")
         except (KeyError, TypeError, ValueError, RuntimeError) as e:
             fail(f"{args.resume} is not a checkpoint of this run ({type(e).__name__}: {str(e).splitlines()[0]}); "
                  "resume with the flags it was trained with")
@@ -379,7 +384,7 @@ def main(argv=None):
     if is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         save_atomic(json.dumps(args_json, indent=2) + "\n", out_dir / "args.json")
-        if ckpt is not None and (out_dir / "metrics.jsonl").is_file():  # forget the epochs after the checkpoint
+        if resumed is not None and (out_dir / "metrics.jsonl").is_file():  # forget the epochs after the checkpoint
             lines = (out_dir / "metrics.jsonl").read_text().splitlines(keepends=True)
             save_atomic("".join(s for s in lines if json.loads(s)["epoch"] <= start_epoch), out_dir / "metrics.jsonl")
         print("args: " + json.dumps(args_json))
@@ -387,7 +392,7 @@ def main(argv=None):
               f"{steps} steps/epoch | params: student {n_params(student):.2f}m, distiller {n_params(distiller):.2f}m, "
               f"teacher {n_params(teacher):.2f}m | {args.workers} workers/process | {classes} classes | "
               f"{len(train_loader.dataset):,} training images")
-        if ckpt is not None:
+        if resumed is not None:
             print(f"resuming {args.resume}: {start_epoch} epochs done, best top1 {best:.2f} (epoch {best_epoch})")
 
     # ---- the teacher's score ----
@@ -467,7 +472,7 @@ def main(argv=None):
                           "distiller": distiller.state_dict() if distiller is not None else None,
                           "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                           "scaler": scaler.state_dict(), "epoch": epoch + 1, "best": best, "best_epoch": best_epoch,
-                          "args": args_json}
+                          "args": args_json, "world_size": world}
             save_atomic(checkpoint, out_dir / "last.pt")
             if best_epoch == epoch + 1:
                 save_atomic(checkpoint, out_dir / "best.pt")
