@@ -57,6 +57,7 @@ from common import DISTANCES, NORMS, PROJECTORS, FeatureDistiller, projector_cka
 
 PROG = Path(__file__).stem
 TEACHER_TOLERANCE = 1.0  # points (top-1; COCO: AP) a teacher may be off its published score before the run says so
+FIXED_INPUT_SIZE = True  # every batch is 32 x 32: cuDNN may pick its fastest kernels once
 CIFAR_URL = "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"
 CIFAR_MD5 = "eb9058c3a382ffc7106e4002c42a8d85"
 LAYOUT = "<data-dir>/cifar-100-python/{train,test}, the pickles of the python release"
@@ -175,6 +176,11 @@ def parse_args(argv=None):
             fail(f"--{name.replace('_', '-')} must not be negative, got {getattr(args, name)}")
     if args.batch_size < 2:
         fail(f"--batch-size must be at least 2 (batch norm needs two images per process), got {args.batch_size}")
+    fetches = args.distill != "none" and not args.evaluate and not args.teacher_ckpt and (
+        args.teacher_url or not args.dummy)
+    if fetches and args.teacher not in PUBLISHED_TOP1:
+        fail(f"--teacher {args.teacher} has no published weights (the release holds {', '.join(PUBLISHED_TOP1)}); "
+             f"train it (--student {args.teacher} --distill none), then --teacher-ckpt {args.teacher}'s best.pt")
     return args
 
 
@@ -197,6 +203,18 @@ def kd_loss(logits_s, logits_t, T):
     keep their scale as T changes."""
     return F.kl_div(F.log_softmax(logits_s.float() / T, 1), F.log_softmax(logits_t.float() / T, 1),
                     reduction="batchmean", log_target=True) * T * T
+
+
+def build_distiller(args, student, teacher):
+    """--distill srd's distiller: W_p maps z_s (the student's width) to the teacher's, then the normalisation and
+    the distance of the flags. None for the other modes."""
+    if args.distill != "srd":
+        return None
+    try:
+        return FeatureDistiller(student.feat_dim, teacher.feat_dim, args.projector, args.norm, args.distance,
+                                args.alpha, hidden=args.projector_hidden)
+    except ValueError as e:  # e.g. --projector none with different widths
+        fail(str(e))
 
 
 def train_step(model, teacher, optimizer, scaler, autocast, args, x, y):
@@ -222,68 +240,14 @@ def train_step(model, teacher, optimizer, scaler, autocast, args, x, y):
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    t_start = time.time()
+    args, t_start = parse_args(argv), time.time()  # flags that cannot be right are refused here
 
-    # ---- set-up: one code path; torchrun's RANK means DDP ----
-    distributed = "RANK" in os.environ
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    is_main = rank == 0
-    try:
-        device = torch.device(args.device)
-    except RuntimeError:
-        fail(f"unknown --device {args.device!r}; pass cuda, cuda:N or cpu")
-    if device.type == "cuda":  # one process per GPU under torchrun; an explicit index for set_device
-        if not torch.cuda.is_available():
-            fail(f"--device {args.device} but CUDA is not available; pass --device cpu")
-        device = torch.device("cuda", local_rank if distributed else device.index or 0)
-        torch.cuda.set_device(device)
-        torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick its fastest kernels
-        torch.set_float32_matmul_precision("high")  # TF32 where --amp off leaves float32 matmuls
-    if distributed:
-        cuda = device.type == "cuda"
-        dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
-    torch.manual_seed(args.seed)  # the same on every rank: a model DDP does not wrap (the teacher) is one model
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp)
-    autocast = torch.autocast(device.type, dtype=dtype) if dtype else nullcontext()
-    global_batch = args.batch_size * world
+    # ---- set-up: one code path for one process and for torchrun ----
+    device, rank, world, autocast = set_up(args)
+    distributed, is_main, global_batch = dist.is_initialized(), rank == 0, args.batch_size * world
     lr = args.lr * global_batch / 64  # linear scaling from the protocol's batch of 64
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
-    out_dir = Path(args.out_dir)
-    args_json = json.loads(json.dumps(vars(args), default=str))  # plain types, for weights_only loads
-
-    # ---- bad input: refused before anything is written ----
-    if args.amp == "fp16" and device.type != "cuda":  # one policy in the four scripts: refused, not ignored
-        fail("--amp fp16 needs CUDA (its GradScaler); use --amp bf16 or off on CPU")
-    if args.sync_bn and device.type != "cuda":
-        fail("--sync-bn needs CUDA (SyncBatchNorm has no CPU kernels); drop it on CPU")
-    use_teacher = args.distill != "none" and not args.evaluate
-    if args.evaluate and not args.resume:
-        fail("--evaluate needs --resume PATH, the checkpoint whose student to score")
-    if out_dir.exists() and not out_dir.is_dir():
-        fail(f"--out-dir {out_dir} is a file; pass a folder")
-    if not (args.evaluate or args.resume) and ((out_dir / "args.json").exists() or (out_dir / "last.pt").exists()):
-        fail(f"{out_dir} already holds a run; pass --resume {out_dir}/last.pt to continue it, "
-             "or choose another --out-dir")
-    resumed = read_checkpoint(args.resume) if args.resume else None
-    if resumed is not None and not args.evaluate:  # checked here, before the data and the teacher's score
-        needed = {"student", "distiller", "optimizer", "scheduler", "scaler", "epoch", "best", "best_epoch", "args"}
-        if not isinstance(resumed, dict) or not needed <= resumed.keys() or not isinstance(resumed["args"], dict):
-            fail(f"{args.resume} is not a training checkpoint of {PROG}; use it as --teacher-ckpt, "
-                 "or score it with --evaluate")
-        if resumed["epoch"] >= args.epochs:
-            fail(f"{args.resume} has trained {resumed['epoch']} epochs already; pass --epochs above {resumed['epoch']}")
-        for flag in RESUME_MUST_MATCH:
-            if resumed["args"].get(flag) != args_json[flag]:
-                fail(f"{args.resume} was trained with --{flag.replace('_', '-')} {resumed['args'].get(flag)}, "
-                     f"not {args_json[flag]}; pass that run's flags to resume it")
-        if resumed.get("world_size", world) != world:  # the global batch, hence the lr and the steps per epoch
-            fail(f"{args.resume} was trained by {resumed['world_size']} processes, not {world}; use as many")
-    fetches = use_teacher and not args.teacher_ckpt and (args.teacher_url or not args.dummy)
-    if fetches and args.teacher not in PUBLISHED_TOP1:
-        fail(f"--teacher {args.teacher} has no published weights (the release holds {', '.join(PUBLISHED_TOP1)}); "
-             f"train it (--student {args.teacher} --distill none), then --teacher-ckpt {args.teacher}'s best.pt")
+    resumed, args_json = check_run(args, device, world)  # bad input: refused before anything is written
 
     # ---- data ----
     train_x, train_y, *test_set = (t.to(device) for t in build_data(args, is_main))
@@ -294,186 +258,103 @@ def main(argv=None):
     # ---- models: student, teacher, distiller ----
     student = build_student(args)
     if args.evaluate:
-        load_weights(student, resumed, args.resume, f"student {args.student}")
-        metrics = evaluate(student.to(device, memory_format=memory_format), test_set, normalise)
-        record = {"checkpoint": str(args.resume), "student": args.student, **metrics}
-        if is_main:
-            print(f"{args.resume}: top1 {metrics['top1']:.2f} top5 {metrics['top5']:.2f} on {metrics['images']} images")
-            out_dir.mkdir(parents=True, exist_ok=True)
-            save_atomic(json.dumps(record, indent=2) + "\n", out_dir / "eval.json")
-        if distributed:
-            dist.destroy_process_group()
-        return record
-    teacher, teacher_origin, teacher_expected = build_teacher(args, local_rank == 0) if use_teacher else (None,) * 3
-    teacher_top1 = None
-    if teacher is not None:  # scored before the outputs: a published teacher that fails its check writes nothing
-        teacher.to(device, memory_format=memory_format)
-        teacher_top1 = evaluate(teacher, test_set, normalise)["top1"]
-        # A published teacher's accuracy is its checksum: a wrong file or a wrong normalisation shows here.
-        if teacher_expected is not None and not args.dummy and abs(teacher_top1 - teacher_expected) > TEACHER_TOLERANCE:
-            fail(f"the teacher ({teacher_origin}) scores {teacher_top1:.2f} on the test set, not the "
-                 f"{teacher_expected:.2f} it was published with; delete the cached tar under "
-                 f"{Path(torch.hub.get_dir()) / 'checkpoints'} and run again, or pass --teacher-ckpt")
-    try:  # W_p maps z_s (the student's width) to the teacher's width; the models know both
-        distiller = FeatureDistiller(student.feat_dim, teacher.feat_dim, args.projector, args.norm, args.distance,
-                                     args.alpha, hidden=args.projector_hidden) if args.distill == "srd" else None
-    except ValueError as e:  # e.g. --projector none with different widths
-        fail(str(e))
+        return evaluate_checkpoint(args, student.to(device, memory_format=memory_format), resumed, test_set, normalise)
+    teacher, teacher_origin, teacher_expected = (build_teacher(args, int(os.environ.get("LOCAL_RANK", 0)) == 0)
+                                                 if args.distill != "none" else (None,) * 3)
+    teacher_top1 = score_teacher(args, teacher, teacher_origin, teacher_expected, test_set, normalise, memory_format)
+    distiller = build_distiller(args, student, teacher)
     model = StudentWithDistiller(student, distiller)
     if args.sync_bn and distributed:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # swaps modules inside: the handles stay valid
     model.to(device, memory_format=memory_format)
 
     # ---- optimisation ----
-    # Under --compile the lr is a device tensor: the scheduler's decays then change a value in place, never a guard of
-    # the compiled step (no recompilation). Eagerly it stays a float, which costs no host-device sync per step.
+    # --compile: the lr is a device tensor, whose decays change a value, not a guard of the graph (no recompiling)
     as_lr = (lambda value: torch.tensor(float(value), device=device)) if args.compile else float
     optimizer = torch.optim.SGD(model.parameters(), lr=as_lr(lr), momentum=args.momentum, weight_decay=args.wd)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, args.lr_milestones, args.lr_gamma)
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
 
     # ---- resume ----
-    start_epoch, best, best_epoch = 0, -1.0, 0
-    if resumed is not None:
-        load_weights(student, resumed["student"], args.resume, f"student {args.student}")
-        if distiller is not None:
-            load_weights(distiller, resumed["distiller"], args.resume, "distiller")
-        optimizer.load_state_dict(resumed["optimizer"])
-        for group in optimizer.param_groups:  # this run's lr type, whatever the saving run's --compile was
-            group["lr"] = as_lr(group["lr"])
-        scheduler.load_state_dict(resumed["scheduler"])
-        scaler.load_state_dict(resumed["scaler"] or {})
-        start_epoch, best, best_epoch = resumed["epoch"], resumed["best"], resumed["best_epoch"]
+    start_epoch, best, best_epoch = load_state(resumed, args, student, distiller, optimizer, scheduler, scaler, as_lr)
     if distributed:
         model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
-
-    # ---- outputs: the run writes from here on ----
-    if is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
+    if is_main:  # the run writes from here on
         derived = {"world_size": world, "global_batch": global_batch, "scaled_lr": lr, "steps_per_epoch": steps}
-        save_atomic(json.dumps({**args_json, **derived}, indent=2) + "\n", out_dir / "args.json")
-        metrics_path = out_dir / "metrics.jsonl"
-        if args.resume and metrics_path.exists():  # forget epochs logged after the checkpoint was written
-            kept = [r for r in metrics_path.read_text().splitlines() if r and json.loads(r)["epoch"] <= start_epoch]
-            metrics_path.write_text("".join(r + "\n" for r in kept))
-        print("args: " + json.dumps(args_json))
-        print(f"world size {world} | device {device} | amp {args.amp} | global batch {global_batch} | lr {lr:g} | "
-              f"{steps} steps/epoch | params: student {n_params(student):.2f}M, distiller {n_params(distiller):.3f}M, "
-              f"teacher {n_params(teacher):.2f}M")
+        open_outputs(args.out_dir, {**args_json, **derived}, start_epoch)
+        print(f"args: {json.dumps(args_json)}\nworld size {world} | device {device} | amp {args.amp} | global batch "
+              f"{global_batch} | lr {lr:g} | {steps} steps/epoch | params: student {n_params(student):.2f}M, "
+              f"distiller {n_params(distiller):.3f}M, teacher {n_params(teacher):.2f}M")
         if resumed is not None:
             print(f"resuming {args.resume}: {start_epoch} epochs done, best top1 {best:.2f} (epoch {best_epoch})")
-
-    # ---- the teacher's score ----
-    if teacher is not None and is_main:
-        published = PUBLISHED_TOP1.get(args.teacher)
-        expected = f" (published: {teacher_expected:.2f})" if teacher_expected is not None else ""
-        print(f"teacher {args.teacher} ({teacher_origin}): top1 {teacher_top1:.2f}{expected}")
-        if args.teacher_ckpt and published and not args.dummy and abs(teacher_top1 - published) > TEACHER_TOLERANCE:
-            print(f"warning: the teacher scores {teacher_top1:.2f}, far from the {published} of the public "
-                  f"{args.teacher}; check the checkpoint and --teacher")
+        report_teacher(args, teacher_top1, teacher_origin, teacher_expected)
 
     # ---- training ----
-    total_steps, done_steps, t_loop = (args.epochs - start_epoch) * steps, 0, time.time()
-    run_images, run_train_s, summary = 0, 0.0, None
-    uses_kd = teacher is not None and args.kd_weight > 0  # srd's default has no KL term (the paper's CIFAR distiller)
+    total_steps, t_loop = (args.epochs - start_epoch) * steps, time.time()
+    run_images, run_train_s = 0, 0.0  # for the run's throughput
+    # The terms logged: srd's default has no KL term (the paper's CIFAR-100 distiller), none has no feature loss.
+    shown = ["ce"] + ["kd"] * (teacher is not None and args.kd_weight > 0) + ["feat"] * (distiller is not None)
     step_args = (model, teacher, optimizer, scaler, autocast, args)
-
-    # --compile: on one GPU the graphs replay as CUDA graphs, since at batch 64 these models are bound by kernel
-    # launches. Shapes are static: the epoch's last, partial batch runs eagerly, so nothing compiles again.
+    # --compile: CUDA graphs on one GPU (at batch 64 launches bound these models); the last, partial batch runs eagerly
     mode = "reduce-overhead" if device.type == "cuda" and not distributed else None
     compiled_step = torch.compile(train_step, mode=mode, dynamic=False) if args.compile else train_step
     for epoch in range(start_epoch, args.epochs):
-        # Every random draw is a function of (seed, epoch, rank): a resumed run repeats the epochs it missed.
-        shared = torch.Generator(device=device).manual_seed(seed_of(args.seed, epoch, 0))  # one permutation for all
-        own = torch.Generator(device=device).manual_seed(seed_of(args.seed, epoch, 1 + rank))  # this rank's crops
-        order = torch.randperm(len(train_y), generator=shared, device=device)[rank * per_rank:(rank + 1) * per_rank]
+        batches = train_batches(train_x, train_y, normalise, args, epoch, rank, per_rank)
         model.train()
         epoch_sums = torch.zeros(3, device=device)  # ce, kd, feat: summed on the device, read at log steps only
-        log_sums, log_steps, t_log, data_s, t_epoch = torch.zeros(3, device=device), 0, time.time(), 0.0, time.time()
+        interval, logged, t_log, data_time, t_epoch = torch.zeros(3, device=device), 0, time.time(), 0.0, time.time()
         cka = []  # [global step, CKA of z_s and its projection] at each log step: Figure 6.3
         for step in range(steps):
             t_data = time.perf_counter()
-            idx = order[step * args.batch_size:(step + 1) * args.batch_size]
-            x, y = normalise(crop_flip(train_x[idx], own)), train_y[idx]
-            data_s += time.perf_counter() - t_data
-            terms, z_s = (compiled_step if len(idx) == args.batch_size else train_step)(*step_args, x, y)
+            x, y = next(batches)
+            data_time += time.perf_counter() - t_data
+            terms, z_s = (compiled_step if len(y) == args.batch_size else train_step)(*step_args, x, y)
             if args.compile and step == 1 and epoch == start_epoch and is_main:  # the graphs of the first two steps
                 print(f"compiled the training step in {time.time() - t_epoch:.0f} s", flush=True)
             epoch_sums += terms
-            log_sums += terms
-            log_steps, done_steps = log_steps + 1, done_steps + 1
+            interval += terms
             if (step + 1) % args.log_every == 0 or step + 1 == steps:
-                # The loop's only host-device sync; loss means over the ranks: every rank stops on a non-finite loss.
-                if distributed:
-                    dist.all_reduce(log_sums)
-                ce, kd, feat = (log_sums / (log_steps * world)).tolist()
-                if not all(map(math.isfinite, (ce, kd, feat))):
-                    fail(f"non-finite loss at epoch {epoch + 1} step {step + 1}: ce {ce} kd {kd} feat {feat}; last.pt "
-                         f"still holds epoch {epoch}; lower --lr, or resume with --amp bf16/off", code=3)
-                now = time.time()
+                losses = dict(zip(("ce", "kd", "feat"), mean_over_ranks(interval, step + 1 - logged, world)))  # a sync
+                stop_if_not_finite(losses, epoch, step)  # on every rank
+                now, done = time.time(), (epoch - start_epoch) * steps + step + 1
                 if is_main:
-                    eta = datetime.timedelta(seconds=round((now - t_loop) / done_steps * (total_steps - done_steps)))
-                    losses = f"ce {ce:.3f}" + (f" kd {kd:.3f}" if uses_kd else "")
-                    losses += f" feat {feat:.3f}" if distiller is not None else ""
-                    lr_now, speed = float(optimizer.param_groups[0]["lr"]), log_steps * global_batch / (now - t_log)
-                    print(f"epoch {epoch + 1}/{args.epochs} step {step + 1}/{steps} | {losses} | lr {lr_now:.4g} | "
-                          f"{speed:.0f} img/s | data {1000 * data_s / log_steps:.1f} ms/step | eta {eta}")
-                if is_main and distiller is not None:
-                    cka.append([epoch * steps + step + 1, projector_cka(distiller, z_s).item()])
-                log_sums.zero_()
-                log_steps, t_log, data_s = 0, now, 0.0
+                    log_line(epoch, args.epochs, step, steps, " ".join(f"{n} {losses[n]:.3f}" for n in shown),
+                             float(optimizer.param_groups[0]["lr"]), (step + 1 - logged) * global_batch / (now - t_log),
+                             data_time / (step + 1 - logged), (now - t_loop) / done * (total_steps - done))
+                    if distiller is not None:
+                        cka.append([epoch * steps + step + 1, projector_cka(distiller, z_s).item()])
+                interval.zero_()
+                t_log, data_time, logged = now, 0.0, step + 1
         if device.type == "cuda":
             torch.cuda.synchronize()
-        train_s = time.time() - t_epoch
-        images = min(steps * args.batch_size, per_rank) * world
+        train_s, images = time.time() - t_epoch, min(steps * args.batch_size, per_rank) * world
         run_images, run_train_s = run_images + images, run_train_s + train_s
-        if distributed:
-            dist.all_reduce(epoch_sums)
-        loss_means = (epoch_sums / (steps * world)).tolist()
+        loss_means = mean_over_ranks(epoch_sums, steps, world)
         epoch_lr = float(optimizer.param_groups[0]["lr"])
         scheduler.step()
 
-        # ---- evaluation, checkpoint, record ----
-        if distributed:  # every rank scores the model rank 0 saves: its batch-norm statistics, not the local ones
-            for buffer in student.buffers():
-                dist.broadcast(buffer, 0)
-        metrics = evaluate(student, test_set, normalise)
-        del metrics["images"]
+        # ---- the epoch's score, checkpoint and record ----
+        broadcast_buffers(student)  # every rank scores the model rank 0 saves
+        metrics = {k: v for k, v in evaluate(student, test_set, normalise).items() if k != "images"}
         if metrics["top1"] > best:
             best, best_epoch = metrics["top1"], epoch + 1
         if is_main:
-            record = {"epoch": epoch + 1, "lr": epoch_lr, "loss_ce": loss_means[0],
-                      "loss_kd": loss_means[1] if uses_kd else None, "loss_feat": loss_means[2] if distiller else None,
-                      **metrics, "images_per_s": images / train_s, "epoch_s": time.time() - t_epoch,
-                      "peak_mem_mb": peak_memory_mb(device)}
+            record = {"epoch": epoch + 1, "lr": epoch_lr, **{f"loss_{n}": m if n in shown else None for n, m in zip(
+                      ("ce", "kd", "feat"), loss_means)}, **metrics, "images_per_s": images / train_s,
+                      "epoch_s": time.time() - t_epoch, "peak_mem_mb": peak_memory_mb(device)}
             if distiller is not None:  # every singular value of W_p, sorted (Figure 6.2); None unless it is linear
                 sv = projector_spectrum(distiller)
-                record["projector_sv"] = None if sv is None else sv.tolist()
-                record["projector_cka"] = cka
-            weights = student.state_dict()  # also under "model", RepDistiller's key: torch.save stores it once
-            checkpoint = {"model": weights, "student": weights,
-                          "distiller": distiller.state_dict() if distiller else None,
-                          "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                          "scaler": scaler.state_dict(), "epoch": epoch + 1, "best": best, "best_epoch": best_epoch,
-                          "args": args_json, "world_size": world}
-            save_atomic(checkpoint, out_dir / "last.pt")  # before the record: the two never disagree
-            if best_epoch == epoch + 1:
-                save_atomic(checkpoint, out_dir / "best.pt")
-            with open(out_dir / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(record) + "\n")
+                record["projector_sv"], record["projector_cka"] = None if sv is None else sv.tolist(), cka
+            state = training_state(student, distiller, optimizer, scheduler, scaler, epoch + 1, best, best_epoch,
+                                   args_json)
+            write_epoch(args.out_dir, {"model": state["student"], **state}, record)  # "model": RepDistiller's key
             print(f"epoch {epoch + 1}/{args.epochs} | top1 {metrics['top1']:.2f} top5 {metrics['top5']:.2f} | best "
-                  f"{best:.2f} (epoch {best_epoch}) | {record['epoch_s']:.0f} s | peak {record['peak_mem_mb']:.0f} MB")
+                  f"{best:.2f} (epoch {best_epoch}) | {record['epoch_s']:.0f} s | peak {record['peak_mem_mb']:.0f} MB",
+                  flush=True)
 
     # ---- summary ----
-    if is_main:
-        summary = {"metric": "top1", "best": best, "best_epoch": best_epoch, "last": record["top1"],
-                   "last_top5": record["top5"], "teacher": teacher_top1, "student_arch": args.student,
-                   "teacher_arch": args.teacher if teacher is not None else None, "distill": args.distill,
-                   "wall_s": time.time() - t_start, "images_per_s": run_images / run_train_s,
-                   "peak_mem_mb": peak_memory_mb(device), "world_size": world, "versions": versions()}
-        save_atomic(json.dumps(summary, indent=2) + "\n", out_dir / "summary.json")
-        print(f"done: best top1 {best:.2f} (epoch {best_epoch}), last top1 {record['top1']:.2f} | "
-              f"{summary['wall_s'] / 60:.1f} min | {out_dir}")
+    summary = write_summary(args, record, best, best_epoch, teacher_top1, t_start,
+                            run_images / run_train_s, device, world) if is_main else None
     if distributed:
         dist.destroy_process_group()
     return summary
@@ -546,6 +427,19 @@ def crop_flip(x, generator):
     rows, cols = dy + ar, dx + torch.where(flip, 31 - ar, ar)
     return x[torch.arange(b, device=dev).view(b, 1, 1, 1), torch.arange(3, device=dev).view(1, 3, 1, 1),
              rows.view(b, 1, 32, 1), cols.view(b, 1, 1, 32)]
+
+
+def train_batches(train_x, train_y, normalise, args, epoch, rank, per_rank):
+    """This rank's batches of one epoch, cropped, flipped and normalised on the device. Every random draw is a
+    function of (seed, epoch, rank), so a resumed run repeats the epochs it missed: the ranks share one permutation
+    of the training set, each takes its own slice, and each draws its own crops."""
+    device = train_y.device
+    shared = torch.Generator(device=device).manual_seed(seed_of(args.seed, epoch, 0))
+    own = torch.Generator(device=device).manual_seed(seed_of(args.seed, epoch, 1 + rank))
+    order = torch.randperm(len(train_y), generator=shared, device=device)[rank * per_rank:(rank + 1) * per_rank]
+    for start in range(0, per_rank, args.batch_size):
+        idx = order[start:start + args.batch_size]
+        yield normalise(crop_flip(train_x[idx], own)), train_y[idx]
 
 
 # ---- models: RepDistiller's 22 CIFAR architectures with their exact parameter and buffer names. Each forward returns
@@ -905,6 +799,77 @@ def evaluate(model, test_set, normalise, batch_size=256):
     return {"top1": 100 * top1 / n, "top5": 100 * top5 / n, "images": int(n)}
 
 
+# ---- the run's bookkeeping: this task's ----
+def evaluate_checkpoint(args, student, resumed, test_set, normalise):
+    """--evaluate: the test top-1/top-5 of the student weights in --resume (any format load_weights takes), printed,
+    written to eval.json and returned."""
+    load_weights(student, resumed, args.resume, f"student {args.student}")
+    metrics = evaluate(student, test_set, normalise)
+    record = {"checkpoint": str(args.resume), "student": args.student, **metrics}
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(f"{args.resume}: top1 {metrics['top1']:.2f} top5 {metrics['top5']:.2f} on {metrics['images']} images")
+        Path(args.out_dir).mkdir(parents=True, exist_ok=True)
+        save_atomic(json.dumps(record, indent=2) + "\n", Path(args.out_dir) / "eval.json")
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return record
+
+
+def score_teacher(args, teacher, origin, expected, test_set, normalise, memory_format):
+    """The teacher's test top-1 (None without one), before anything is written. A published teacher's accuracy is
+    its checksum: one more than TEACHER_TOLERANCE off is a wrong file or a wrong normalisation, and stops the run."""
+    if teacher is None:
+        return None
+    teacher.to(test_set[1].device, memory_format=memory_format)
+    top1 = evaluate(teacher, test_set, normalise)["top1"]
+    if expected is not None and not args.dummy and abs(top1 - expected) > TEACHER_TOLERANCE:
+        fail(f"the teacher ({origin}) scores {top1:.2f} on the test set, not the {expected:.2f} it was published "
+             f"with; delete the cached tar under {Path(torch.hub.get_dir()) / 'checkpoints'} and run again, or pass "
+             "--teacher-ckpt")
+    return top1
+
+
+def report_teacher(args, top1, origin, expected):
+    """The teacher's line, and a warning when a --teacher-ckpt of a published architecture scores far from it."""
+    if top1 is None:
+        return
+    published = PUBLISHED_TOP1.get(args.teacher)
+    print(f"teacher {args.teacher} ({origin}): top1 {top1:.2f}"
+          + (f" (published: {expected:.2f})" if expected is not None else ""))
+    if args.teacher_ckpt and published and not args.dummy and abs(top1 - published) > TEACHER_TOLERANCE:
+        print(f"warning: the teacher scores {top1:.2f}, far from the {published} of the public {args.teacher}; "
+              "check the checkpoint and --teacher")
+
+
+def load_state(resumed, args, student, distiller, optimizer, scheduler, scaler, as_lr):
+    """(epochs done, best top-1, its epoch): a new run's, or those of the --resume checkpoint, whose weights and
+    optimizer, scheduler and scaler states are loaded."""
+    if resumed is None:
+        return 0, -1.0, 0
+    load_weights(student, resumed["student"], args.resume, f"student {args.student}")
+    if distiller is not None:
+        load_weights(distiller, resumed["distiller"], args.resume, "distiller")
+    optimizer.load_state_dict(resumed["optimizer"])
+    for group in optimizer.param_groups:  # this run's lr type, whatever the saving run's --compile was
+        group["lr"] = as_lr(group["lr"])
+    scheduler.load_state_dict(resumed["scheduler"])
+    scaler.load_state_dict(resumed["scaler"] or {})
+    return resumed["epoch"], resumed["best"], resumed["best_epoch"]
+
+
+def write_summary(args, record, best, best_epoch, teacher_top1, t_start, images_per_s, device, world):
+    """summary.json, the run in one record (returned, and what main returns), and the last line."""
+    summary = {"metric": "top1", "best": best, "best_epoch": best_epoch, "last": record["top1"],
+               "last_top5": record["top5"], "teacher": teacher_top1, "student_arch": args.student,
+               "teacher_arch": args.teacher if teacher_top1 is not None else None, "distill": args.distill,
+               "wall_s": time.time() - t_start, "images_per_s": images_per_s, "peak_mem_mb": peak_memory_mb(device),
+               "world_size": world, "versions": versions()}
+    save_atomic(json.dumps(summary, indent=2) + "\n", Path(args.out_dir) / "summary.json")
+    print(f"done: best top1 {best:.2f} (epoch {best_epoch}), last top1 {record['top1']:.2f} | "
+          f"{summary['wall_s'] / 60:.1f} min | {Path(args.out_dir)}")
+    return summary
+
+
 # ---- checkpoints, and the helpers every script shares ----
 def read_checkpoint(path):
     """torch.load with weights_only=True: checkpoints are untrusted input (tensors and plain containers only)."""
@@ -974,6 +939,127 @@ def versions():
         except importlib.metadata.PackageNotFoundError:
             found[package] = None
     return {"python": platform.python_version(), **found, "cuda": torch.version.cuda}
+
+
+# ---- the run's bookkeeping, word for word the same in every script ----
+def set_up(args):
+    """One code path for one process and for torchrun (whose RANK means DDP, one process per GPU): (device, rank,
+    world size, the autocast context of --amp), every rank seeded alike."""
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        fail(f"unknown --device {args.device!r}; pass cuda, cuda:N or cpu")
+    if device.type == "cuda":  # an explicit index for set_device
+        if not torch.cuda.is_available():
+            fail(f"--device {args.device} but CUDA is not available; pass --device cpu")
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        device = torch.device("cuda", local_rank if "RANK" in os.environ else device.index or 0)
+        torch.cuda.set_device(device)
+        torch.backends.cudnn.benchmark = FIXED_INPUT_SIZE  # cuDNN tunes its kernels once per input size
+        torch.set_float32_matmul_precision("high")  # TF32 where --amp off leaves float32 matmuls
+    if "RANK" in os.environ:
+        cuda = device.type == "cuda"
+        dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
+    torch.manual_seed(args.seed)  # the same on every rank: a model DDP does not wrap (the teacher) is one model
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp)
+    return device, rank, world, torch.autocast(device.type, dtype=dtype) if dtype else nullcontext()
+
+
+def check_run(args, device, world):
+    """The bad input every script refuses alike, before anything is written: the device's, --evaluate's, the
+    out-dir's, and a --resume checkpoint that is not this run's. Returns (the checkpoint of --resume or None, the
+    flags as plain types: what args.json and the checkpoints record, and what a resume compares)."""
+    out_dir, args_json = Path(args.out_dir), json.loads(json.dumps(vars(args), default=str))
+    if args.amp == "fp16" and device.type != "cuda":  # one policy in the four scripts: refused, not ignored
+        fail("--amp fp16 needs CUDA (its GradScaler); use --amp bf16 or off on CPU")
+    if args.sync_bn and device.type != "cuda":
+        fail("--sync-bn needs CUDA (SyncBatchNorm has no CPU kernels); drop it on CPU")
+    if args.evaluate and not args.resume:
+        fail("--evaluate needs --resume PATH, the checkpoint whose student to score")
+    if out_dir.exists() and not out_dir.is_dir():
+        fail(f"--out-dir {out_dir} is a file; pass a folder")
+    if not args.resume and ((out_dir / "args.json").exists() or (out_dir / "last.pt").exists()):
+        fail(f"{out_dir} already holds a run; pass --resume {out_dir}/last.pt to continue it, "
+             "or choose another --out-dir")
+    resumed = read_checkpoint(args.resume) if args.resume else None
+    if resumed is None or args.evaluate:  # --evaluate scores any file of student weights
+        return resumed, args_json
+    state = {"student", "distiller", "optimizer", "scheduler", "scaler", "epoch", "best", "best_epoch", "args"}
+    if not (isinstance(resumed, dict) and state <= resumed.keys() and isinstance(resumed["args"], dict)):
+        fail(f"{args.resume} is not a training checkpoint of {PROG}; pass the last.pt of one of its runs, "
+             "or score it with --evaluate")
+    if resumed["epoch"] >= args.epochs:
+        fail(f"{args.resume} has trained {resumed['epoch']} epochs already; pass --epochs above {resumed['epoch']}")
+    for flag in RESUME_MUST_MATCH:
+        if resumed["args"].get(flag) != args_json[flag]:
+            fail(f"{args.resume} was trained with --{flag.replace('_', '-')} {resumed['args'].get(flag)}, "
+                 f"not {args_json[flag]}; pass that run's flags to resume it")
+    if resumed.get("world_size", world) != world:  # the global batch, hence the lr and the steps per epoch
+        fail(f"{args.resume} was trained by {resumed['world_size']} processes, not {world}; use as many")
+    return resumed, args_json
+
+
+def open_outputs(out_dir, run_json, start_epoch):
+    """The run writes from here on: the out-dir, args.json, and metrics.jsonl without the records of the epochs
+    after the resumed checkpoint (a run killed after its record and before its checkpoint redoes that epoch)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_atomic(json.dumps(run_json, indent=2) + "\n", out_dir / "args.json")
+    metrics_path = out_dir / "metrics.jsonl"
+    if metrics_path.is_file():
+        records = [line for line in metrics_path.read_text().splitlines(True) if line.strip()]
+        save_atomic("".join(line for line in records if json.loads(line)["epoch"] <= start_epoch), metrics_path)
+
+
+def mean_over_ranks(sums, count, world):
+    """The means of per-step sums kept on the device, over every rank's ``count`` steps, as floats: a host-device
+    sync, so only at log steps and at the end of an epoch."""
+    if dist.is_initialized():
+        dist.all_reduce(sums)
+    return (sums / (count * world)).tolist()
+
+
+def stop_if_not_finite(losses, epoch, step):
+    """Exit 3 on every rank when a logged mean loss is not finite; last.pt is still the end of the previous epoch."""
+    if not all(map(math.isfinite, losses.values())):
+        terms = " ".join(f"{name} {value:.4g}" for name, value in losses.items())
+        fail(f"non-finite loss at epoch {epoch + 1} step {step + 1}: {terms}; last.pt still holds epoch {epoch}; "
+             "lower --lr, or resume with --amp bf16/off", code=3)
+
+
+def log_line(epoch, epochs, step, steps, losses, lr, images_per_s, data_s, eta_s):
+    """The progress line of every --log-every steps: where the run is, the interval's mean losses (a string), the lr,
+    the throughput, the time each step waited for its data, and the time left."""
+    print(f"epoch {epoch + 1}/{epochs} step {step + 1}/{steps} | {losses} | lr {lr:.4g} | "
+          f"{images_per_s:.{0 if images_per_s >= 100 else 1}f} img/s | data {1000 * data_s:.1f} ms/step | "
+          f"eta {datetime.timedelta(seconds=round(eta_s))}", flush=True)
+
+
+def write_epoch(out_dir, checkpoint, record):
+    """last.pt (and best.pt on a new best), then the epoch's line of metrics.jsonl: the two never disagree."""
+    out_dir = Path(out_dir)
+    save_atomic(checkpoint, out_dir / "last.pt")
+    if checkpoint["best_epoch"] == checkpoint["epoch"]:
+        save_atomic(checkpoint, out_dir / "best.pt")
+    with open(out_dir / "metrics.jsonl", "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def training_state(student, distiller, optimizer, scheduler, scaler, epochs_done, best, best_epoch, args_json):
+    """What last.pt holds: all a --resume needs to go on as if the run had never stopped, and the flags it ran with."""
+    return {"student": student.state_dict(), "distiller": distiller.state_dict() if distiller is not None else None,
+            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+            "epoch": epochs_done, "best": best, "best_epoch": best_epoch, "args": args_json,
+            "world_size": dist.get_world_size() if dist.is_initialized() else 1}
+
+
+def broadcast_buffers(module):
+    """Rank 0's buffers (the batch-norm statistics) on every rank, so that every rank scores the model rank 0 saves
+    rather than its local statistics."""
+    if dist.is_initialized():
+        for buffer in module.buffers():
+            dist.broadcast(buffer, 0)
 
 
 if __name__ == "__main__":

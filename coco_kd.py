@@ -73,6 +73,7 @@ except ImportError:
 
 PROG = Path(__file__).stem
 TEACHER_TOLERANCE = 1.0  # points (top-1; COCO: AP) a teacher may be off its published score before the run says so
+FIXED_INPUT_SIZE = False  # detection batches come in many sizes: cuDNN would re-tune its kernels for each
 STUDENTS = ("mobilenet_v2", "resnet18", "resnet34", "resnet50", "mobilenet_v3_large")
 COCO_TEACHERS = {"fasterrcnn_resnet50_fpn": 37.0, "fasterrcnn_resnet50_fpn_v2": 46.7}  # torchvision's box AP
 NUM_CLASSES = 91  # torchvision's COCO heads: background + category ids 1..90 used directly as labels
@@ -179,6 +180,8 @@ def parse_args(argv=None):
     for name in ("lr", "wd"):
         if getattr(args, name) is not None and getattr(args, name) < 0:
             fail(f"--{name.replace('_', '-')} must not be negative, got {getattr(args, name)}")
+    if COCO is None:
+        fail("pycocotools is not installed; pip install pycocotools")
     if min(args.min_size) <= 0:  # an extra check: a list of sizes
         fail(f"--min-size must be positive, got {args.min_size}")
     return args
@@ -205,6 +208,29 @@ class StudentWithDistiller(nn.Module):
             loss_feat = None if features_t is None else sum(  # d(BN(z_s W_p), BN(z_t)) at every paired level
                 self.distiller[ks](features[ks], features_t[kt].float()) for ks, kt in self.levels.items())
         return {**rpn_losses, **roi_losses}, loss_feat, features
+
+
+def build_distiller(args, student, teacher):
+    """--distill srd's distillers, one per pair of FPN levels of one stride, each with per-rank statistics (the FPN
+    maps of a global batch are too large to gather): ({student level: teacher level}, their FeatureDistillers in
+    an nn.ModuleDict), empty without a teacher."""
+    if teacher is None:
+        return {}, nn.ModuleDict()
+    levels, shapes = match_levels(student, teacher)
+    return levels, nn.ModuleDict({
+        ks: FeatureDistiller(shapes[0][ks][0], shapes[1][kt][0], args.projector, args.norm, args.distance, args.alpha,
+                             global_batch=False, hidden=args.projector_hidden) for ks, kt in levels.items()})
+
+
+def build_scheduler(optimizer, args, steps):
+    """torchvision's detection schedule, stepped every iteration: a linear warm-up from 0.001 x lr over
+    --warmup-iters (at most one epoch minus one step, as its engine.py), then x0.1 at each of --lr-milestones."""
+    warmup_iters = min(args.warmup_iters, steps - 1)
+
+    def lr_factor(it):  # it: optimizer steps taken so far
+        warmup = min(1.0, 0.001 + 0.999 * it / warmup_iters) if warmup_iters else 1.0
+        return warmup * 0.1 ** sum(it // steps >= m for m in args.lr_milestones)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
 
 
 def train_step(model, teacher, optimizer, scaler, autocast, args, batch, targets):
@@ -250,108 +276,31 @@ def transform(model, images, targets=None, channels_last=False):
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    t_start = time.time()
+    args, t_start = parse_args(argv), time.time()  # flags that cannot be right are refused here
 
-    # ---- set-up: one code path; torchrun's RANK means DDP ----
-    distributed = "RANK" in os.environ
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    is_main = rank == 0
-    try:
-        device = torch.device(args.device)
-    except RuntimeError:
-        fail(f"unknown --device {args.device!r}; pass cuda, cuda:N or cpu")
-    if device.type == "cuda":  # one process per GPU under torchrun; an explicit index for set_device
-        if not torch.cuda.is_available():
-            fail(f"--device {args.device} but CUDA is not available; pass --device cpu")
-        device = torch.device("cuda", local_rank if distributed else device.index or 0)
-        torch.cuda.set_device(device)
-        # no cudnn.benchmark: detection batches come in many sizes, and it would re-tune for each
-        torch.set_float32_matmul_precision("high")  # TF32 where --amp off leaves float32 matmuls
-    if distributed:
-        cuda = device.type == "cuda"
-        dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
-    torch.manual_seed(args.seed)  # the same on every rank: a model DDP does not wrap (the teacher) is one model
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp)
-    autocast = torch.autocast(device.type, dtype=dtype) if dtype else nullcontext()
-    global_batch = args.batch_size * world
+    # ---- set-up: one code path for one process and for torchrun ----
+    device, rank, world, autocast = set_up(args)
+    distributed, is_main, global_batch = dist.is_initialized(), rank == 0, args.batch_size * world
     lr = args.lr * global_batch / 16  # linear scaling from detectron2's 0.02 per 16 images
-    out_dir = Path(args.out_dir)
-    args_json = json.loads(json.dumps(vars(args), default=str))  # plain types, for weights_only loads
-
-    # ---- bad input: refused before anything is written ----
-    if args.amp == "fp16" and device.type != "cuda":  # one policy in the four scripts: refused, not ignored
-        fail("--amp fp16 needs CUDA (its GradScaler); use --amp bf16 or off on CPU")
-    if args.sync_bn and device.type != "cuda":
-        fail("--sync-bn needs CUDA (SyncBatchNorm has no CPU kernels); drop it on CPU")
-    if COCO is None:
-        fail("pycocotools is not installed; pip install pycocotools")
-    if args.evaluate and not args.resume:
-        fail("--evaluate needs --resume PATH, the checkpoint whose student to evaluate")
-    if out_dir.is_file():
-        fail(f"--out-dir {out_dir} is a file; pass a folder")
-    if not args.resume and ((out_dir / "args.json").exists() or (out_dir / "last.pt").exists()):
-        fail(f"{out_dir} already holds a run; pass --resume {out_dir}/last.pt to continue it, "
-             "or choose another --out-dir")
-    resumed = read_checkpoint(args.resume) if args.resume else None
-    if resumed is not None and not args.evaluate:  # --evaluate scores any student weights
-        if not (isinstance(resumed, dict) and {"optimizer", "epoch", "args"} <= resumed.keys()):
-            fail(f"{args.resume} is not a training checkpoint of {PROG}; pass the last.pt of one of its runs")
-        if resumed["epoch"] >= args.epochs:
-            fail(f"{args.resume} has trained {resumed['epoch']} epochs already; "
-                 f"pass --epochs above {resumed['epoch']}")
-        for flag in RESUME_MUST_MATCH:
-            if resumed["args"].get(flag) != args_json[flag]:
-                fail(f"{args.resume} was trained with --{flag.replace('_', '-')} {resumed['args'].get(flag)}, "
-                     f"not {args_json[flag]}; pass that run's flags to resume it")
-        if resumed.get("world_size", world) != world:  # the global batch, hence the lr and the steps per epoch
-            fail(f"{args.resume} was trained by {resumed['world_size']} processes, not {world}; use as many")
+    resumed, args_json = check_run(args, device, world)  # bad input: refused before anything is written
 
     # ---- data ----
-    # aspect-ratio grouped training batches; val sharded by rank, nothing dropped
     train_set, val_set = build_data(args)
-    steps = len(train_batches(train_set.aspect, args.batch_size, args.seed, 0, rank, world))
-    steps = min(steps, args.max_steps or steps)
-    if steps == 0:
-        fail(f"{len(train_set)} training images make no batch for each of {world} processes; lower --batch-size")
-    # one val image per batch, as torchvision's reference: padding to a batch's size never moves a prediction
-    val_batches = [[(i, False)] for i in range(rank, len(val_set), world)]
-    val_loader = loader(val_set, val_batches, args, device)
+    steps = count_steps(train_set, args, rank, world)  # aspect-ratio grouped batches, as many on every rank
+    # val sharded by rank, nothing dropped, one image per batch as torchvision's reference: no padding moves a box
+    val_loader = loader(val_set, [[(i, False)] for i in range(rank, len(val_set), world)], args, device)
 
     # ---- models: student, teacher, distiller ----
-    # one distiller per pair of FPN levels of one stride; --evaluate ends here
-    try:
-        student = build_student(args, args.student, not (args.no_pretrained_backbone or args.dummy or args.evaluate))
-    except OSError as e:  # offline: torchvision could not fetch the ImageNet weights
-        fail(f"could not load the ImageNet weights of the {args.student} backbone ({type(e).__name__}); "
-             "connect once so that torchvision caches them, or pass --no-pretrained-backbone")
+    student = build_student(args, args.student, not (args.no_pretrained_backbone or args.dummy or args.evaluate))
     if resumed is not None:
         load_weights(student, resumed, args.resume, "student")
-    teacher, teacher_tag, levels, distiller = None, None, {}, nn.ModuleDict()
-    if args.distill == "srd" and not args.evaluate:
-        teacher, teacher_tag = build_teacher(args)
-        levels, shapes = match_levels(student, teacher)
-        distiller = nn.ModuleDict({  # per-rank statistics: the FPN maps of a global batch are too large to gather
-            ks: FeatureDistiller(shapes[0][ks][0], shapes[1][kt][0], args.projector, args.norm, args.distance,
-                                 args.alpha, global_batch=False, hidden=args.projector_hidden)
-            for ks, kt in levels.items()})
+    teacher, teacher_tag = build_teacher(args) if args.distill == "srd" and not args.evaluate else (None, None)
+    levels, distiller = build_distiller(args, student, teacher)  # one W_p per pair of FPN levels of one stride
     for detector in filter(None, (student, teacher)):
-        detector.to(device)
-        if args.channels_last:
-            detector.backbone.to(memory_format=torch.channels_last)
-        if args.compile:
-            detector.backbone.compile()
+        place(detector, args, device)  # on the device; the backbone channels-last and compiled where asked
     distiller.to(device)
     if args.evaluate:
-        record = {**evaluate(student, val_loader, device, args.channels_last), "checkpoint": args.resume}
-        if is_main:
-            print(f"{args.resume} (epoch {resumed.get('epoch')}): {fmt(record)} on {record['images']} val images")
-            out_dir.mkdir(parents=True, exist_ok=True)
-            save_atomic(json.dumps(record, indent=2) + "\n", out_dir / "eval.json")
-        if distributed:
-            dist.destroy_process_group()
-        return record
+        return evaluate_checkpoint(args, student, resumed, val_loader, device)
 
     # ---- optimisation ----
     model = StudentWithDistiller(student, distiller, levels)
@@ -361,113 +310,70 @@ def main(argv=None):
         model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr, momentum=args.momentum,
                                 weight_decay=args.wd)
-    warmup_iters = min(args.warmup_iters, steps - 1)  # at most one epoch minus one step, as torchvision's engine.py
-
-    def lr_factor(it):  # it: optimizer steps taken so far
-        warmup = min(1.0, 0.001 + 0.999 * it / warmup_iters) if warmup_iters else 1.0
-        return warmup * 0.1 ** sum(it // steps >= m for m in args.lr_milestones)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+    scheduler = build_scheduler(optimizer, args, steps)  # linear warm-up, then x0.1 at each milestone
     scaler = torch.amp.GradScaler("cuda", enabled=args.amp == "fp16")
 
     # ---- resume ----
-    start_epoch, best, best_epoch = 0, None, None
-    if resumed is not None:
-        distiller.load_state_dict(resumed["distiller"] or {})
-        optimizer.load_state_dict(resumed["optimizer"])
-        scheduler.load_state_dict(resumed["scheduler"])
-        scaler.load_state_dict(resumed["scaler"])
-        start_epoch, best, best_epoch = resumed["epoch"], resumed["best"], resumed["best_epoch"]
-
-    # ---- outputs: the run writes from here on ----
-    metrics_path = out_dir / "metrics.jsonl"
-    if is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        save_atomic(json.dumps(args_json, indent=2) + "\n", out_dir / "args.json")
-        if resumed is not None and metrics_path.exists():  # forget the epochs logged after the checkpoint
-            save_atomic("".join(line for line in metrics_path.read_text().splitlines(True)
-                                if line.strip() and json.loads(line)["epoch"] <= start_epoch), metrics_path)
-        print("args: " + json.dumps(args_json))
-        print(f"world size {world} | device {device} | amp {args.amp} | global batch {global_batch} | lr {lr:g} | "
-              f"{steps} steps/epoch | params: student {n_params(student):.2f}m, distiller {n_params(distiller):.3f}m, "
-              f"teacher {n_params(teacher):.2f}m | {len(train_set)} train / {len(val_set)} val images")
+    start_epoch, best, best_epoch = load_state(resumed, distiller, optimizer, scheduler, scaler)
+    if is_main:  # the run writes from here on
+        open_outputs(args.out_dir, args_json, start_epoch)
+        print(f"args: {json.dumps(args_json)}\nworld size {world} | device {device} | amp {args.amp} | global batch "
+              f"{global_batch} | lr {lr:g} | {steps} steps/epoch | params: student {n_params(student):.2f}m, "
+              f"distiller {n_params(distiller):.3f}m, teacher {n_params(teacher):.2f}m | {len(train_set)} train / "
+              f"{len(val_set)} val images")
         if teacher is not None:
             print(f"teacher {args.teacher} with {teacher_tag}; distilled FPN levels (student: teacher) {levels}")
         if resumed is not None:
             print(f"resuming {args.resume}: {start_epoch} epochs done, best AP {100 * best:.1f} (epoch {best_epoch})")
-
-    # ---- the teacher's score ----
-    teacher_metrics = None
-    if teacher is not None:
-        n_check = args.teacher_eval_images or len(val_set)
-        teacher_metrics = evaluate(teacher, loader(val_set, [b for b in val_batches if b[0][0] < n_check], args,
-                                                   device), device, args.channels_last)
-        published = COCO_TEACHERS.get(args.teacher) if teacher_tag.startswith("torchvision") else None
-        if is_main:
-            n, ap = teacher_metrics["images"], 100 * teacher_metrics["AP"]
-            print(f"teacher val: {fmt(teacher_metrics)} on {n} images")
-            if published and abs(ap - published) > TEACHER_TOLERANCE:
-                print(f"warning: {args.teacher} scores AP {ap:.1f} on {n} val images, published {published} on all "
-                      "5,000; check --data-dir and --min-size/--max-size (800/1333)")
+    teacher_metrics = score_teacher(args, teacher, teacher_tag, val_set, device)
 
     # ---- training ----
-    t_loop, total_steps, epoch_ips, last = time.time(), (args.epochs - start_epoch) * steps, [], None
+    t_loop, total_steps, epoch_ips = time.time(), (args.epochs - start_epoch) * steps, []
     for epoch in range(start_epoch, args.epochs):
         torch.manual_seed(seed_of(args.seed, epoch, rank))  # sizes, RPN/RoI sampling: f(seed, epoch, rank)
         batches = train_batches(train_set.aspect, args.batch_size, args.seed, epoch, rank, world)[:steps]
         interval = torch.zeros(len(DET_LOSSES) + 1, device=device)  # the detection terms and feat, on device
-        seen, data_time, last_log, epoch_sums, epoch_images = 0, 0.0, 0, [0.0] * len(interval), 0
+        seen, data_time, logged, epoch_sums, epoch_images = 0, 0.0, 0, [0.0] * len(interval), 0
         cka = []  # [global step, CKA of z_s and its projection, mean over the levels] at each log step: Figure 6.3
         t_epoch = t_log = t_ready = time.time()
-        for step, (images, targets) in enumerate(loader(train_set, batches, args, device), 1):
+        for step, (images, targets) in enumerate(loader(train_set, batches, args, device)):
             data_time += time.time() - t_ready
-            images = [image.to(device, non_blocking=True).float().div_(255) for image in images]
-            targets = [{k: t[k].to(device, non_blocking=True) for k in ("boxes", "labels")} for t in targets]
+            images, targets = to_device(images, targets, device)
             batch, targets = transform(student, images, targets, args.channels_last)  # once, for both backbones
             terms, features = train_step(model, teacher.backbone if teacher is not None else None, optimizer, scaler,
                                          autocast, args, batch, targets)
             scheduler.step()
             interval += terms
             seen += len(images)
-            if step % args.log_every == 0 or step == steps:  # the only host-device syncs of the loop
+            if (step + 1) % args.log_every == 0 or step + 1 == steps:  # the only host-device syncs of the loop
                 stats = torch.cat([interval, interval.new_tensor([seen])])
                 if distributed:
                     dist.all_reduce(stats)
                 *sums, n_images = stats.tolist()
-                mean = [v / ((step - last_log) * world) for v in sums]
-                if not all(map(math.isfinite, mean)):
-                    values = " ".join(f"{k} {v}" for k, v in zip([*DET_LOSSES, "loss_feat"], mean))
-                    fail(f"non-finite loss at epoch {epoch + 1} step {step}: {values}; lower --lr or --feat-weight", 3)
-                now, done = time.time(), (epoch - start_epoch) * steps + step
+                mean = [v / ((step + 1 - logged) * world) for v in sums]
+                stop_if_not_finite(dict(zip([*DET_LOSSES.values(), "feat"], mean)), epoch, step)  # on every rank
+                now, done = time.time(), (epoch - start_epoch) * steps + step + 1
                 if is_main:
-                    eta = datetime.timedelta(seconds=round((now - t_loop) / done * (total_steps - done)))
                     det = " ".join(f"{short} {v:.3f}" for short, v in zip(DET_LOSSES.values(), mean))
-                    feat = f" feat {mean[-1]:.3f}" if teacher is not None else ""
-                    print(f"epoch {epoch + 1}/{args.epochs} step {step}/{steps} | det {sum(mean[:-1]):.3f} ({det})"
-                          f"{feat} | lr {optimizer.param_groups[0]['lr']:.4g} | {n_images / (now - t_log):.1f} img/s"
-                          f" | data {1000 * data_time / (step - last_log):.1f} ms/step | eta {eta}")
+                    log_line(epoch, args.epochs, step, steps, f"det {sum(mean[:-1]):.3f} ({det})" + (
+                             f" feat {mean[-1]:.3f}" if teacher is not None else ""), optimizer.param_groups[0]["lr"],
+                             n_images / (now - t_log), data_time / (step + 1 - logged),
+                             (now - t_loop) / done * (total_steps - done))
+                    if teacher is not None:
+                        level_cka = [projector_cka(distiller[ks], features[ks]) for ks in levels]
+                        cka.append([epoch * steps + step + 1, torch.stack(level_cka).mean().item()])
                 epoch_sums, epoch_images = [a + b for a, b in zip(epoch_sums, sums)], epoch_images + n_images
                 interval.zero_()
-                if is_main and teacher is not None:
-                    level_cka = [projector_cka(distiller[ks], features[ks]) for ks in levels]
-                    cka.append([epoch * steps + step, torch.stack(level_cka).mean().item()])
-                seen, data_time, last_log, t_log = 0, 0.0, step, now
+                t_log, data_time, logged, seen = now, 0.0, step + 1, 0
             t_ready = time.time()
         epoch_s = time.time() - t_epoch
         epoch_ips.append(epoch_images / epoch_s)
 
-        # ---- evaluation, checkpoint, record ----
+        # ---- the epoch's score, checkpoint and record ----
         metrics = evaluate(student, val_loader, device, args.channels_last)
-        last = metrics["AP"]
-        if best is None or last > best:
-            best, best_epoch = last, epoch + 1
+        if best is None or metrics["AP"] > best:
+            best, best_epoch = metrics["AP"], epoch + 1
         if is_main:
-            checkpoint = {"student": student.state_dict(), "distiller": distiller.state_dict() if teacher else None,
-                          "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                          "scaler": scaler.state_dict(), "epoch": epoch + 1, "best": best, "best_epoch": best_epoch,
-                          "args": args_json, "world_size": world}
-            save_atomic(checkpoint, out_dir / "last.pt")  # before the record: the two never disagree
-            if best_epoch == epoch + 1:
-                save_atomic(checkpoint, out_dir / "best.pt")
             mean = [v / (steps * world) for v in epoch_sums]
             record = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"], "loss_det": sum(mean[:-1]),
                       **dict(zip(DET_LOSSES, mean)), "loss_kd": None, "loss_feat": mean[-1] if teacher else None,
@@ -477,23 +383,15 @@ def main(argv=None):
                 spectra = {ks: projector_spectrum(d) for ks, d in distiller.items()}
                 record["projector_sv"] = {ks: None if sv is None else sv.tolist() for ks, sv in spectra.items()}
                 record["projector_cka"] = cka
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+            write_epoch(args.out_dir, training_state(student, distiller if teacher else None, optimizer, scheduler,
+                                                     scaler, epoch + 1, best, best_epoch, args_json), record)
             print(f"epoch {epoch + 1}/{args.epochs} | val {fmt(metrics)} on {metrics['images']} images | best AP "
-                  f"{100 * best:.1f} (epoch {best_epoch}) | {epoch_s:.0f} s | peak {record['peak_mem_mb']:.0f} MB")
+                  f"{100 * best:.1f} (epoch {best_epoch}) | {epoch_s:.0f} s | peak {record['peak_mem_mb']:.0f} MB",
+                  flush=True)
 
     # ---- summary ----
-    # the headline is the last epoch's AP, as detection papers report; best is a diagnostic
-    summary = {"metric": "AP", "best": best, "best_epoch": best_epoch, "last": last, "headline": "last",
-               "teacher": teacher_metrics["AP"] if teacher_metrics else None, "student_arch": args.student,
-               "teacher_arch": args.teacher if teacher else None, "distill": args.distill,
-               "wall_s": time.time() - t_start, "images_per_s": sum(epoch_ips) / len(epoch_ips),
-               "peak_mem_mb": peak_memory_mb(device), "world_size": world, "versions": versions(),
-               "teacher_metrics": teacher_metrics, "levels": levels}
-    if is_main:
-        save_atomic(json.dumps(summary, indent=2) + "\n", out_dir / "summary.json")
-        print(f"done: best AP {100 * best:.1f} (epoch {best_epoch}), last AP {100 * last:.1f} (the headline) | "
-              f"{summary['wall_s'] / 60:.1f} min | {out_dir}")
+    summary = write_summary(args, metrics, best, best_epoch, teacher_metrics, levels, t_start,
+                            sum(epoch_ips) / len(epoch_ips), device, world) if is_main else None
     if distributed:
         dist.destroy_process_group()
     return summary
@@ -637,6 +535,21 @@ def train_batches(aspect, batch_size, seed, epoch, rank, world):
     return batches[rank * per_rank:(rank + 1) * per_rank]
 
 
+def count_steps(train_set, args, rank, world):
+    """The steps of an epoch: this rank's aspect-ratio grouped batches (as many on every rank), capped by
+    --max-steps."""
+    steps = len(train_batches(train_set.aspect, args.batch_size, args.seed, 0, rank, world))
+    if steps == 0:
+        fail(f"{len(train_set)} training images make no batch for each of {world} processes; lower --batch-size")
+    return min(steps, args.max_steps or steps)
+
+
+def to_device(images, targets, device):
+    """A batch on the device: uint8 images as floats in [0, 1], and the targets' boxes and labels."""
+    return ([image.to(device, non_blocking=True).float().div_(255) for image in images],
+            [{k: t[k].to(device, non_blocking=True) for k in ("boxes", "labels")} for t in targets])
+
+
 def collate(batch):  # top level, not a lambda: loader workers may have to pickle it
     return tuple(zip(*batch))
 
@@ -648,6 +561,16 @@ def loader(dataset, batches, args, device):
 
 # ---- models: torchvision Faster R-CNNs, COCOeval ----
 def build_student(args, name, pretrained):
+    """detector_for(args, name, pretrained), failing in one line when torchvision cannot fetch the backbone's
+    ImageNet weights (offline)."""
+    try:
+        return detector_for(args, name, pretrained)
+    except OSError as e:
+        fail(f"could not load the ImageNet weights of the {name} backbone ({type(e).__name__}); connect once so "
+             "that torchvision caches them, or pass --no-pretrained-backbone")
+
+
+def detector_for(args, name, pretrained):
     """A Faster R-CNN + FPN on the backbone ``name`` (--student, or a teacher in a student layout). As in
     torchvision's builders, a pretrained backbone (IMAGENET1K_V1, the weights they use, not V2) keeps its BN
     frozen and its stem and first stage fixed; a random one trains everything. ``mobilenet_v2`` is ReviewKD's
@@ -666,6 +589,15 @@ def build_student(args, name, pretrained):
     backbone = resnet_fpn_backbone(backbone_name=name, weights=weights, trainable_layers=3 if weights else 5,
                                    norm_layer=FrozenBatchNorm2d if weights else nn.BatchNorm2d)
     return detection.FasterRCNN(backbone, **detector_kwargs(args))
+
+
+def place(detector, args, device):
+    """The detector on the device, its backbone channels-last and compiled where the flags ask."""
+    detector.to(device)
+    if args.channels_last:
+        detector.backbone.to(memory_format=torch.channels_last)
+    if args.compile:
+        detector.backbone.compile()
 
 
 def detector_kwargs(args):
@@ -740,12 +672,66 @@ def fmt(metrics):
     return " ".join(f"{k} {'-' if metrics[k] is None else f'{100 * metrics[k]:.1f}'}" for k in METRICS)
 
 
-# ---- checkpoints and the helpers every script shares ----
-def seed_of(*parts):
-    """A 32-bit seed that is a function of ``parts`` (seed, epoch, rank or index) and nothing else."""
-    return int(np.random.SeedSequence(parts).generate_state(1)[0])
+# ---- the run's bookkeeping: this task's ----
+def evaluate_checkpoint(args, student, resumed, val_loader, device):
+    """--evaluate: the COCO box AP of the student of --resume (already loaded), printed, written to eval.json and
+    returned."""
+    record = {**evaluate(student, val_loader, device, args.channels_last), "checkpoint": args.resume}
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(f"{args.resume} (epoch {resumed.get('epoch')}): {fmt(record)} on {record['images']} val images")
+        Path(args.out_dir).mkdir(parents=True, exist_ok=True)
+        save_atomic(json.dumps(record, indent=2) + "\n", Path(args.out_dir) / "eval.json")
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return record
 
 
+def load_state(resumed, distiller, optimizer, scheduler, scaler):
+    """(epochs done, best AP, its epoch): a new run's, or those of the --resume checkpoint, whose distiller,
+    optimizer, scheduler and scaler states are loaded (its student already is)."""
+    if resumed is None:
+        return 0, None, None
+    distiller.load_state_dict(resumed["distiller"] or {})
+    optimizer.load_state_dict(resumed["optimizer"])
+    scheduler.load_state_dict(resumed["scheduler"])
+    scaler.load_state_dict(resumed["scaler"])
+    return resumed["epoch"], resumed["best"], resumed["best_epoch"]
+
+
+def score_teacher(args, teacher, tag, val_set, device):
+    """The teacher's COCO metrics on the first --teacher-eval-images val images (None without a teacher), printed
+    with a warning when torchvision's weights score more than TEACHER_TOLERANCE AP off their published AP."""
+    if teacher is None:
+        return None
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    n_check = min(args.teacher_eval_images or len(val_set), len(val_set))
+    metrics = evaluate(teacher, loader(val_set, [[(i, False)] for i in range(rank, n_check, world)], args, device),
+                       device, args.channels_last)
+    published = COCO_TEACHERS.get(args.teacher) if tag.startswith("torchvision") else None
+    if rank == 0:
+        n, ap = metrics["images"], 100 * metrics["AP"]
+        print(f"teacher val: {fmt(metrics)} on {n} images")
+        if published and abs(ap - published) > TEACHER_TOLERANCE:
+            print(f"warning: {args.teacher} scores AP {ap:.1f} on {n} val images, published {published} on all "
+                  "5,000; check --data-dir and --min-size/--max-size (800/1333)")
+    return metrics
+
+
+def write_summary(args, metrics, best, best_epoch, teacher_metrics, levels, t_start, images_per_s, device, world):
+    """summary.json, the run in one record (returned, and what main returns), and the last line. The headline is
+    the last epoch's AP, as detection papers report; best is a diagnostic."""
+    summary = {"metric": "AP", "best": best, "best_epoch": best_epoch, "last": metrics["AP"], "headline": "last",
+               "teacher": teacher_metrics["AP"] if teacher_metrics else None, "student_arch": args.student,
+               "teacher_arch": args.teacher if teacher_metrics else None, "distill": args.distill,
+               "wall_s": time.time() - t_start, "images_per_s": images_per_s, "peak_mem_mb": peak_memory_mb(device),
+               "world_size": world, "versions": versions(), "teacher_metrics": teacher_metrics, "levels": levels}
+    save_atomic(json.dumps(summary, indent=2) + "\n", Path(args.out_dir) / "summary.json")
+    print(f"done: best AP {100 * best:.1f} (epoch {best_epoch}), last AP {100 * metrics['AP']:.1f} (the headline) | "
+          f"{summary['wall_s'] / 60:.1f} min | {args.out_dir}")
+    return summary
+
+
+# ---- checkpoints, and the helpers every script shares ----
 def read_checkpoint(path):
     """torch.load with weights_only=True: checkpoints are untrusted input (tensors and plain containers only)."""
     if not Path(path).is_file():
@@ -789,6 +775,11 @@ def save_atomic(obj, path):
     os.replace(tmp, path)
 
 
+def seed_of(*parts):
+    """A 32-bit seed that is a function of ``parts`` (seed, epoch, rank or index) and nothing else."""
+    return int(np.random.SeedSequence(parts).generate_state(1)[0])
+
+
 def peak_memory_mb(device):
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
@@ -809,6 +800,111 @@ def versions():
         except importlib.metadata.PackageNotFoundError:
             found[package] = None
     return {"python": platform.python_version(), **found, "cuda": torch.version.cuda}
+
+
+# ---- the run's bookkeeping, word for word the same in every script ----
+def set_up(args):
+    """One code path for one process and for torchrun (whose RANK means DDP, one process per GPU): (device, rank,
+    world size, the autocast context of --amp), every rank seeded alike."""
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        fail(f"unknown --device {args.device!r}; pass cuda, cuda:N or cpu")
+    if device.type == "cuda":  # an explicit index for set_device
+        if not torch.cuda.is_available():
+            fail(f"--device {args.device} but CUDA is not available; pass --device cpu")
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        device = torch.device("cuda", local_rank if "RANK" in os.environ else device.index or 0)
+        torch.cuda.set_device(device)
+        torch.backends.cudnn.benchmark = FIXED_INPUT_SIZE  # cuDNN tunes its kernels once per input size
+        torch.set_float32_matmul_precision("high")  # TF32 where --amp off leaves float32 matmuls
+    if "RANK" in os.environ:
+        cuda = device.type == "cuda"
+        dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
+    torch.manual_seed(args.seed)  # the same on every rank: a model DDP does not wrap (the teacher) is one model
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp)
+    return device, rank, world, torch.autocast(device.type, dtype=dtype) if dtype else nullcontext()
+
+
+def check_run(args, device, world):
+    """The bad input every script refuses alike, before anything is written: the device's, --evaluate's, the
+    out-dir's, and a --resume checkpoint that is not this run's. Returns (the checkpoint of --resume or None, the
+    flags as plain types: what args.json and the checkpoints record, and what a resume compares)."""
+    out_dir, args_json = Path(args.out_dir), json.loads(json.dumps(vars(args), default=str))
+    if args.amp == "fp16" and device.type != "cuda":  # one policy in the four scripts: refused, not ignored
+        fail("--amp fp16 needs CUDA (its GradScaler); use --amp bf16 or off on CPU")
+    if args.sync_bn and device.type != "cuda":
+        fail("--sync-bn needs CUDA (SyncBatchNorm has no CPU kernels); drop it on CPU")
+    if args.evaluate and not args.resume:
+        fail("--evaluate needs --resume PATH, the checkpoint whose student to score")
+    if out_dir.exists() and not out_dir.is_dir():
+        fail(f"--out-dir {out_dir} is a file; pass a folder")
+    if not args.resume and ((out_dir / "args.json").exists() or (out_dir / "last.pt").exists()):
+        fail(f"{out_dir} already holds a run; pass --resume {out_dir}/last.pt to continue it, "
+             "or choose another --out-dir")
+    resumed = read_checkpoint(args.resume) if args.resume else None
+    if resumed is None or args.evaluate:  # --evaluate scores any file of student weights
+        return resumed, args_json
+    state = {"student", "distiller", "optimizer", "scheduler", "scaler", "epoch", "best", "best_epoch", "args"}
+    if not (isinstance(resumed, dict) and state <= resumed.keys() and isinstance(resumed["args"], dict)):
+        fail(f"{args.resume} is not a training checkpoint of {PROG}; pass the last.pt of one of its runs, "
+             "or score it with --evaluate")
+    if resumed["epoch"] >= args.epochs:
+        fail(f"{args.resume} has trained {resumed['epoch']} epochs already; pass --epochs above {resumed['epoch']}")
+    for flag in RESUME_MUST_MATCH:
+        if resumed["args"].get(flag) != args_json[flag]:
+            fail(f"{args.resume} was trained with --{flag.replace('_', '-')} {resumed['args'].get(flag)}, "
+                 f"not {args_json[flag]}; pass that run's flags to resume it")
+    if resumed.get("world_size", world) != world:  # the global batch, hence the lr and the steps per epoch
+        fail(f"{args.resume} was trained by {resumed['world_size']} processes, not {world}; use as many")
+    return resumed, args_json
+
+
+def open_outputs(out_dir, run_json, start_epoch):
+    """The run writes from here on: the out-dir, args.json, and metrics.jsonl without the records of the epochs
+    after the resumed checkpoint (a run killed after its record and before its checkpoint redoes that epoch)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_atomic(json.dumps(run_json, indent=2) + "\n", out_dir / "args.json")
+    metrics_path = out_dir / "metrics.jsonl"
+    if metrics_path.is_file():
+        records = [line for line in metrics_path.read_text().splitlines(True) if line.strip()]
+        save_atomic("".join(line for line in records if json.loads(line)["epoch"] <= start_epoch), metrics_path)
+
+
+def stop_if_not_finite(losses, epoch, step):
+    """Exit 3 on every rank when a logged mean loss is not finite; last.pt is still the end of the previous epoch."""
+    if not all(map(math.isfinite, losses.values())):
+        terms = " ".join(f"{name} {value:.4g}" for name, value in losses.items())
+        fail(f"non-finite loss at epoch {epoch + 1} step {step + 1}: {terms}; last.pt still holds epoch {epoch}; "
+             "lower --lr, or resume with --amp bf16/off", code=3)
+
+
+def log_line(epoch, epochs, step, steps, losses, lr, images_per_s, data_s, eta_s):
+    """The progress line of every --log-every steps: where the run is, the interval's mean losses (a string), the lr,
+    the throughput, the time each step waited for its data, and the time left."""
+    print(f"epoch {epoch + 1}/{epochs} step {step + 1}/{steps} | {losses} | lr {lr:.4g} | "
+          f"{images_per_s:.{0 if images_per_s >= 100 else 1}f} img/s | data {1000 * data_s:.1f} ms/step | "
+          f"eta {datetime.timedelta(seconds=round(eta_s))}", flush=True)
+
+
+def write_epoch(out_dir, checkpoint, record):
+    """last.pt (and best.pt on a new best), then the epoch's line of metrics.jsonl: the two never disagree."""
+    out_dir = Path(out_dir)
+    save_atomic(checkpoint, out_dir / "last.pt")
+    if checkpoint["best_epoch"] == checkpoint["epoch"]:
+        save_atomic(checkpoint, out_dir / "best.pt")
+    with open(out_dir / "metrics.jsonl", "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def training_state(student, distiller, optimizer, scheduler, scaler, epochs_done, best, best_epoch, args_json):
+    """What last.pt holds: all a --resume needs to go on as if the run had never stopped, and the flags it ran with."""
+    return {"student": student.state_dict(), "distiller": distiller.state_dict() if distiller is not None else None,
+            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+            "epoch": epochs_done, "best": best, "best_epoch": best_epoch, "args": args_json,
+            "world_size": dist.get_world_size() if dist.is_initialized() else 1}
 
 
 if __name__ == "__main__":

@@ -68,6 +68,7 @@ from common import DISTANCES, NORMS, PROJECTORS, FeatureDistiller, projector_cka
 
 PROG = Path(__file__).stem
 TEACHER_TOLERANCE = 1.0  # points (top-1; COCO: AP) a teacher may be off its published score before the run says so
+FIXED_INPUT_SIZE = True  # every batch has --img-size: cuDNN may pick its fastest kernels once
 STUDENTS = {"deit_tiny": dict(embed_dim=192, depth=12, num_heads=3),
             "deit_small": dict(embed_dim=384, depth=12, num_heads=6)}
 PUBLISHED_TOP1 = {"regnety_160.deit_in1k": 82.6}  # DeiT's teacher; a pretrained one far from this is wrong
@@ -193,6 +194,13 @@ def parse_args(argv=None):
     for name in ("lr", "wd", "min_lr", "warmup_lr", "warmup_epochs"):
         if getattr(args, name) is not None and getattr(args, name) < 0:
             fail(f"--{name.replace('_', '-')} must not be negative, got {getattr(args, name)}")
+    if args.img_size % 16:
+        fail(f"--img-size {args.img_size} is not a multiple of 16; the stems downsample by 16")
+    if (args.mixup > 0 or args.cutmix > 0) and args.batch_size % 2:
+        fail(f"--batch-size {args.batch_size} is odd; Mixup/CutMix pair images, so pass an even batch size")
+    if args.distill != "none" and not args.evaluate and not timm.is_model(args.teacher):
+        close = difflib.get_close_matches(args.teacher, timm.list_models(pretrained=True), n=5)
+        fail(f"unknown teacher {args.teacher!r}; choose a timm model (timm.list_models()), e.g. {', '.join(close)}")
     return args
 
 
@@ -218,6 +226,35 @@ def kd_loss(logits_s, logits_t, T):
     keep their scale as T changes."""
     return F.kl_div(F.log_softmax(logits_s.float() / T, 1), F.log_softmax(logits_t.float() / T, 1),
                     reduction="batchmean", log_target=True) * T * T
+
+
+def build_distiller(args, student, teacher):
+    """--distill srd's distiller: W_p maps z_s (the student's embedding width) to z_t's (the teacher's pooled
+    feature), then the normalisation and the distance of the flags. None for the other modes."""
+    if args.distill != "srd":
+        return None
+    try:
+        return FeatureDistiller(student.embed_dim, teacher.num_features, args.projector, args.norm, args.distance,
+                                args.alpha, hidden=args.projector_hidden)
+    except ValueError as e:  # e.g. --projector none with different widths
+        fail(str(e))
+
+
+def build_optimizer(model, student, args, scale):
+    """DeiT's AdamW: weight decay on the weight matrices only, not on biases, norms, the position embedding and the
+    tokens; the lr scaled with the global batch."""
+    no_decay = {f"student.{n}" for n in student.no_weight_decay()}  # position embedding, tokens
+    decay = [p for n, p in model.named_parameters() if p.ndim > 1 and n not in no_decay]
+    rest = [p for n, p in model.named_parameters() if p.ndim <= 1 or n in no_decay]  # + biases and norms
+    return torch.optim.AdamW([{"params": decay, "weight_decay": args.wd}, {"params": rest, "weight_decay": 0.0}],
+                             lr=args.lr * scale, betas=(0.9, 0.999), eps=1e-8)
+
+
+def mixup_and_criterion(args, classes):
+    """DeiT's Mixup/CutMix (None when both are off) and the cross-entropy of its soft labels, else label smoothing."""
+    mixup = (Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, label_smoothing=args.smoothing,
+                   num_classes=classes) if args.mixup > 0 or args.cutmix > 0 else None)
+    return mixup, SoftTargetCrossEntropy() if mixup else LabelSmoothingCrossEntropy(args.smoothing)
 
 
 def train_step(model, teacher, optimizer, scaler, autocast, args, x, y, criterion):
@@ -258,85 +295,29 @@ def build_scheduler(optimizer, args, steps, scale):
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    t_start = time.time()
+    args, t_start = parse_args(argv), time.time()  # flags that cannot be right are refused here
 
-    # ---- set-up: one code path; torchrun's RANK means DDP ----
-    distributed = "RANK" in os.environ
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    is_main = rank == 0
-    try:
-        device = torch.device(args.device)
-    except RuntimeError:
-        fail(f"unknown --device {args.device!r}; pass cuda, cuda:N or cpu")
-    if device.type == "cuda":  # one process per GPU under torchrun; an explicit index for set_device
-        if not torch.cuda.is_available():
-            fail(f"--device {args.device} but CUDA is not available; pass --device cpu")
-        device = torch.device("cuda", local_rank if distributed else device.index or 0)
-        torch.cuda.set_device(device)
-        torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick its fastest kernels
-        torch.set_float32_matmul_precision("high")  # TF32 where --amp off leaves float32 matmuls
-    if distributed:
-        cuda = device.type == "cuda"
-        dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
-    torch.manual_seed(args.seed)  # the same on every rank: a model DDP does not wrap (the teacher) is one model
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp)
-    autocast = torch.autocast(device.type, dtype=dtype) if dtype else nullcontext()
-    global_batch = args.batch_size * world
+    # ---- set-up: one code path for one process and for torchrun ----
+    device, rank, world, autocast = set_up(args)
+    distributed, is_main, global_batch = dist.is_initialized(), rank == 0, args.batch_size * world
     scale = global_batch / 512  # DeiT's linear scaling rule, applied to every lr of the schedule
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
-    out_dir = Path(args.out_dir)
-    args_json = json.loads(json.dumps(vars(args), default=str))  # plain types, for weights_only loads
-
-    # ---- bad input: refused before anything is written ----
-    if args.amp == "fp16" and device.type != "cuda":  # one policy in the four scripts: refused, not ignored
-        fail("--amp fp16 needs CUDA (its GradScaler); use --amp bf16 or off on CPU")
-    if args.sync_bn and device.type != "cuda":
-        fail("--sync-bn needs CUDA (SyncBatchNorm has no CPU kernels); drop it on CPU")
-    if args.img_size % 16:
-        fail(f"--img-size {args.img_size} is not a multiple of 16; the stems downsample by 16")
-    if (args.mixup > 0 or args.cutmix > 0) and args.batch_size % 2:
-        fail(f"--batch-size {args.batch_size} is odd; Mixup/CutMix pair images, so pass an even batch size")
-    if args.distill != "none" and not args.evaluate and not timm.is_model(args.teacher):
-        close = difflib.get_close_matches(args.teacher, timm.list_models(pretrained=True), n=5)
-        fail(f"unknown teacher {args.teacher!r}; choose a timm model (timm.list_models()), e.g. {', '.join(close)}")
-    if args.evaluate and args.resume is None:
-        fail("--evaluate needs --resume PATH, the checkpoint whose student to evaluate")
-    if out_dir.is_file():
-        fail(f"--out-dir {out_dir} is a file; pass a folder")
-    if args.resume is None and ((out_dir / "args.json").exists() or (out_dir / "last.pt").exists()):
-        fail(f"--out-dir {out_dir} already holds a run; pass --resume {out_dir}/last.pt to continue it, or "
-             "choose another --out-dir")
-    resumed = read_checkpoint(args.resume) if args.resume else None
-    if resumed is not None and not args.evaluate:  # --evaluate takes any file of the student's weights
-        if not (isinstance(resumed, dict) and isinstance(resumed.get("args"), dict)
-                and all(k in resumed for k in ("student", "distiller", "optimizer", "scaler", "epoch", "best"))):
-            fail(f"{args.resume} holds no training state; pass a last.pt written by {PROG}")
-        if resumed["epoch"] >= args.epochs:
-            fail(f"{args.resume} has trained {resumed['epoch']} epochs already; pass --epochs above {resumed['epoch']}")
-        for flag in RESUME_MUST_MATCH:
-            if resumed["args"].get(flag) != args_json[flag]:
-                fail(f"{args.resume} was trained with --{flag.replace('_', '-')} {resumed['args'].get(flag)}, "
-                     f"not {args_json[flag]}; pass that run's flags to resume it")
-        if resumed.get("world_size", world) != world:  # the global batch, hence the lr and the steps per epoch
-            fail(f"{args.resume} was trained by {resumed['world_size']} processes, not {world}; use as many")
+    resumed, args_json = check_run(args, device, world)  # bad input: refused before anything is written
 
     # ---- data ----
     train_loader, val_loader, classes = build_data(args, device, rank, world)
     steps = min(len(train_loader), args.max_steps or len(train_loader))
-    if steps == 0 and not args.evaluate:
-        fail(f"{len(train_loader.dataset)} training images are fewer than one global batch of {global_batch}; "
-             "lower --batch-size")
 
     # ---- models: student, teacher, distiller ----
     student = build_student(args, classes)
     if resumed is not None:
         load_weights(student, resumed, args.resume, "student")
-    teacher = None if args.evaluate else build_teacher(args, classes)  # --evaluate scores the student alone
-    distiller = None if teacher is None or args.distill != "srd" else FeatureDistiller(  # W_p: z_s's width to z_t's
-        student.embed_dim, teacher.num_features, args.projector, args.norm, args.distance, args.alpha,
-        hidden=args.projector_hidden)
+    if args.evaluate:
+        return evaluate_checkpoint(args, student.to(device, memory_format=memory_format), val_loader, device,
+                                   memory_format)
+    teacher = build_teacher(args, classes)
+    teach = teacher_outputs(teacher)  # teach(x) -> (logits_t, z_t)
+    distiller = build_distiller(args, student, teacher)
     model = StudentWithDistiller(student, distiller)
     if args.sync_bn and distributed:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # the same student and distiller, their BNs synced
@@ -344,99 +325,36 @@ def main(argv=None):
     if teacher is not None:
         teacher.to(device, memory_format=memory_format)
 
-    def teach(x):  # logits_t, and z_t: the pooled feature (3024-d for RegNetY-160)
-        features = teacher.forward_features(x)
-        return teacher.forward_head(features), teacher.forward_head(features, pre_logits=True)
-
-    if args.evaluate:
-        record = evaluate(student, val_loader, device, memory_format)
-        mu_t = torch.tensor(translation_equivariance(student, val_loader, device, memory_format, args.mu_t))
-        record |= {"checkpoint": str(args.resume), "mu_t": mu_t.tolist(), "mu_t_mean": mu_t.mean().item(),
-                   "mu_t_std": mu_t.std(unbiased=False).item(), "mu_t_reading": args.mu_t}
-        if is_main:
-            print(f"{args.resume}: top1 {record['top1']:.2f} top5 {record['top5']:.2f} on {record['images']} images "
-                  f"| mu_T ({args.mu_t}) {record['mu_t_mean']:.3g} +- {record['mu_t_std']:.3g} over {len(mu_t)} blocks "
-                  "(thesis Table 6.7, DeiT-S: DeiT 1.52 +- 0.15, CivT 0.13 +- 0.05, SRD 0.04 +- 0.02)")
-            out_dir.mkdir(parents=True, exist_ok=True)
-            save_atomic(json.dumps(record, indent=2) + "\n", out_dir / "eval.json")
-        if distributed:
-            dist.destroy_process_group()
-        return record
-
     # ---- optimisation ----
-    no_decay = {f"student.{n}" for n in student.no_weight_decay()}  # position embedding, tokens
-    decay = [p for n, p in model.named_parameters() if p.ndim > 1 and n not in no_decay]
-    rest = [p for n, p in model.named_parameters() if p.ndim <= 1 or n in no_decay]  # + biases and norms
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.wd}, {"params": rest, "weight_decay": 0.0}],
-                                  lr=args.lr * scale, betas=(0.9, 0.999), eps=1e-8)
+    optimizer = build_optimizer(model, student, args, scale)  # AdamW; no weight decay on biases, norms and tokens
     scheduler = build_scheduler(optimizer, args, steps, scale)
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
-    mixup = (Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, label_smoothing=args.smoothing,
-                   num_classes=classes) if args.mixup > 0 or args.cutmix > 0 else None)
-    criterion = SoftTargetCrossEntropy() if mixup else LabelSmoothingCrossEntropy(args.smoothing)
+    mixup, criterion = mixup_and_criterion(args, classes)  # Mixup/CutMix and the soft-target CE of their labels
     if args.compile:
-        model, teach = torch.compile(model), torch.compile(teach)
+        model, teach = torch.compile(model), torch.compile(teach) if teach is not None else None
     if distributed:
         model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
 
     # ---- resume ----
-    start_epoch, best, best_epoch = 0, -1.0, -1
-    if resumed is not None:
-        if distiller is not None:
-            distiller.load_state_dict(resumed["distiller"])
-        optimizer.load_state_dict(resumed["optimizer"])
-        scaler.load_state_dict(resumed["scaler"])
-        start_epoch, best, best_epoch = resumed["epoch"], resumed["best"], resumed.get("best_epoch", -1)
-        # The schedule is this run's flags' (--epochs may differ from the checkpoint's), at the lr the loop sets
-        # after the last step done; the scheduler's saved state is not loaded.
-        scheduler.step_update(start_epoch * steps - 1)
-
-    # ---- outputs: the run writes from here on ----
-    if is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        save_atomic(json.dumps(args_json, indent=2) + "\n", out_dir / "args.json")
-        print("args: " + json.dumps(args_json))
-        print(f"world size {world} | device {device} | amp {args.amp} | global batch {global_batch}"
-              f"{'' if global_batch == 512 else ' (the paper: 512)'} | lr {args.lr * scale:.4g} | {steps} steps/epoch "
-              f"| params: student {n_params(student):.2f}m, distiller {n_params(distiller):.2f}m, teacher "
-              f"{n_params(teacher):.2f}m")
+    start_epoch, best, best_epoch = load_state(resumed, distiller, optimizer, scheduler, scaler, steps)
+    if is_main:  # the run writes from here on
+        open_outputs(args.out_dir, args_json, start_epoch)
+        print(f"args: {json.dumps(args_json)}\nworld size {world} | device {device} | amp {args.amp} | global batch "
+              f"{global_batch}{'' if global_batch == 512 else ' (the paper: 512)'} | lr {args.lr * scale:.4g} | "
+              f"{steps} steps/epoch | params: student {n_params(student):.2f}m, distiller {n_params(distiller):.2f}m, "
+              f"teacher {n_params(teacher):.2f}m")
         if resumed is not None:
             print(f"resuming {args.resume}: {start_epoch} epochs done, best top1 {best:.2f} (epoch {best_epoch})")
-            with open(out_dir / "metrics.jsonl", "a+") as f:  # forget the records of epochs about to be redone
-                f.seek(0)
-                kept = [line for line in f if line.strip() and json.loads(line)["epoch"] <= start_epoch]
-                f.truncate(0)
-                f.writelines(kept)
-
-    # ---- the teacher's score ----
-    teacher_top1 = None
-    if teacher is not None:
-        if args.dummy and not args.teacher_ckpt and is_main:
-            print(f"teacher {args.teacher} is randomly initialised (--dummy without --teacher-ckpt)")
-        teacher_metrics = evaluate(teacher, val_loader, device, memory_format)
-        teacher_top1 = teacher_metrics["top1"]
-        if is_main:
-            print(f"teacher {args.teacher}: top1 {teacher_metrics['top1']:.2f} top5 {teacher_metrics['top5']:.2f} "
-                  f"on {teacher_metrics['images']} images")
-            published = PUBLISHED_TOP1.get(args.teacher)
-            if published and not args.dummy and classes == 1000 and abs(teacher_top1 - published) > TEACHER_TOLERANCE:
-                print(f"warning: teacher {args.teacher} scores {teacher_top1:.2f}% top-1, far from its published "
-                      f"{published}%: check --teacher-ckpt and the validation data")
+    teacher_top1 = score_teacher(args, teacher, classes, val_loader, device, memory_format)
 
     # ---- training ----
-    term_names = ["ce"] + ["kd"] * (teacher is not None) + ["feat"] * (distiller is not None)
-    run_time = 0.0
+    term_names, run_time = ["ce"] + ["kd"] * (teacher is not None) + ["feat"] * (distiller is not None), 0.0
     for epoch in range(start_epoch, args.epochs):
-        # Every random draw is a function of (seed, epoch, rank): resuming continues exactly.
-        epoch_seed = seed_of(args.seed, epoch, rank)
-        random.seed(epoch_seed)
-        np.random.seed(epoch_seed)  # Mixup / CutMix
-        torch.manual_seed(epoch_seed)  # augmentation with --workers 0, drop path
-        train_loader.generator.manual_seed(epoch_seed)  # the workers' seeds
+        seed_everything(seed_of(args.seed, epoch, rank), train_loader)  # resuming continues exactly
         train_loader.sampler.set_epoch(epoch)
         model.train()
-        loss_sum = torch.zeros(4, device=device)  # ce, kd, feat and the weighted total, summed over the epoch
-        logged, logged_step, t_log, data_time = torch.zeros(4, device=device), 0, time.time(), 0.0
+        epoch_sums = torch.zeros(4, device=device)  # ce, kd, feat and the weighted total, summed over the epoch
+        logged_sums, logged, t_log, data_time = torch.zeros(4, device=device), 0, time.time(), 0.0
         cka = []  # [global step, CKA of z_s and its projection] at each log step: Figure 6.3
         t_epoch = t_data = time.time()
         for step, (x, y) in enumerate(train_loader):
@@ -446,76 +364,52 @@ def main(argv=None):
             x, y = x.to(device, non_blocking=True, memory_format=memory_format), y.to(device, non_blocking=True)
             if mixup:
                 x, y = mixup(x, y)
-            terms, z_s = train_step(model, teach if teacher is not None else None, optimizer, scaler, autocast, args,
-                                    x, y, criterion)
+            terms, z_s = train_step(model, teach, optimizer, scaler, autocast, args, x, y, criterion)
             scheduler.step_update(epoch * steps + step)  # as the official loop: the next step runs at this one's t
-            loss_sum += terms.float()
-
+            epoch_sums += terms.float()
             if (step + 1) % args.log_every == 0 or step + 1 == steps:  # the only host-device syncs
-                total = loss_sum.clone()
+                total = epoch_sums.clone()
                 if distributed:
                     dist.all_reduce(total)
                     total /= world
-                mean = ((total - logged) / (step + 1 - logged_step)).tolist()
-                values = " ".join(f"{n} {v:.3f}" for n, v in zip(("ce", "kd", "feat"), mean) if n in term_names)
-                if not math.isfinite(sum(mean)):
-                    fail(f"non-finite loss at epoch {epoch + 1} step {step + 1}: {values} total {mean[3]:.3f}; lower "
-                         f"--lr or try --amp off; last.pt holds epoch {epoch}", 3)
+                means = ((total - logged_sums) / (step + 1 - logged)).tolist()
+                losses = dict(zip(("ce", "kd", "feat", "total"), means))
+                stop_if_not_finite({n: losses[n] for n in term_names + ["total"]}, epoch, step)  # on every rank
                 now, done = time.time(), (epoch - start_epoch) * steps + step + 1
-                eta = (run_time + now - t_epoch) / done * ((args.epochs - start_epoch) * steps - done)
                 if is_main:
-                    print(f"epoch {epoch + 1}/{args.epochs} step {step + 1}/{steps} | {values} | "
-                          f"lr {optimizer.param_groups[0]['lr']:.4g} | "
-                          f"{(step + 1 - logged_step) * global_batch / (now - t_log):.0f} img/s | "
-                          f"data {1000 * data_time / (step + 1 - logged_step):.1f} ms/step | "
-                          f"eta {datetime.timedelta(seconds=round(eta))}", flush=True)
-                logged, logged_step, t_log, data_time = total, step + 1, now, 0.0
-                if is_main and distiller is not None:
-                    cka.append([epoch * steps + step + 1, projector_cka(distiller, z_s).item()])
+                    log_line(epoch, args.epochs, step, steps, " ".join(f"{n} {losses[n]:.3f}" for n in term_names),
+                             optimizer.param_groups[0]["lr"], (step + 1 - logged) * global_batch / (now - t_log),
+                             data_time / (step + 1 - logged),
+                             (run_time + now - t_epoch) / done * ((args.epochs - start_epoch) * steps - done))
+                    if distiller is not None:
+                        cka.append([epoch * steps + step + 1, projector_cka(distiller, z_s).item()])
+                t_log, data_time, logged, logged_sums = now, 0.0, step + 1, total
             t_data = time.time()
         epoch_s = time.time() - t_epoch
         run_time += epoch_s
 
-        # ---- evaluation, checkpoint, record ----
-        if distributed:  # the conv stem's BN statistics: evaluate and save rank 0's, as DDP does
-            for buffer in student.buffers():
-                dist.broadcast(buffer, 0)
+        # ---- the epoch's score, checkpoint and record ----
+        broadcast_buffers(student)  # the conv stem's BN statistics: every rank scores the model rank 0 saves
         metrics = evaluate(student, val_loader, device, memory_format)
         if metrics["top1"] > best:
             best, best_epoch = metrics["top1"], epoch + 1
         if is_main:
-            checkpoint = {"student": student.state_dict(), "distiller": None if distiller is None else
-                          distiller.state_dict(), "optimizer": optimizer.state_dict(),
-                          "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch + 1,
-                          "best": best, "best_epoch": best_epoch, "args": args_json, "world_size": world}
-            save_atomic(checkpoint, out_dir / "last.pt")  # before the record: the two never disagree
-            if best_epoch == epoch + 1:
-                save_atomic(checkpoint, out_dir / "best.pt")
             sv = projector_spectrum(distiller) if distiller is not None else None
-            record = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"],
-                      **{f"loss_{n}": (v / steps if n in term_names else None)  # the last log step closes the epoch
-                         for n, v in zip(("ce", "kd", "feat"), logged.tolist())},
-                      "top1": metrics["top1"], "top5": metrics["top5"], "images_per_s": steps * global_batch / epoch_s,
-                      "epoch_s": epoch_s, "peak_mem_mb": peak_memory_mb(device),
-                      "projector_sv": None if sv is None else sv.tolist(),  # all of W_p's, sorted: Figure 6.2
-                      "projector_cka": cka if distiller is not None else None}
-            with open(out_dir / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(record) + "\n")
+            record = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"], **{  # the last log closes the epoch
+                      f"loss_{n}": v / steps if n in term_names else None for n, v in zip(("ce", "kd", "feat"),
+                      logged_sums.tolist())}, "top1": metrics["top1"], "top5": metrics["top5"],
+                      "images_per_s": steps * global_batch / epoch_s, "epoch_s": epoch_s,
+                      "peak_mem_mb": peak_memory_mb(device), "projector_sv": None if sv is None else sv.tolist(),
+                      "projector_cka": cka if distiller is not None else None}  # W_p's spectrum: Figure 6.2
+            write_epoch(args.out_dir, training_state(student, distiller, optimizer, scheduler, scaler, epoch + 1, best,
+                                                     best_epoch, args_json), record)
             print(f"epoch {epoch + 1}/{args.epochs} | top1 {metrics['top1']:.2f} top5 {metrics['top5']:.2f} | best "
-                  f"{best:.2f} (epoch {best_epoch}) | {epoch_s:.0f} s | peak {record['peak_mem_mb']:.0f} MB", flush=True)
+                  f"{best:.2f} (epoch {best_epoch}) | {epoch_s:.0f} s | peak {record['peak_mem_mb']:.0f} MB",
+                  flush=True)
 
     # ---- summary ----
-    summary = None
-    if is_main:
-        summary = {"metric": "top1", "best": best, "best_epoch": best_epoch, "last": metrics["top1"],
-                   "last_top5": metrics["top5"], "teacher": teacher_top1, "student_arch": args.student,
-                   "stem": args.stem,
-                   "teacher_arch": args.teacher if teacher is not None else None, "distill": args.distill,
-                   "wall_s": time.time() - t_start, "images_per_s": (args.epochs - start_epoch) * steps * global_batch
-                   / run_time, "peak_mem_mb": peak_memory_mb(device), "world_size": world, "versions": versions()}
-        save_atomic(json.dumps(summary, indent=2) + "\n", out_dir / "summary.json")
-        print(f"done: best top1 {best:.2f} (epoch {best_epoch}), last top1 {metrics['top1']:.2f} | "
-              f"{summary['wall_s'] / 60:.1f} min | {out_dir}")
+    summary = write_summary(args, metrics, best, best_epoch, teacher_top1, t_start, (args.epochs - start_epoch)
+                            * steps * global_batch / run_time, device, world) if is_main else None
     if distributed:
         dist.destroy_process_group()
     return summary
@@ -565,7 +459,19 @@ def build_data(args, device, rank, world):
                               pin_memory=device.type == "cuda", drop_last=True, generator=torch.Generator())
     val_loader = DataLoader(Subset(sets["val"], range(rank, len(sets["val"]), world)), batch_size=args.batch_size,
                             num_workers=args.workers, pin_memory=device.type == "cuda")
+    if len(train_loader) == 0 and not args.evaluate:
+        fail(f"{len(train_loader.dataset)} training images are fewer than one global batch of "
+             f"{args.batch_size * world}; lower --batch-size")
     return train_loader, val_loader, classes
+
+
+def seed_everything(seed, train_loader):
+    """Every random draw of an epoch from one seed, a function of (seed, epoch, rank): a resumed run repeats the
+    epochs it missed."""
+    random.seed(seed)
+    np.random.seed(seed)  # Mixup / CutMix
+    torch.manual_seed(seed)  # augmentation with --workers 0, drop path
+    train_loader.generator.manual_seed(seed)  # the workers' seeds
 
 
 # ---- models: DeiT with the paper's convolutional stem; any timm teacher ----
@@ -640,6 +546,17 @@ def build_teacher(args, classes):
         fail(f"teacher {args.teacher} has {teacher.num_classes} classes but the data has {classes}; "
              "pass a --teacher-ckpt trained on these classes")
     return teacher.requires_grad_(False).eval()
+
+
+def teacher_outputs(teacher):
+    """teach(x) -> (the teacher's logits, z_t: its pooled feature, 3024-d for RegNetY-160); None without one."""
+    if teacher is None:
+        return None
+
+    def teach(x):
+        features = teacher.forward_features(x)
+        return teacher.forward_head(features), teacher.forward_head(features, pre_logits=True)
+    return teach
 
 
 def pretrained(name):
@@ -738,6 +655,73 @@ def translation_equivariance(student, loader, device, memory_format, reading="bl
     return (sums / count).tolist()
 
 
+# ---- the run's bookkeeping: this task's ----
+def evaluate_checkpoint(args, student, val_loader, device, memory_format):
+    """--evaluate: the validation top-1/top-5 of the student of --resume (already loaded) and its mu_T per block
+    (thesis Table 6.7), printed, written to eval.json and returned."""
+    record = evaluate(student, val_loader, device, memory_format)
+    mu_t = torch.tensor(translation_equivariance(student, val_loader, device, memory_format, args.mu_t))
+    record |= {"checkpoint": str(args.resume), "mu_t": mu_t.tolist(), "mu_t_mean": mu_t.mean().item(),
+               "mu_t_std": mu_t.std(unbiased=False).item(), "mu_t_reading": args.mu_t}
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(f"{args.resume}: top1 {record['top1']:.2f} top5 {record['top5']:.2f} on {record['images']} images "
+              f"| mu_T ({args.mu_t}) {record['mu_t_mean']:.3g} +- {record['mu_t_std']:.3g} over {len(mu_t)} blocks "
+              "(thesis Table 6.7, DeiT-S: DeiT 1.52 +- 0.15, CivT 0.13 +- 0.05, SRD 0.04 +- 0.02)")
+        Path(args.out_dir).mkdir(parents=True, exist_ok=True)
+        save_atomic(json.dumps(record, indent=2) + "\n", Path(args.out_dir) / "eval.json")
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return record
+
+
+def load_state(resumed, distiller, optimizer, scheduler, scaler, steps):
+    """(epochs done, best top-1, its epoch): a new run's, or those of the --resume checkpoint, whose distiller,
+    optimizer and scaler states are loaded (its student already is)."""
+    if resumed is None:
+        return 0, -1.0, -1
+    if distiller is not None:
+        distiller.load_state_dict(resumed["distiller"])
+    optimizer.load_state_dict(resumed["optimizer"])
+    scaler.load_state_dict(resumed["scaler"])
+    # The schedule is this run's flags' (--epochs may differ from the checkpoint's), at the lr the loop sets after
+    # the last step done; the scheduler's saved state is not loaded.
+    scheduler.step_update(resumed["epoch"] * steps - 1)
+    return resumed["epoch"], resumed["best"], resumed.get("best_epoch", -1)
+
+
+def score_teacher(args, teacher, classes, val_loader, device, memory_format):
+    """The teacher's validation top-1 (None without one), printed with a warning when a published teacher scores
+    more than TEACHER_TOLERANCE off its published top-1."""
+    if teacher is None:
+        return None
+    is_main = not dist.is_initialized() or dist.get_rank() == 0
+    if args.dummy and not args.teacher_ckpt and is_main:
+        print(f"teacher {args.teacher} is randomly initialised (--dummy without --teacher-ckpt)")
+    metrics = evaluate(teacher, val_loader, device, memory_format)
+    if is_main:
+        print(f"teacher {args.teacher}: top1 {metrics['top1']:.2f} top5 {metrics['top5']:.2f} on {metrics['images']} "
+              "images")
+        published = PUBLISHED_TOP1.get(args.teacher)
+        if published and not args.dummy and classes == 1000 and abs(metrics["top1"] - published) > TEACHER_TOLERANCE:
+            print(f"warning: teacher {args.teacher} scores {metrics['top1']:.2f}% top-1, far from its published "
+                  f"{published}%: check --teacher-ckpt and the validation data")
+    return metrics["top1"]
+
+
+def write_summary(args, metrics, best, best_epoch, teacher_top1, t_start, images_per_s, device, world):
+    """summary.json, the run in one record (returned, and what main returns), and the last line."""
+    summary = {"metric": "top1", "best": best, "best_epoch": best_epoch, "last": metrics["top1"],
+               "last_top5": metrics["top5"], "teacher": teacher_top1, "student_arch": args.student, "stem": args.stem,
+               "teacher_arch": args.teacher if teacher_top1 is not None else None, "distill": args.distill,
+               "wall_s": time.time() - t_start, "images_per_s": images_per_s, "peak_mem_mb": peak_memory_mb(device),
+               "world_size": world, "versions": versions()}
+    save_atomic(json.dumps(summary, indent=2) + "\n", Path(args.out_dir) / "summary.json")
+    print(f"done: best top1 {best:.2f} (epoch {best_epoch}), last top1 {metrics['top1']:.2f} | "
+          f"{summary['wall_s'] / 60:.1f} min | {args.out_dir}")
+    return summary
+
+
+# ---- checkpoints, and the helpers every script shares ----
 def read_checkpoint(path):
     """torch.load with weights_only=True: checkpoints are untrusted input (tensors and plain containers only)."""
     if not Path(path).is_file():
@@ -781,6 +765,11 @@ def save_atomic(obj, path):
     os.replace(tmp, path)
 
 
+def seed_of(*parts):
+    """A 32-bit seed that is a function of ``parts`` (seed, epoch, rank or index) and nothing else."""
+    return int(np.random.SeedSequence(parts).generate_state(1)[0])
+
+
 def peak_memory_mb(device):
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
@@ -789,11 +778,6 @@ def peak_memory_mb(device):
 
 def n_params(module):  # in millions
     return sum(p.numel() for p in module.parameters()) / 1e6 if module is not None else 0.0
-
-
-def seed_of(*parts):
-    """A 32-bit seed that is a function of ``parts`` (seed, epoch, rank or index) and nothing else."""
-    return int(np.random.SeedSequence(parts).generate_state(1)[0])
 
 
 def versions():
@@ -806,6 +790,119 @@ def versions():
         except importlib.metadata.PackageNotFoundError:
             found[package] = None
     return {"python": platform.python_version(), **found, "cuda": torch.version.cuda}
+
+
+# ---- the run's bookkeeping, word for word the same in every script ----
+def set_up(args):
+    """One code path for one process and for torchrun (whose RANK means DDP, one process per GPU): (device, rank,
+    world size, the autocast context of --amp), every rank seeded alike."""
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        fail(f"unknown --device {args.device!r}; pass cuda, cuda:N or cpu")
+    if device.type == "cuda":  # an explicit index for set_device
+        if not torch.cuda.is_available():
+            fail(f"--device {args.device} but CUDA is not available; pass --device cpu")
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        device = torch.device("cuda", local_rank if "RANK" in os.environ else device.index or 0)
+        torch.cuda.set_device(device)
+        torch.backends.cudnn.benchmark = FIXED_INPUT_SIZE  # cuDNN tunes its kernels once per input size
+        torch.set_float32_matmul_precision("high")  # TF32 where --amp off leaves float32 matmuls
+    if "RANK" in os.environ:
+        cuda = device.type == "cuda"
+        dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
+    torch.manual_seed(args.seed)  # the same on every rank: a model DDP does not wrap (the teacher) is one model
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp)
+    return device, rank, world, torch.autocast(device.type, dtype=dtype) if dtype else nullcontext()
+
+
+def check_run(args, device, world):
+    """The bad input every script refuses alike, before anything is written: the device's, --evaluate's, the
+    out-dir's, and a --resume checkpoint that is not this run's. Returns (the checkpoint of --resume or None, the
+    flags as plain types: what args.json and the checkpoints record, and what a resume compares)."""
+    out_dir, args_json = Path(args.out_dir), json.loads(json.dumps(vars(args), default=str))
+    if args.amp == "fp16" and device.type != "cuda":  # one policy in the four scripts: refused, not ignored
+        fail("--amp fp16 needs CUDA (its GradScaler); use --amp bf16 or off on CPU")
+    if args.sync_bn and device.type != "cuda":
+        fail("--sync-bn needs CUDA (SyncBatchNorm has no CPU kernels); drop it on CPU")
+    if args.evaluate and not args.resume:
+        fail("--evaluate needs --resume PATH, the checkpoint whose student to score")
+    if out_dir.exists() and not out_dir.is_dir():
+        fail(f"--out-dir {out_dir} is a file; pass a folder")
+    if not args.resume and ((out_dir / "args.json").exists() or (out_dir / "last.pt").exists()):
+        fail(f"{out_dir} already holds a run; pass --resume {out_dir}/last.pt to continue it, "
+             "or choose another --out-dir")
+    resumed = read_checkpoint(args.resume) if args.resume else None
+    if resumed is None or args.evaluate:  # --evaluate scores any file of student weights
+        return resumed, args_json
+    state = {"student", "distiller", "optimizer", "scheduler", "scaler", "epoch", "best", "best_epoch", "args"}
+    if not (isinstance(resumed, dict) and state <= resumed.keys() and isinstance(resumed["args"], dict)):
+        fail(f"{args.resume} is not a training checkpoint of {PROG}; pass the last.pt of one of its runs, "
+             "or score it with --evaluate")
+    if resumed["epoch"] >= args.epochs:
+        fail(f"{args.resume} has trained {resumed['epoch']} epochs already; pass --epochs above {resumed['epoch']}")
+    for flag in RESUME_MUST_MATCH:
+        if resumed["args"].get(flag) != args_json[flag]:
+            fail(f"{args.resume} was trained with --{flag.replace('_', '-')} {resumed['args'].get(flag)}, "
+                 f"not {args_json[flag]}; pass that run's flags to resume it")
+    if resumed.get("world_size", world) != world:  # the global batch, hence the lr and the steps per epoch
+        fail(f"{args.resume} was trained by {resumed['world_size']} processes, not {world}; use as many")
+    return resumed, args_json
+
+
+def open_outputs(out_dir, run_json, start_epoch):
+    """The run writes from here on: the out-dir, args.json, and metrics.jsonl without the records of the epochs
+    after the resumed checkpoint (a run killed after its record and before its checkpoint redoes that epoch)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_atomic(json.dumps(run_json, indent=2) + "\n", out_dir / "args.json")
+    metrics_path = out_dir / "metrics.jsonl"
+    if metrics_path.is_file():
+        records = [line for line in metrics_path.read_text().splitlines(True) if line.strip()]
+        save_atomic("".join(line for line in records if json.loads(line)["epoch"] <= start_epoch), metrics_path)
+
+
+def stop_if_not_finite(losses, epoch, step):
+    """Exit 3 on every rank when a logged mean loss is not finite; last.pt is still the end of the previous epoch."""
+    if not all(map(math.isfinite, losses.values())):
+        terms = " ".join(f"{name} {value:.4g}" for name, value in losses.items())
+        fail(f"non-finite loss at epoch {epoch + 1} step {step + 1}: {terms}; last.pt still holds epoch {epoch}; "
+             "lower --lr, or resume with --amp bf16/off", code=3)
+
+
+def log_line(epoch, epochs, step, steps, losses, lr, images_per_s, data_s, eta_s):
+    """The progress line of every --log-every steps: where the run is, the interval's mean losses (a string), the lr,
+    the throughput, the time each step waited for its data, and the time left."""
+    print(f"epoch {epoch + 1}/{epochs} step {step + 1}/{steps} | {losses} | lr {lr:.4g} | "
+          f"{images_per_s:.{0 if images_per_s >= 100 else 1}f} img/s | data {1000 * data_s:.1f} ms/step | "
+          f"eta {datetime.timedelta(seconds=round(eta_s))}", flush=True)
+
+
+def write_epoch(out_dir, checkpoint, record):
+    """last.pt (and best.pt on a new best), then the epoch's line of metrics.jsonl: the two never disagree."""
+    out_dir = Path(out_dir)
+    save_atomic(checkpoint, out_dir / "last.pt")
+    if checkpoint["best_epoch"] == checkpoint["epoch"]:
+        save_atomic(checkpoint, out_dir / "best.pt")
+    with open(out_dir / "metrics.jsonl", "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def training_state(student, distiller, optimizer, scheduler, scaler, epochs_done, best, best_epoch, args_json):
+    """What last.pt holds: all a --resume needs to go on as if the run had never stopped, and the flags it ran with."""
+    return {"student": student.state_dict(), "distiller": distiller.state_dict() if distiller is not None else None,
+            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+            "epoch": epochs_done, "best": best, "best_epoch": best_epoch, "args": args_json,
+            "world_size": dist.get_world_size() if dist.is_initialized() else 1}
+
+
+def broadcast_buffers(module):
+    """Rank 0's buffers (the batch-norm statistics) on every rank, so that every rank scores the model rank 0 saves
+    rather than its local statistics."""
+    if dist.is_initialized():
+        for buffer in module.buffers():
+            dist.broadcast(buffer, 0)
 
 
 if __name__ == "__main__":

@@ -30,7 +30,9 @@ OUT/last.pt`` continues exactly.
 """
 import argparse
 import importlib.metadata
+import datetime
 import json
+import math
 import os
 import platform
 import re
@@ -38,7 +40,6 @@ import resource
 import sys
 import time
 from contextlib import nullcontext
-from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -55,6 +56,7 @@ from common import DISTANCES, NORMS, PROJECTORS, FeatureDistiller, projector_cka
 
 PROG = Path(__file__).stem
 TEACHER_TOLERANCE = 1.0  # points (top-1; COCO: AP) a teacher may be off its published score before the run says so
+FIXED_INPUT_SIZE = True  # every batch has --img-size: cuDNN may pick its fastest kernels once
 ARCHS = models.list_models(module=models)
 HEADS = ("fc", "classifier", "heads", "head")  # the final classifier block of torchvision's models
 MEAN = (0.485, 0.456, 0.406)  # ImageNet statistics, as torchvision's pretrained weights expect
@@ -103,7 +105,8 @@ def parse_args(argv=None):
     g.add_argument("--img-size", type=int, default=224,
                    help="training crop; validation resizes to img-size*256/224 and centre-crops img-size")
     g = p.add_argument_group("models")
-    g.add_argument("--student", default="resnet18", metavar="ARCH", help="torchvision classification model, trained from scratch")
+    g.add_argument("--student", default="resnet18", metavar="ARCH",
+                   help="torchvision classification model, trained from scratch")
     g.add_argument("--teacher", default="resnet34", metavar="ARCH", help="torchvision classification model, frozen")
     g.add_argument("--teacher-ckpt", type=Path, help="teacher weights (a state dict, or one under 'model', "
                    "'state_dict' or 'student'); default: torchvision's pretrained --teacher-weights")
@@ -177,6 +180,9 @@ def parse_args(argv=None):
     for name in ("lr", "wd"):
         if getattr(args, name) is not None and getattr(args, name) < 0:
             fail(f"--{name.replace('_', '-')} must not be negative, got {getattr(args, name)}")
+    for role in ("student", "teacher"):
+        if getattr(args, role) not in ARCHS:
+            fail(f"unknown {role} architecture {getattr(args, role)!r}; choose from {', '.join(ARCHS)}")
     return args
 
 
@@ -238,6 +244,18 @@ def kd_loss(logits_s, logits_t, T):
                     reduction="batchmean", log_target=True) * T * T
 
 
+def build_distiller(args, student, teacher):
+    """--distill srd's distiller: W_p maps the student's feature width to the teacher's (both read from a dry
+    forward), then the normalisation and the distance of the flags. None for the other modes."""
+    if args.distill != "srd":
+        return None
+    try:
+        return FeatureDistiller(feature_dim(student, args.img_size), feature_dim(teacher, args.img_size),
+                                args.projector, args.norm, args.distance, args.alpha, hidden=args.projector_hidden)
+    except ValueError as e:  # e.g. --projector none with different widths
+        fail(str(e))
+
+
 def train_step(model, teacher, optimizer, scaler, autocast, args, x, y):
     """One step of the paper's objective, CE + kd_weight * KL + feat_weight * the feature loss, with the frozen
     teacher under no_grad; returns the unweighted terms (ce, kd, feat) and the student's features z_s, left on the
@@ -261,101 +279,36 @@ def train_step(model, teacher, optimizer, scaler, autocast, args, x, y):
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    t_start = time.time()
+    args, t_start = parse_args(argv), time.time()  # flags that cannot be right are refused here
 
-    # ---- set-up: one code path; torchrun's RANK means DDP ----
-    distributed = "RANK" in os.environ
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    is_main = rank == 0
-    try:
-        device = torch.device(args.device)
-    except RuntimeError:
-        fail(f"unknown --device {args.device!r}; pass cuda, cuda:N or cpu")
-    if device.type == "cuda":  # one process per GPU under torchrun; an explicit index for set_device
-        if not torch.cuda.is_available():
-            fail(f"--device {args.device} but CUDA is not available; pass --device cpu")
-        device = torch.device("cuda", local_rank if distributed else device.index or 0)
-        torch.cuda.set_device(device)
-        torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick its fastest kernels
-        torch.set_float32_matmul_precision("high")  # TF32 where --amp off leaves float32 matmuls
-    if distributed:
-        cuda = device.type == "cuda"
-        dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
-    torch.manual_seed(args.seed)  # the same on every rank: a model DDP does not wrap (the teacher) is one model
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp)
-    autocast = torch.autocast(device.type, dtype=dtype) if dtype else nullcontext()
-    global_batch = args.batch_size * world
+    # ---- set-up: one code path for one process and for torchrun ----
+    device, rank, world, autocast = set_up(args)
+    distributed, is_main, global_batch = dist.is_initialized(), rank == 0, args.batch_size * world
     lr = args.lr * global_batch / 256  # linear scaling rule (Goyal et al.)
     prepare = Prepare(device, args.channels_last)
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
-    out_dir = Path(args.out_dir)
-    args_json = json.loads(json.dumps(vars(args), default=str))  # plain types, for weights_only loads
-
-    # ---- bad input: refused before anything is written ----
-    if args.amp == "fp16" and device.type != "cuda":  # one policy in the four scripts: refused, not ignored
-        fail("--amp fp16 needs CUDA (its GradScaler); use --amp bf16 or off on CPU")
-    if args.sync_bn and device.type != "cuda":
-        fail("--sync-bn needs CUDA (SyncBatchNorm has no CPU kernels); drop it on CPU")
-    if args.evaluate and args.resume is None:
-        fail("--evaluate needs --resume PATH, the checkpoint whose student to evaluate")
-    for role in ("student", "teacher"):
-        if getattr(args, role) not in ARCHS:
-            fail(f"unknown {role} architecture {getattr(args, role)!r}; choose from {', '.join(ARCHS)}")
-    if out_dir.exists() and not out_dir.is_dir():
-        fail(f"--out-dir {out_dir} is a file; pass a folder")
-    if args.resume is None and ((out_dir / "args.json").exists() or (out_dir / "last.pt").exists()):
-        fail(f"{out_dir} already holds a run; pass --resume {out_dir}/last.pt to continue it, or choose another --out-dir")
-    resumed = read_checkpoint(args.resume) if args.resume else None
-    if resumed is not None and not args.evaluate:  # --evaluate takes any student weights; a resume, this run's
-        if not (isinstance(resumed, dict) and isinstance(resumed.get("args"), dict)
-                and isinstance(resumed.get("epoch"), int)):
-            fail(f"{args.resume} is not a training checkpoint of {PROG}.py; pass the last.pt of one of its runs")
-        if resumed["epoch"] >= args.epochs:
-            fail(f"{args.resume} has trained {resumed['epoch']} epochs already; pass --epochs above {resumed['epoch']}")
-        for flag in RESUME_MUST_MATCH:
-            if resumed["args"].get(flag) != args_json[flag]:
-                fail(f"{args.resume} was trained with --{flag.replace('_', '-')} {resumed['args'].get(flag)}, "
-                     f"not {args_json[flag]}; pass that run's flags to resume it")
-        if resumed.get("world_size", world) != world:  # the global batch, hence the lr and the steps per epoch
-            fail(f"{args.resume} was trained by {resumed['world_size']} processes, not {world}; use as many")
+    resumed, args_json = check_run(args, device, world)  # bad input: refused before anything is written
 
     # ---- data ----
     train_loader, val_loader, classes = build_data(args, device, rank, world)
     steps = min(len(train_loader), args.max_steps or len(train_loader))
-    if steps == 0 and not args.evaluate:
-        fail(f"the training set ({len(train_loader.dataset)} images) is smaller than one global batch of "
-             f"{global_batch}; lower --batch-size")
 
     # ---- models: student, teacher, distiller ----
     student = build_student(args, classes)
     if resumed is not None:
         load_weights(student, resumed, args.resume, "student")
-    teacher, teacher_tag, published = (build_teacher(args, classes) if args.distill != "none" and not args.evaluate
-                                       else (None, None, None))  # --evaluate scores the student alone
+    if args.evaluate:
+        return evaluate_checkpoint(args, student.to(device, memory_format=memory_format), val_loader, device, prepare)
+    teacher, teacher_tag, published = build_teacher(args, classes) if args.distill != "none" else (None,) * 3
     model = StudentWithDistiller(student, None)  # the distiller joins once both feature widths are known
-    distiller = None
-    if teacher is not None and args.distill == "srd":  # W_p maps the student's feature width to the teacher's
-        distiller = model.distiller = FeatureDistiller(
-            feature_dim(model.student, args.img_size), feature_dim(teacher, args.img_size),
-            args.projector, args.norm, args.distance, args.alpha, hidden=args.projector_hidden)
+    distiller = model.distiller = build_distiller(args, model.student, teacher)
     model.to(device, memory_format=memory_format)
     if teacher is not None:
         teacher.to(device, memory_format=memory_format)
-    if args.evaluate:
-        metrics = {**evaluate(student, val_loader, device, prepare), "checkpoint": str(args.resume)}
-        if is_main:
-            print(f"{args.resume}: top1 {metrics['top1']:.2f} top5 {metrics['top5']:.2f} on {metrics['images']} images")
-            out_dir.mkdir(parents=True, exist_ok=True)
-            save_atomic(json.dumps(metrics, indent=2) + "\n", out_dir / "eval.json")
-        if distributed:
-            dist.destroy_process_group()
-        return metrics
 
     # ---- optimisation ----
     if args.sync_bn:
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # the student's BNs and the distiller's
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # the student's batch norms and the distiller's
     if distributed:
         model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None, gradient_as_bucket_view=True)
     if args.compile:
@@ -367,45 +320,19 @@ def main(argv=None):
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
 
     # ---- resume ----
-    start_epoch, best, best_epoch = 0, None, None
-    if resumed is not None:
-        try:
-            if distiller is not None:
-                distiller.load_state_dict(resumed["distiller"])
-            optimizer.load_state_dict(resumed["optimizer"])
-            scheduler.load_state_dict(resumed["scheduler"])
-            scaler.load_state_dict(resumed["scaler"])
-            start_epoch, best, best_epoch = resumed["epoch"], resumed["best"], resumed.get("best_epoch")
-        except (KeyError, TypeError, ValueError, RuntimeError) as e:
-            fail(f"{args.resume} is not a checkpoint of this run ({type(e).__name__}: {str(e).splitlines()[0]}); "
-                 "resume with the flags it was trained with")
-
-    # ---- outputs: the run writes from here on ----
-    if is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        save_atomic(json.dumps(args_json, indent=2) + "\n", out_dir / "args.json")
-        if resumed is not None and (out_dir / "metrics.jsonl").is_file():  # forget the epochs after the checkpoint
-            lines = (out_dir / "metrics.jsonl").read_text().splitlines(keepends=True)
-            save_atomic("".join(s for s in lines if json.loads(s)["epoch"] <= start_epoch), out_dir / "metrics.jsonl")
-        print("args: " + json.dumps(args_json))
-        print(f"world size {world} | device {device} | amp {args.amp} | global batch {global_batch} | lr {lr:g} | "
-              f"{steps} steps/epoch | params: student {n_params(student):.2f}m, distiller {n_params(distiller):.2f}m, "
-              f"teacher {n_params(teacher):.2f}m | {args.workers} workers/process | {classes} classes | "
-              f"{len(train_loader.dataset):,} training images")
+    start_epoch, best, best_epoch = load_state(resumed, args, distiller, optimizer, scheduler, scaler)
+    if is_main:  # the run writes from here on
+        open_outputs(args.out_dir, args_json, start_epoch)
+        print(f"args: {json.dumps(args_json)}\nworld size {world} | device {device} | amp {args.amp} | global batch "
+              f"{global_batch} | lr {lr:g} | {steps} steps/epoch | params: student {n_params(student):.2f}m, "
+              f"distiller {n_params(distiller):.2f}m, teacher {n_params(teacher):.2f}m | {args.workers} "
+              f"workers/process | {classes} classes | {len(train_loader.dataset):,} training images")
         if resumed is not None:
             print(f"resuming {args.resume}: {start_epoch} epochs done, best top1 {best:.2f} (epoch {best_epoch})")
-
-    # ---- the teacher's score ----
-    teacher_metrics = evaluate(teacher.model, val_loader, device, prepare) if teacher is not None else None
-    if is_main and teacher is not None:
-        top1, top5 = teacher_metrics["top1"], teacher_metrics["top5"]
-        print(f"teacher {args.teacher} ({teacher_tag}): top1 {top1:.2f} top5 {top5:.2f}")
-        if published is not None and abs(top1 - published) > TEACHER_TOLERANCE:
-            print(f"warning: the teacher scores {top1:.2f} top-1 where torchvision publishes {published:.2f}: "
-                  "check --data-dir (the full validation set, class folders named by wnid) and --img-size 224")
+    teacher_top1 = score_teacher(args, teacher, teacher_tag, published, val_loader, device, prepare)
 
     # ---- training ----
-    term_names, used = ("ce", "kd", "feat"), (True, teacher is not None, distiller is not None)
+    shown = ["ce"] + ["kd"] * (teacher is not None) + ["feat"] * (distiller is not None)  # the terms logged
     t_loop, total_steps, train_time = time.time(), steps * (args.epochs - start_epoch), 0.0
     for epoch in range(start_epoch, args.epochs):
         torch.manual_seed(seed_of(args.seed, epoch, rank))  # dropout and the like: a function of (seed, epoch, rank)
@@ -413,83 +340,54 @@ def main(argv=None):
         epoch_lr = optimizer.param_groups[0]["lr"]
         interval, epoch_sums = torch.zeros(3, device=device), torch.zeros(3, dtype=torch.float64)
         t_epoch = t_log = t_ready = time.time()
-        data_time, last_log = 0.0, 0
+        data_time, logged = 0.0, 0  # logged: the steps of this epoch up to the last log line
         cka = []  # [global step, CKA of z_s and its projection] at each log step: Figure 6.3
-        for step, (x, y) in enumerate(train_loader, 1):
+        for step, (x, y) in enumerate(train_loader):
             data_time += time.time() - t_ready
             x, y = prepare(x, y)
             terms, z_s = train_step(model, teacher, optimizer, scaler, autocast, args, x, y)
             interval += terms.float()
-
-            if step % args.log_every == 0 or step == steps:  # the only host-device syncs of the loop
-                if distributed:
-                    dist.all_reduce(interval)
-                means = (interval / ((step - last_log) * world)).tolist()
+            if (step + 1) % args.log_every == 0 or step + 1 == steps:  # the only host-device syncs of the loop
+                losses = dict(zip(("ce", "kd", "feat"), mean_over_ranks(interval, step + 1 - logged, world)))
                 epoch_sums += interval.double().cpu()
                 interval.zero_()
-                if is_main and distiller is not None:
-                    cka.append([epoch * steps + step, projector_cka(distiller, z_s).item()])
-                losses = " ".join(f"{n} {v:.3f}" for n, v, u in zip(term_names, means, used) if u)
-                if not all(np.isfinite(means)):
-                    fail(f"non-finite loss at epoch {epoch + 1} step {step}: {losses}; "
-                         f"{out_dir}/last.pt holds the last finished epoch", 3)
-                now, done = time.time(), (epoch - start_epoch) * steps + step
+                stop_if_not_finite(losses, epoch, step)  # on every rank
+                now, done = time.time(), (epoch - start_epoch) * steps + step + 1
                 if is_main:
-                    eta = (now - t_loop) / done * (total_steps - done)
-                    rate = (step - last_log) * global_batch / (now - t_log)
-                    print(f"epoch {epoch + 1}/{args.epochs} step {step}/{steps} | {losses} | lr {epoch_lr:.4g} | "
-                          f"{rate:.{0 if rate >= 100 else 1}f} img/s | data {1000 * data_time / (step - last_log):.1f} "
-                          f"ms/step | eta {timedelta(seconds=round(eta))}", flush=True)
-                t_log, data_time, last_log = now, 0.0, step
-            if step == steps:
+                    log_line(epoch, args.epochs, step, steps, " ".join(f"{n} {losses[n]:.3f}" for n in shown),
+                             epoch_lr, (step + 1 - logged) * global_batch / (now - t_log),
+                             data_time / (step + 1 - logged), (now - t_loop) / done * (total_steps - done))
+                    if distiller is not None:
+                        cka.append([epoch * steps + step + 1, projector_cka(distiller, z_s).item()])
+                t_log, data_time, logged = now, 0.0, step + 1
+            if step + 1 == steps:
                 break
             t_ready = time.time()
         scheduler.step()
         epoch_train_s = time.time() - t_epoch
         train_time += epoch_train_s
 
-        # ---- evaluation, checkpoint, record ----
-        if distributed:  # each rank's last step left its own BN statistics: score rank 0's, the ones it saves
-            for buffer in student.buffers():
-                dist.broadcast(buffer, 0)
+        # ---- the epoch's score, checkpoint and record ----
+        broadcast_buffers(student)  # every rank scores the model rank 0 saves
         metrics = evaluate(student, val_loader, device, prepare)
         if best is None or metrics["top1"] > best:
             best, best_epoch = metrics["top1"], epoch + 1
-        means = (epoch_sums / (steps * world)).tolist()
-        record = {"epoch": epoch + 1, "lr": epoch_lr,
-                  **{f"loss_{n}": (v if u else None) for n, v, u in zip(term_names, means, used)},
-                  **metrics, "images_per_s": steps * global_batch / epoch_train_s,
-                  "epoch_s": time.time() - t_epoch, "peak_mem_mb": peak_memory_mb(device)}
-        if distiller is not None:  # every singular value of W_p, sorted (Figure 6.2); None unless it is linear
-            sv = projector_spectrum(distiller)
-            record["projector_sv"] = None if sv is None else sv.tolist()
-            record["projector_cka"] = cka
         if is_main:
-            print(f"epoch {epoch + 1}/{args.epochs} | top1 {metrics['top1']:.2f} top5 {metrics['top5']:.2f} | "
-                  f"best {best:.2f} (epoch {best_epoch}) | {record['epoch_s']:.0f} s | "
-                  f"peak {record['peak_mem_mb']:.0f} MB", flush=True)
-            checkpoint = {"student": student.state_dict(),
-                          "distiller": distiller.state_dict() if distiller is not None else None,
-                          "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                          "scaler": scaler.state_dict(), "epoch": epoch + 1, "best": best, "best_epoch": best_epoch,
-                          "args": args_json, "world_size": world}
-            save_atomic(checkpoint, out_dir / "last.pt")
-            if best_epoch == epoch + 1:
-                save_atomic(checkpoint, out_dir / "best.pt")
-            with open(out_dir / "metrics.jsonl", "a") as f:  # after last.pt: the two never disagree
-                f.write(json.dumps(record) + "\n")
+            record = {"epoch": epoch + 1, "lr": epoch_lr, **{f"loss_{n}": m if n in shown else None for n, m in zip(
+                      ("ce", "kd", "feat"), (epoch_sums / (steps * world)).tolist())}, **metrics,
+                      "images_per_s": steps * global_batch / epoch_train_s, "epoch_s": time.time() - t_epoch,
+                      "peak_mem_mb": peak_memory_mb(device)}
+            if distiller is not None:  # every singular value of W_p, sorted (Figure 6.2); None unless it is linear
+                sv = projector_spectrum(distiller)
+                record["projector_sv"], record["projector_cka"] = None if sv is None else sv.tolist(), cka
+            write_epoch(args.out_dir, training_state(student, distiller, optimizer, scheduler, scaler, epoch + 1, best,
+                                                     best_epoch, args_json), record)
+            print(f"epoch {epoch + 1}/{args.epochs} | top1 {metrics['top1']:.2f} top5 {metrics['top5']:.2f} | best "
+                  f"{best:.2f} (epoch {best_epoch}) | {record['epoch_s']:.0f} s | peak {record['peak_mem_mb']:.0f} MB")
 
     # ---- summary ----
-    summary = {"metric": "top1", "best": best, "best_epoch": best_epoch, "last": metrics["top1"],
-               "teacher": teacher_metrics["top1"] if teacher is not None else None, "student_arch": args.student,
-               "teacher_arch": args.teacher, "distill": args.distill, "wall_s": time.time() - t_start,
-               "images_per_s": total_steps * global_batch / train_time, "peak_mem_mb": peak_memory_mb(device),
-               "world_size": world, "versions": versions(), "last_top5": metrics["top5"],
-               "teacher_weights": teacher_tag, "teacher_published": published}
-    if is_main:
-        save_atomic(json.dumps(summary, indent=2) + "\n", out_dir / "summary.json")
-        print(f"done: best top1 {best:.2f} (epoch {best_epoch}), last top1 {metrics['top1']:.2f} | "
-              f"{summary['wall_s'] / 60:.1f} min | {out_dir}")
+    summary = write_summary(args, metrics, best, best_epoch, teacher_top1, teacher_tag, published, t_start,
+                            total_steps * global_batch / train_time, device, world) if is_main else None
     if distributed:
         dist.destroy_process_group()
     return summary
@@ -584,9 +482,11 @@ def build_data(args, device, rank, world):
     # at 256). Each rank evaluates images rank, rank + world, ...: none padded, none dropped.
     sampler = EpochSampler(train_set, num_replicas=world, rank=rank, shuffle=True, seed=args.seed, drop_last=True)
     kw = dict(num_workers=args.workers, pin_memory=device.type == "cuda", persistent_workers=args.workers > 0)
-    return (DataLoader(Augmented(train_set, args.seed), args.batch_size, sampler=sampler, drop_last=True, **kw),
-            DataLoader(Subset(val_set, range(rank, len(val_set), world)), args.batch_size, **kw),
-            classes)
+    train_loader = DataLoader(Augmented(train_set, args.seed), args.batch_size, sampler=sampler, drop_last=True, **kw)
+    if len(train_loader) == 0 and not args.evaluate:
+        fail(f"the training set ({len(train_loader.dataset)} images) is smaller than one global batch of "
+             f"{args.batch_size * world}; lower --batch-size")
+    return train_loader, DataLoader(Subset(val_set, range(rank, len(val_set), world)), args.batch_size, **kw), classes
 
 
 class Prepare:
@@ -667,38 +567,6 @@ def build_teacher(args, classes):
     return WithFeatures(teacher).requires_grad_(False).eval(), tag, published
 
 
-def read_checkpoint(path):
-    """torch.load with weights_only=True: checkpoints are untrusted input (tensors and plain containers only)."""
-    if not Path(path).is_file():
-        fail(f"{path}: no such file; pass the path of a checkpoint")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # a truncated file, a text file, an unsafe pickle ...
-        reason = (str(e).strip().splitlines() or [""])[0][:160]
-        fail(f"{path} is not a torch checkpoint ({type(e).__name__}: {reason}); pass a file written by torch.save")
-
-
-def load_weights(model, checkpoint, path, what):
-    """Load a state dict strictly: bare, or under 'model', 'state_dict' or 'student'; 'module.' and '_orig_mod.'
-    prefixes stripped. A mismatch fails naming a few missing, unexpected and wrongly shaped keys."""
-    state = checkpoint
-    if isinstance(state, dict):
-        state = next((state[k] for k in ("model", "state_dict", "student") if isinstance(state.get(k), dict)), state)
-    if not isinstance(state, dict) or not state or not all(torch.is_tensor(v) for v in state.values()):
-        fail(f"{path} holds no state dict (nor one under 'model', 'state_dict' or 'student'); pass a model checkpoint")
-    state = {re.sub(r"^((module|_orig_mod)\.)+", "", k): v for k, v in state.items()}
-    own = model.state_dict()
-    missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]  # absent in old files
-    unexpected = [k for k in state if k not in own]
-    resized = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
-               if k in state and state[k].shape != v.shape]
-    if missing or unexpected or resized:
-        few = lambda keys: ", ".join(keys[:3]) + (f" (+{len(keys) - 3})" if len(keys) > 3 else "") or "none"
-        fail(f"{path} does not fit the {what}: missing {few(missing)}; unexpected {few(unexpected)}; "
-             f"wrong shape {few(resized)}; pass a checkpoint of that architecture")
-    model.load_state_dict(state)
-
-
 def check_classes(model, checkpoint, path, classes):
     """Name a class-count mismatch in those words (load_weights would name a wrongly shaped key)."""
     key = [k for k in model.state_dict() if k.split(".")[0] == head_name(model)][-1]  # the logits layer's
@@ -732,6 +600,99 @@ def evaluate(model, loader, device, prepare):
     return {"top1": 100 * top1 / max(n, 1), "top5": 100 * top5 / max(n, 1), "images": int(n)}
 
 
+# ---- the run's bookkeeping: this task's ----
+def evaluate_checkpoint(args, student, val_loader, device, prepare):
+    """--evaluate: the validation top-1/top-5 of the student of --resume (already loaded), printed, written to
+    eval.json and returned."""
+    metrics = {**evaluate(student, val_loader, device, prepare), "checkpoint": str(args.resume)}
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(f"{args.resume}: top1 {metrics['top1']:.2f} top5 {metrics['top5']:.2f} on {metrics['images']} images")
+        Path(args.out_dir).mkdir(parents=True, exist_ok=True)
+        save_atomic(json.dumps(metrics, indent=2) + "\n", Path(args.out_dir) / "eval.json")
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return metrics
+
+
+def load_state(resumed, args, distiller, optimizer, scheduler, scaler):
+    """(epochs done, best top-1, its epoch): a new run's, or those of the --resume checkpoint, whose distiller,
+    optimizer, scheduler and scaler states are loaded (its student already is)."""
+    if resumed is None:
+        return 0, None, None
+    try:
+        if distiller is not None:
+            distiller.load_state_dict(resumed["distiller"])
+        optimizer.load_state_dict(resumed["optimizer"])
+        scheduler.load_state_dict(resumed["scheduler"])
+        scaler.load_state_dict(resumed["scaler"])
+        return resumed["epoch"], resumed["best"], resumed.get("best_epoch")
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        fail(f"{args.resume} is not a checkpoint of this run ({type(e).__name__}: {str(e).splitlines()[0]}); "
+             "resume with the flags it was trained with")
+
+
+def score_teacher(args, teacher, tag, published, val_loader, device, prepare):
+    """The teacher's validation top-1 (None without one), printed with a warning when it is more than
+    TEACHER_TOLERANCE off torchvision's published score: wrong data, or the wrong image size."""
+    if teacher is None:
+        return None
+    metrics = evaluate(teacher.model, val_loader, device, prepare)
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(f"teacher {args.teacher} ({tag}): top1 {metrics['top1']:.2f} top5 {metrics['top5']:.2f}")
+        if published is not None and abs(metrics["top1"] - published) > TEACHER_TOLERANCE:
+            print(f"warning: the teacher scores {metrics['top1']:.2f} top-1 where torchvision publishes "
+                  f"{published:.2f}: check --data-dir (the full validation set, class folders named by wnid) and "
+                  "--img-size 224")
+    return metrics["top1"]
+
+
+def write_summary(args, metrics, best, best_epoch, teacher_top1, teacher_tag, published, t_start, images_per_s,
+                  device, world):
+    """summary.json, the run in one record (returned, and what main returns), and the last line."""
+    summary = {"metric": "top1", "best": best, "best_epoch": best_epoch, "last": metrics["top1"],
+               "teacher": teacher_top1, "student_arch": args.student, "teacher_arch": args.teacher,
+               "distill": args.distill, "wall_s": time.time() - t_start, "images_per_s": images_per_s,
+               "peak_mem_mb": peak_memory_mb(device), "world_size": world, "versions": versions(),
+               "last_top5": metrics["top5"], "teacher_weights": teacher_tag, "teacher_published": published}
+    save_atomic(json.dumps(summary, indent=2) + "\n", Path(args.out_dir) / "summary.json")
+    print(f"done: best top1 {best:.2f} (epoch {best_epoch}), last top1 {metrics['top1']:.2f} | "
+          f"{summary['wall_s'] / 60:.1f} min | {args.out_dir}")
+    return summary
+
+
+# ---- checkpoints, and the helpers every script shares ----
+def read_checkpoint(path):
+    """torch.load with weights_only=True: checkpoints are untrusted input (tensors and plain containers only)."""
+    if not Path(path).is_file():
+        fail(f"{path}: no such file; pass the path of a checkpoint")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a truncated file, a text file, an unsafe pickle ...
+        reason = (str(e).strip().splitlines() or [""])[0][:160]
+        fail(f"{path} is not a torch checkpoint ({type(e).__name__}: {reason}); pass a file written by torch.save")
+
+
+def load_weights(model, checkpoint, path, what):
+    """Load a state dict strictly: bare, or under 'model', 'state_dict' or 'student'; 'module.' and '_orig_mod.'
+    prefixes stripped. A mismatch fails naming a few missing, unexpected and wrongly shaped keys."""
+    state = checkpoint
+    if isinstance(state, dict):
+        state = next((state[k] for k in ("model", "state_dict", "student") if isinstance(state.get(k), dict)), state)
+    if not isinstance(state, dict) or not state or not all(torch.is_tensor(v) for v in state.values()):
+        fail(f"{path} holds no state dict (nor one under 'model', 'state_dict' or 'student'); pass a model checkpoint")
+    state = {re.sub(r"^((module|_orig_mod)\.)+", "", k): v for k, v in state.items()}
+    own = model.state_dict()
+    missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]  # absent in old files
+    unexpected = [k for k in state if k not in own]
+    resized = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
+               if k in state and state[k].shape != v.shape]
+    if missing or unexpected or resized:
+        few = lambda keys: ", ".join(keys[:3]) + (f" (+{len(keys) - 3})" if len(keys) > 3 else "") or "none"
+        fail(f"{path} does not fit the {what}: missing {few(missing)}; unexpected {few(unexpected)}; "
+             f"wrong shape {few(resized)}; pass a checkpoint of that architecture")
+    model.load_state_dict(state)
+
+
 def save_atomic(obj, path):
     """Write to a temp file in the same folder, then rename: a crash never leaves half a file, nor destroys the
     previous one."""
@@ -741,6 +702,11 @@ def save_atomic(obj, path):
     else:
         torch.save(obj, tmp)
     os.replace(tmp, path)
+
+
+def seed_of(*parts):
+    """A 32-bit seed that is a function of ``parts`` (seed, epoch, rank or index) and nothing else."""
+    return int(np.random.SeedSequence(parts).generate_state(1)[0])
 
 
 def peak_memory_mb(device):
@@ -753,11 +719,6 @@ def n_params(module):  # in millions
     return sum(p.numel() for p in module.parameters()) / 1e6 if module is not None else 0.0
 
 
-def seed_of(*parts):
-    """A 32-bit seed that is a function of ``parts`` (seed, epoch, rank or index) and nothing else."""
-    return int(np.random.SeedSequence(parts).generate_state(1)[0])
-
-
 def versions():
     """The software of a run, for summary.json (None for a package that is not installed: no script needs timm
     unless it uses it)."""
@@ -768,6 +729,127 @@ def versions():
         except importlib.metadata.PackageNotFoundError:
             found[package] = None
     return {"python": platform.python_version(), **found, "cuda": torch.version.cuda}
+
+# ---- the run's bookkeeping, word for word the same in every script ----
+def set_up(args):
+    """One code path for one process and for torchrun (whose RANK means DDP, one process per GPU): (device, rank,
+    world size, the autocast context of --amp), every rank seeded alike."""
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        fail(f"unknown --device {args.device!r}; pass cuda, cuda:N or cpu")
+    if device.type == "cuda":  # an explicit index for set_device
+        if not torch.cuda.is_available():
+            fail(f"--device {args.device} but CUDA is not available; pass --device cpu")
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        device = torch.device("cuda", local_rank if "RANK" in os.environ else device.index or 0)
+        torch.cuda.set_device(device)
+        torch.backends.cudnn.benchmark = FIXED_INPUT_SIZE  # cuDNN tunes its kernels once per input size
+        torch.set_float32_matmul_precision("high")  # TF32 where --amp off leaves float32 matmuls
+    if "RANK" in os.environ:
+        cuda = device.type == "cuda"
+        dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
+    torch.manual_seed(args.seed)  # the same on every rank: a model DDP does not wrap (the teacher) is one model
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp)
+    return device, rank, world, torch.autocast(device.type, dtype=dtype) if dtype else nullcontext()
+
+
+def check_run(args, device, world):
+    """The bad input every script refuses alike, before anything is written: the device's, --evaluate's, the
+    out-dir's, and a --resume checkpoint that is not this run's. Returns (the checkpoint of --resume or None, the
+    flags as plain types: what args.json and the checkpoints record, and what a resume compares)."""
+    out_dir, args_json = Path(args.out_dir), json.loads(json.dumps(vars(args), default=str))
+    if args.amp == "fp16" and device.type != "cuda":  # one policy in the four scripts: refused, not ignored
+        fail("--amp fp16 needs CUDA (its GradScaler); use --amp bf16 or off on CPU")
+    if args.sync_bn and device.type != "cuda":
+        fail("--sync-bn needs CUDA (SyncBatchNorm has no CPU kernels); drop it on CPU")
+    if args.evaluate and not args.resume:
+        fail("--evaluate needs --resume PATH, the checkpoint whose student to score")
+    if out_dir.exists() and not out_dir.is_dir():
+        fail(f"--out-dir {out_dir} is a file; pass a folder")
+    if not args.resume and ((out_dir / "args.json").exists() or (out_dir / "last.pt").exists()):
+        fail(f"{out_dir} already holds a run; pass --resume {out_dir}/last.pt to continue it, "
+             "or choose another --out-dir")
+    resumed = read_checkpoint(args.resume) if args.resume else None
+    if resumed is None or args.evaluate:  # --evaluate scores any file of student weights
+        return resumed, args_json
+    state = {"student", "distiller", "optimizer", "scheduler", "scaler", "epoch", "best", "best_epoch", "args"}
+    if not (isinstance(resumed, dict) and state <= resumed.keys() and isinstance(resumed["args"], dict)):
+        fail(f"{args.resume} is not a training checkpoint of {PROG}; pass the last.pt of one of its runs, "
+             "or score it with --evaluate")
+    if resumed["epoch"] >= args.epochs:
+        fail(f"{args.resume} has trained {resumed['epoch']} epochs already; pass --epochs above {resumed['epoch']}")
+    for flag in RESUME_MUST_MATCH:
+        if resumed["args"].get(flag) != args_json[flag]:
+            fail(f"{args.resume} was trained with --{flag.replace('_', '-')} {resumed['args'].get(flag)}, "
+                 f"not {args_json[flag]}; pass that run's flags to resume it")
+    if resumed.get("world_size", world) != world:  # the global batch, hence the lr and the steps per epoch
+        fail(f"{args.resume} was trained by {resumed['world_size']} processes, not {world}; use as many")
+    return resumed, args_json
+
+
+def open_outputs(out_dir, run_json, start_epoch):
+    """The run writes from here on: the out-dir, args.json, and metrics.jsonl without the records of the epochs
+    after the resumed checkpoint (a run killed after its record and before its checkpoint redoes that epoch)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_atomic(json.dumps(run_json, indent=2) + "\n", out_dir / "args.json")
+    metrics_path = out_dir / "metrics.jsonl"
+    if metrics_path.is_file():
+        records = [line for line in metrics_path.read_text().splitlines(True) if line.strip()]
+        save_atomic("".join(line for line in records if json.loads(line)["epoch"] <= start_epoch), metrics_path)
+
+
+def mean_over_ranks(sums, count, world):
+    """The means of per-step sums kept on the device, over every rank's ``count`` steps, as floats: a host-device
+    sync, so only at log steps and at the end of an epoch."""
+    if dist.is_initialized():
+        dist.all_reduce(sums)
+    return (sums / (count * world)).tolist()
+
+
+def stop_if_not_finite(losses, epoch, step):
+    """Exit 3 on every rank when a logged mean loss is not finite; last.pt is still the end of the previous epoch."""
+    if not all(map(math.isfinite, losses.values())):
+        terms = " ".join(f"{name} {value:.4g}" for name, value in losses.items())
+        fail(f"non-finite loss at epoch {epoch + 1} step {step + 1}: {terms}; last.pt still holds epoch {epoch}; "
+             "lower --lr, or resume with --amp bf16/off", code=3)
+
+
+def log_line(epoch, epochs, step, steps, losses, lr, images_per_s, data_s, eta_s):
+    """The progress line of every --log-every steps: where the run is, the interval's mean losses (a string), the lr,
+    the throughput, the time each step waited for its data, and the time left."""
+    print(f"epoch {epoch + 1}/{epochs} step {step + 1}/{steps} | {losses} | lr {lr:.4g} | "
+          f"{images_per_s:.{0 if images_per_s >= 100 else 1}f} img/s | data {1000 * data_s:.1f} ms/step | "
+          f"eta {datetime.timedelta(seconds=round(eta_s))}", flush=True)
+
+
+def write_epoch(out_dir, checkpoint, record):
+    """last.pt (and best.pt on a new best), then the epoch's line of metrics.jsonl: the two never disagree."""
+    out_dir = Path(out_dir)
+    save_atomic(checkpoint, out_dir / "last.pt")
+    if checkpoint["best_epoch"] == checkpoint["epoch"]:
+        save_atomic(checkpoint, out_dir / "best.pt")
+    with open(out_dir / "metrics.jsonl", "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def training_state(student, distiller, optimizer, scheduler, scaler, epochs_done, best, best_epoch, args_json):
+    """What last.pt holds: all a --resume needs to go on as if the run had never stopped, and the flags it ran with."""
+    return {"student": student.state_dict(), "distiller": distiller.state_dict() if distiller is not None else None,
+            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+            "epoch": epochs_done, "best": best, "best_epoch": best_epoch, "args": args_json,
+            "world_size": dist.get_world_size() if dist.is_initialized() else 1}
+
+
+def broadcast_buffers(module):
+    """Rank 0's buffers (the batch-norm statistics) on every rank, so that every rank scores the model rank 0 saves
+    rather than its local statistics."""
+    if dist.is_initialized():
+        for buffer in module.buffers():
+            dist.broadcast(buffer, 0)
+
 
 if __name__ == "__main__":
     try:

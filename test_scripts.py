@@ -1435,8 +1435,11 @@ FAMILIES = {"cifar100_kd": CIFAR100_FAMILY, "imagenet_kd": IMAGENET_FAMILY, "dei
             "coco_kd": COCO_FAMILY}
 # The helpers that do the same thing in every script, with the same body (coco has no logit KD term).
 SHARED_HELPERS = {name: SCRIPTS for name in ("fail", "HelpFormatter", "seed_of", "read_checkpoint", "load_weights",
-                                             "save_atomic", "peak_memory_mb", "n_params", "versions")}
-SHARED_HELPERS["kd_loss"] = ("cifar100_kd", "imagenet_kd", "deit_kd")
+                                             "save_atomic", "peak_memory_mb", "n_params", "versions", "set_up",
+                                             "check_run", "open_outputs", "stop_if_not_finite", "log_line",
+                                             "write_epoch", "training_state")}
+SHARED_HELPERS["kd_loss"] = SHARED_HELPERS["broadcast_buffers"] = ("cifar100_kd", "imagenet_kd", "deit_kd")
+SHARED_HELPERS["mean_over_ranks"] = ("cifar100_kd", "imagenet_kd")  # deit and coco reduce other sums
 
 
 def run_main(script, argv):
