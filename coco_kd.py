@@ -863,7 +863,7 @@ def check_run(args, device, world):
 
 def open_outputs(out_dir, run_json, start_epoch):
     """The run writes from here on: the out-dir, args.json, and metrics.jsonl without the records of the epochs
-    after the resumed checkpoint (a run killed after its record and before its checkpoint redoes that epoch)."""
+    after the resumed checkpoint (a resume from an earlier checkpoint, a best.pt say, redoes those epochs)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     save_atomic(json.dumps(run_json, indent=2) + "\n", out_dir / "args.json")
