@@ -63,8 +63,7 @@ CIFAR_MD5 = "eb9058c3a382ffc7106e4002c42a8d85"
 LAYOUT = "<data-dir>/cifar-100-python/{train,test}, the pickles of the python release"
 MEAN, STD = (0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761)
 NUM_CLASSES = 100
-# --dummy images: a full training epoch (782 steps of 64) for benchmarks, a small test set for quick smoke tests.
-DUMMY_SIZES = (50_000, 1_000)
+DUMMY_SIZES = (50_000, 1_000)  # --dummy: an epoch (782 steps of 64) for benchmarks, a small test set for smoke tests
 # What makes a resumed run the same run: the data, the models, the distiller, the optimiser and its schedule (all
 # but --epochs). The loss weights may change (a resume may re-weigh the objective), as may speed, logging and output
 # flags. The world size is checked too.
@@ -119,9 +118,8 @@ def parse_args(argv=None):
     g.add_argument("--feat-weight", type=float, default=2.0, help="weight of the feature loss (srd); the paper "
                    "does not state it: the official code's")
     g.add_argument("--alpha", type=float, default=4.0, help="exponent of the soft maximum log sum |d|^alpha")
-    g.add_argument("--norm", default="bn", choices=NORMS, help="normalisation of z_s W_p and z_t, no affine: "
-                   "bn (the paper's), gn (Table 6.1; eps 1e-4 where the official code's has 0: a departure), ln, l2, "
-                   "none")
+    g.add_argument("--norm", default="bn", choices=NORMS, help="normalisation of z_s W_p and z_t, no affine: bn (the "
+                   "paper's), gn (Table 6.1; eps 1e-4 where the official code's has 0: a departure), ln, l2, none")
     g.add_argument("--projector", default="mlp", choices=PROJECTORS, help="W_p: linear (the paper's on ImageNet); "
                    "mlp (the paper's here): Linear-BN-ReLU-Linear, our reading of 'MLP', its BN keeps the hidden "
                    "layer from collapsing; mlp-plain: Linear-ReLU-Linear (the official code's); none")
@@ -184,10 +182,8 @@ def parse_args(argv=None):
     return args
 
 
-# ---------------------------------------------------------------------------------------------------
-# The method: the student and the paper's distiller in one module, so that DDP keeps the projector
-# W_p identical on every rank (and averages its gradients like the student's), and Hinton's KD term.
-# ---------------------------------------------------------------------------------------------------
+# ---- the method: the student and the paper's distiller in one module, so that DDP keeps the projector W_p identical
+# on every rank (and averages its gradients like the student's), and Hinton's KD term.
 class StudentWithDistiller(nn.Module):
     def __init__(self, student, distiller):
         super().__init__()
@@ -206,8 +202,7 @@ def kd_loss(logits_s, logits_t, T):
 
 
 def build_distiller(args, student, teacher):
-    """--distill srd's distiller: W_p maps z_s (the student's width) to the teacher's, then the normalisation and
-    the distance of the flags. None for the other modes."""
+    """--distill srd's distiller (else None): W_p maps z_s to the teacher's width, then --norm and --distance."""
     if args.distill != "srd":
         return None
     try:
@@ -218,9 +213,8 @@ def build_distiller(args, student, teacher):
 
 
 def train_step(model, teacher, optimizer, scaler, autocast, args, x, y):
-    """One step of the paper's objective, CE + kd_weight * KL + feat_weight * the feature loss, with the frozen
-    teacher under no_grad; returns the unweighted terms (ce, kd, feat) and the student's features z_s, left on the
-    device. srd's default has no KL term (the paper's CIFAR distiller): an unused term is 0."""
+    """One step of the paper's objective, CE + kd_weight * KL + feat_weight * the feature loss, the frozen teacher
+    under no_grad; returns the unweighted terms (ce, kd, feat; 0 where unused) and z_s, left on the device."""
     with autocast:
         logits_t = z_t = None
         if teacher is not None:
@@ -292,7 +286,6 @@ def main(argv=None):
     # ---- training ----
     total_steps, t_loop = (args.epochs - start_epoch) * steps, time.time()
     run_images, run_train_s = 0, 0.0  # for the run's throughput
-    # The terms logged: srd's default has no KL term (the paper's CIFAR-100 distiller), none has no feature loss.
     shown = ["ce"] + ["kd"] * (teacher is not None and args.kd_weight > 0) + ["feat"] * (distiller is not None)
     step_args = (model, teacher, optimizer, scaler, autocast, args)
     # --compile: CUDA graphs on one GPU (at batch 64 launches bound these models); the last, partial batch runs eagerly
@@ -360,9 +353,7 @@ def main(argv=None):
     return summary
 
 
-# =====================================================================================================
-# Appendix: the plumbing a reader of the method can skip (data, model zoo, teacher weights, checkpoints)
-# =====================================================================================================
+# ==== Appendix: the plumbing a reader of the method can skip (data, model zoo, teacher weights, checkpoints) ====
 # ---- data: the python release of CIFAR-100, held on the device as uint8 and augmented there per batch ----
 def build_data(args, is_main):
     """(train images, train labels, test images, test labels) as uint8 (N, 3, 32, 32) and int64 (N,): the python
@@ -391,8 +382,7 @@ def build_data(args, is_main):
         try:
             with open(path, "rb") as f:
                 d = pickle.load(f, encoding="latin1")  # the official format is a pickle: only load files you trust
-            x = np.asarray(d["data"])
-            y = np.asarray(d["fine_labels"], dtype=np.int64)
+            x, y = np.asarray(d["data"]), np.asarray(d["fine_labels"], dtype=np.int64)
             if x.dtype != np.uint8 or x.ndim != 2 or x.shape[1] != 3072 or len(y) != len(x) or len(y) == 0 \
                     or y.min() < 0 or y.max() >= NUM_CLASSES:
                 raise ValueError(f"'data' is {x.dtype} {x.shape} for {len(y)} 'fine_labels', expected uint8 (N, 3072) "
@@ -709,20 +699,15 @@ VGG_STAGES = {8: [[64], [128], [256], [512], [512]],
               13: [[64, 64], [128, 128], [256, 256], [512, 512], [512, 512]],
               16: [[64, 64], [128, 128], [256] * 3, [512] * 3, [512] * 3],
               19: [[64, 64], [128, 128], [256] * 4, [512] * 4, [512] * 4]}
-ARCHS = {
-    **{f"resnet{d}": partial(CifarResNet, d, (16, 16, 32, 64)) for d in (8, 14, 20, 32, 44, 56, 110)},
-    "resnet8x4": partial(CifarResNet, 8, (32, 64, 128, 256)),
-    "resnet32x4": partial(CifarResNet, 32, (32, 64, 128, 256)),
-    "ResNet50": ResNet50,
-    **{f"wrn_{d}_{w}": partial(WideResNet, d, w) for d in (16, 40) for w in (1, 2)},
-    **{f"vgg{d}": partial(VGG, stages) for d, stages in VGG_STAGES.items()},
-    "MobileNetV2": MobileNetV2, "ShuffleV1": ShuffleNetV1, "ShuffleV2": ShuffleNetV2,
-}
+ARCHS = {**{f"resnet{d}": partial(CifarResNet, d, (16, 16, 32, 64)) for d in (8, 14, 20, 32, 44, 56, 110)},
+         **{f"resnet{d}x4": partial(CifarResNet, d, (32, 64, 128, 256)) for d in (8, 32)}, "ResNet50": ResNet50,
+         **{f"wrn_{d}_{w}": partial(WideResNet, d, w) for d in (16, 40) for w in (1, 2)},
+         **{f"vgg{d}": partial(VGG, stages) for d, stages in VGG_STAGES.items()},
+         "MobileNetV2": MobileNetV2, "ShuffleV1": ShuffleNetV1, "ShuffleV2": ShuffleNetV2}
 SMALL_LR_ARCHS = ("MobileNetV2", "ShuffleV1", "ShuffleV2")  # the protocol trains these at lr 0.01
 
 
 def build_student(args):
-    """The student: one of RepDistiller's 22 architectures, freshly initialised."""
     return ARCHS[args.student]()
 
 
@@ -801,8 +786,7 @@ def evaluate(model, test_set, normalise, batch_size=256):
 
 # ---- the run's bookkeeping: this task's ----
 def evaluate_checkpoint(args, student, resumed, test_set, normalise):
-    """--evaluate: the test top-1/top-5 of the student weights in --resume (any format load_weights takes), printed,
-    written to eval.json and returned."""
+    """--evaluate: the test top-1/top-5 of --resume's student weights, printed, written to eval.json and returned."""
     load_weights(student, resumed, args.resume, f"student {args.student}")
     metrics = evaluate(student, test_set, normalise)
     record = {"checkpoint": str(args.resume), "student": args.student, **metrics}
@@ -870,7 +854,7 @@ def write_summary(args, record, best, best_epoch, teacher_top1, t_start, images_
     return summary
 
 
-# ---- checkpoints, and the helpers every script shares ----
+# ---- checkpoints and the run's bookkeeping, word for word the same in every script ----
 def read_checkpoint(path):
     """torch.load with weights_only=True: checkpoints are untrusted input (tensors and plain containers only)."""
     if not Path(path).is_file():
@@ -904,8 +888,7 @@ def load_weights(model, checkpoint, path, what):
 
 
 def save_atomic(obj, path):
-    """Write to a temp file in the same folder, then rename: a crash never leaves half a file, nor destroys the
-    previous one."""
+    """Write a temp file in the same folder, then rename it: a crash never leaves half a file, nor loses the last."""
     tmp = Path(path).with_name(Path(path).name + ".tmp")
     if isinstance(obj, str):
         tmp.write_text(obj)
@@ -930,8 +913,7 @@ def n_params(module):  # in millions
 
 
 def versions():
-    """The software of a run, for summary.json (None for a package that is not installed: no script needs timm
-    unless it uses it)."""
+    """The software of a run, for summary.json; None for a package that is not installed (timm, say)."""
     found = {}
     for package in ("torch", "torchvision", "timm"):
         try:
@@ -941,7 +923,6 @@ def versions():
     return {"python": platform.python_version(), **found, "cuda": torch.version.cuda}
 
 
-# ---- the run's bookkeeping, word for word the same in every script ----
 def set_up(args):
     """One code path for one process and for torchrun (whose RANK means DDP, one process per GPU): (device, rank,
     world size, the autocast context of --amp), every rank seeded alike."""
@@ -967,9 +948,8 @@ def set_up(args):
 
 
 def check_run(args, device, world):
-    """The bad input every script refuses alike, before anything is written: the device's, --evaluate's, the
-    out-dir's, and a --resume checkpoint that is not this run's. Returns (the checkpoint of --resume or None, the
-    flags as plain types: what args.json and the checkpoints record, and what a resume compares)."""
+    """The bad input every script refuses alike, before anything is written (the device's, --evaluate's, the
+    out-dir's, a --resume that is not this run's): returns (the --resume checkpoint or None, the flags as JSON)."""
     out_dir, args_json = Path(args.out_dir), json.loads(json.dumps(vars(args), default=str))
     if args.amp == "fp16" and device.type != "cuda":  # one policy in the four scripts: refused, not ignored
         fail("--amp fp16 needs CUDA (its GradScaler); use --amp bf16 or off on CPU")
@@ -1029,8 +1009,7 @@ def stop_if_not_finite(losses, epoch, step):
 
 
 def log_line(epoch, epochs, step, steps, losses, lr, images_per_s, data_s, eta_s):
-    """The progress line of every --log-every steps: where the run is, the interval's mean losses (a string), the lr,
-    the throughput, the time each step waited for its data, and the time left."""
+    """The line of every --log-every steps: position, the interval's mean losses, lr, img/s, data wait, time left."""
     print(f"epoch {epoch + 1}/{epochs} step {step + 1}/{steps} | {losses} | lr {lr:.4g} | "
           f"{images_per_s:.{0 if images_per_s >= 100 else 1}f} img/s | data {1000 * data_s:.1f} ms/step | "
           f"eta {datetime.timedelta(seconds=round(eta_s))}", flush=True)
@@ -1055,8 +1034,7 @@ def training_state(student, distiller, optimizer, scheduler, scaler, epochs_done
 
 
 def broadcast_buffers(module):
-    """Rank 0's buffers (the batch-norm statistics) on every rank, so that every rank scores the model rank 0 saves
-    rather than its local statistics."""
+    """Rank 0's buffers (the batch-norm statistics) on every rank: every rank scores the model rank 0 saves."""
     if dist.is_initialized():
         for buffer in module.buffers():
             dist.broadcast(buffer, 0)

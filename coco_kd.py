@@ -11,12 +11,11 @@ W_p linear at every position; BN per channel, no affine), summed over levels and
 four detection losses of torchvision's Faster R-CNN; both backbones see the student's transformed batch.
 
 Defaults: the student is torchvision's ImageNet MobileNetV2 (IMAGENET1K_V1) under an FPN over the ends of its
-stride-4/8/16/32 stages and a max-pool level (ReviewKD's detectron2 student); the teacher is torchvision's
-fasterrcnn_resnet50_fpn, the paper's architecture, whose COCO weights score 37.0 AP, not the 40.22 of the
-paper's detectron2 weights. Detectron2's 1x schedule, which ReviewKD's 180k iterations of 8 images at lr 0.01
-equal: 12 epochs, x0.1 at 8 and 11, SGD momentum 0.9, lr 0.02 per 16 images, wd 1e-4, 1000 warm-up iterations,
-shorter side 640-800 in training and 800 at test (longer at most 1333), flips, aspect-ratio bins. Every COCOeval
-(bbox) runs in float32. Where this departs from the paper's runs, one line each:
+stride-4/8/16/32 stages and a max-pool level (ReviewKD's detectron2 student); the teacher is torchvision's COCO
+fasterrcnn_resnet50_fpn, the paper's architecture. Detectron2's 1x schedule, which ReviewKD's 180k iterations of 8
+images at lr 0.01 equal: 12 epochs, x0.1 at 8 and 11, SGD momentum 0.9, lr 0.02 per 16 images, wd 1e-4, 1000 warm-up
+iterations, shorter side 640-800 in training and 800 at test (longer at most 1333), flips, aspect-ratio bins. Every
+COCOeval (bbox) runs in float32. Where this departs from the paper's runs, one line each:
 - torchvision's Faster R-CNN heads are not detectron2's (RoIAlign v1 with sampling ratio 2, smooth-L1 beta 1/9,
   2,000 RPN proposals kept in training, 91 classes): 29.47 / 32.92 are not directly comparable; the honest figure
   is SRD against this script's own --distill none run;
@@ -54,11 +53,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-import torchvision
 from torch.nn.parallel import DistributedDataParallel
 from torchvision.datasets import CocoDetection
 from torchvision.io import ImageReadMode, decode_image
-from torchvision.models import MobileNet_V2_Weights, detection
+from torchvision.models import detection, mobilenet_v2
 from torchvision.models.detection.backbone_utils import BackboneWithFPN, resnet_fpn_backbone
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 from torchvision.ops.misc import FrozenBatchNorm2d
@@ -187,13 +185,12 @@ def parse_args(argv=None):
     return args
 
 
+# ---- the method: the student with its distillers (one per pair of FPN levels), the schedule, the training step ----
 class StudentWithDistiller(nn.Module):
-    """What DDP wraps: the student's training forward and the distillers (one per paired FPN level, {student:
-    teacher} in ``levels``), so the projectors W_p are averaged like the student's weights and stay identical
-    on every rank. ``forward(batch, targets, features_t) -> (the detection losses, loss_feat or None, the
-    student's FPN maps)``. Backbone and FPN (nearly all the FLOPs) run under the caller's autocast; the RPN and
-    RoI heads and the distillers stay in float32, as bf16's 8-bit mantissa would move box corners near x = 1000
-    by up to 4 px."""
+    """What DDP wraps: the student's training forward and the distillers, so the projectors W_p are averaged like the
+    student's weights and stay identical on every rank; forward returns (detection losses, loss_feat or None, FPN maps).
+    Backbone and FPN (nearly all the FLOPs) run under the caller's autocast; the RPN and RoI heads and the distillers
+    stay in float32, as bf16's 8-bit mantissa would move box corners near x = 1000 by up to 4 px."""
 
     def __init__(self, student, distiller, levels):
         super().__init__()
@@ -211,9 +208,8 @@ class StudentWithDistiller(nn.Module):
 
 
 def build_distiller(args, student, teacher):
-    """--distill srd's distillers, one per pair of FPN levels of one stride, each with per-rank statistics (the FPN
-    maps of a global batch are too large to gather): ({student level: teacher level}, their FeatureDistillers in
-    an nn.ModuleDict), empty without a teacher."""
+    """--distill srd's FeatureDistillers, one per pair of FPN levels of one stride, with per-rank statistics (the FPN
+    maps of a global batch are too large to gather): ({student level: teacher level}, an nn.ModuleDict of them)."""
     if teacher is None:
         return {}, nn.ModuleDict()
     levels, shapes = match_levels(student, teacher)
@@ -234,9 +230,8 @@ def build_scheduler(optimizer, args, steps):
 
 
 def train_step(model, teacher, optimizer, scaler, autocast, args, batch, targets):
-    """One step: the four detection losses + feat_weight * the feature loss, with the frozen teacher's backbone
-    (x -> FPN maps) under no_grad; returns the unweighted terms (DET_LOSSES, then feat) and the student's FPN maps,
-    left on the device. Without a teacher the feature term is 0."""
+    """One step: the detection losses + feat_weight * the feature loss (``teacher``: the frozen teacher's backbone,
+    x -> FPN maps); returns the unweighted terms (DET_LOSSES, then feat) and the student's FPN maps, on the device."""
     with autocast:
         features_t = None
         if teacher is not None:
@@ -397,17 +392,12 @@ def main(argv=None):
     return summary
 
 
-# =====================================================================================================
-# Appendix: the plumbing a reader of the method can skip (data, model zoo, teacher weights, checkpoints)
-# =====================================================================================================
-
+# ==== Appendix: the plumbing a reader of the method can skip (data, model zoo, teacher weights, checkpoints) ====
 # ---- data: COCO boxes as Faster R-CNN targets, aspect-ratio grouped batches ----
 class CocoBoxes(CocoDetection):
-    """COCO images (uint8, CHW) with targets ``{boxes (xyxy), labels, image_id}``.
-
-    Crowd boxes and boxes without area after clipping are dropped; for training, images left without
-    a box are skipped. Items are addressed by ``(index, flip)``, so the sampler decides the flips.
-    """
+    """COCO images (uint8, CHW) with targets ``{boxes (xyxy), labels, image_id}``. Crowd boxes and boxes without
+    area after clipping are dropped; for training, images left without a box are skipped. Items are addressed by
+    ``(index, flip)``, so the sampler decides the flips."""
 
     def __init__(self, root, ann_file, train):
         with redirect_stdout(io.StringIO()):  # pycocotools prints progress
@@ -435,8 +425,7 @@ class CocoBoxes(CocoDetection):
 
 
 class DummyBoxes(torch.utils.data.Dataset):
-    """Random images (landscape and portrait) with 1-5 random boxes each, reproducible per index,
-    and a matching pycocotools ground truth for the evaluation code."""
+    """Random landscape and portrait images, 1-5 boxes each, seeded by index, with their pycocotools ground truth."""
 
     def __init__(self, n, size, offset):
         self.ids = list(range(offset, offset + n))
@@ -518,10 +507,9 @@ def build_data(args):
 
 
 def train_batches(aspect, batch_size, seed, epoch, rank, world):
-    """This rank's batches for one epoch, grouped by aspect ratio (width / height) in the bins of
-    torchvision's reference (``create_aspect_ratio_groups``, factor 3: edges 2 ** linspace(-1, 1, 7)), so
-    that padding a batch to one size wastes little. Order and flips are functions of (seed, epoch), so a
-    resumed run sees the same batches; every rank gets the same number of batches."""
+    """This rank's batches for one epoch, grouped by aspect ratio (width / height) in the bins of torchvision's
+    reference (``create_aspect_ratio_groups``, factor 3), so that padding a batch to one size wastes little. Order
+    and flips are functions of (seed, epoch), so a resumed run sees the same batches."""
     g = torch.Generator().manual_seed(seed_of(seed, epoch))
     order = torch.randperm(len(aspect), generator=g).tolist()
     flips = (torch.rand(len(aspect), generator=g) < 0.5).tolist()
@@ -531,13 +519,12 @@ def train_batches(aspect, batch_size, seed, epoch, rank, world):
         group = [(i, flips[i]) for i in order if bins[i] == b]
         batches += [group[j:j + batch_size] for j in range(0, len(group), batch_size)]
     batches = [batches[j] for j in torch.randperm(len(batches), generator=g).tolist()]
-    per_rank = len(batches) // world  # the few batches left over differ every epoch
+    per_rank = len(batches) // world  # as many on every rank; the few left over differ every epoch
     return batches[rank * per_rank:(rank + 1) * per_rank]
 
 
 def count_steps(train_set, args, rank, world):
-    """The steps of an epoch: this rank's aspect-ratio grouped batches (as many on every rank), capped by
-    --max-steps."""
+    """The steps of an epoch: this rank's aspect-ratio grouped batches, capped by --max-steps."""
     steps = len(train_batches(train_set.aspect, args.batch_size, args.seed, 0, rank, world))
     if steps == 0:
         fail(f"{len(train_set)} training images make no batch for each of {world} processes; lower --batch-size")
@@ -561,34 +548,27 @@ def loader(dataset, batches, args, device):
 
 # ---- models: torchvision Faster R-CNNs, COCOeval ----
 def build_student(args, name, pretrained):
-    """detector_for(args, name, pretrained), failing in one line when torchvision cannot fetch the backbone's
-    ImageNet weights (offline)."""
+    """A Faster R-CNN + FPN on the backbone ``name`` (--student, or a teacher in a student layout), failing in one
+    line when torchvision cannot fetch the backbone's ImageNet weights (offline). As in torchvision's builders, a
+    pretrained backbone (IMAGENET1K_V1, the weights they use, not V2) keeps its BN frozen and its stem and first
+    stage fixed; a random one trains everything. ``mobilenet_v2`` is ReviewKD's detectron2 student (the ends of
+    its stride-4/8/16/32 stages), BN frozen when pretrained and every layer trained (FREEZE_AT 0)."""
+    weights = "IMAGENET1K_V1" if pretrained else None
     try:
-        return detector_for(args, name, pretrained)
+        if name == "mobilenet_v2":
+            body = mobilenet_v2(weights=weights, norm_layer=FrozenBatchNorm2d if weights else nn.BatchNorm2d)
+            backbone = BackboneWithFPN(body.features, {"3": "0", "6": "1", "13": "2", "17": "3"}, [24, 32, 96, 320],
+                                       256, extra_blocks=LastLevelMaxPool())
+            return detection.FasterRCNN(backbone, **detector_kwargs(args))
+        if name == "mobilenet_v3_large":
+            return detection.fasterrcnn_mobilenet_v3_large_fpn(weights=None, weights_backbone=weights,
+                                                               **detector_kwargs(args))
+        backbone = resnet_fpn_backbone(backbone_name=name, weights=weights, trainable_layers=3 if weights else 5,
+                                       norm_layer=FrozenBatchNorm2d if weights else nn.BatchNorm2d)
+        return detection.FasterRCNN(backbone, **detector_kwargs(args))
     except OSError as e:
         fail(f"could not load the ImageNet weights of the {name} backbone ({type(e).__name__}); connect once so "
              "that torchvision caches them, or pass --no-pretrained-backbone")
-
-
-def detector_for(args, name, pretrained):
-    """A Faster R-CNN + FPN on the backbone ``name`` (--student, or a teacher in a student layout). As in
-    torchvision's builders, a pretrained backbone (IMAGENET1K_V1, the weights they use, not V2) keeps its BN
-    frozen and its stem and first stage fixed; a random one trains everything. ``mobilenet_v2`` is ReviewKD's
-    detectron2 student: an FPN over the ends of its stride-4/8/16/32 stages (features 3, 6, 13, 17: 24, 32, 96
-    and 320 channels) plus a max-pool level, BN frozen when pretrained and every layer trained (FREEZE_AT 0)."""
-    weights = "IMAGENET1K_V1" if pretrained else None
-    if name == "mobilenet_v2":
-        body = torchvision.models.mobilenet_v2(weights=MobileNet_V2_Weights.IMAGENET1K_V1 if pretrained else None,
-                                               norm_layer=FrozenBatchNorm2d if pretrained else nn.BatchNorm2d)
-        backbone = BackboneWithFPN(body.features, {"3": "0", "6": "1", "13": "2", "17": "3"}, [24, 32, 96, 320],
-                                   256, extra_blocks=LastLevelMaxPool())
-        return detection.FasterRCNN(backbone, **detector_kwargs(args))
-    if name == "mobilenet_v3_large":
-        return detection.fasterrcnn_mobilenet_v3_large_fpn(weights=None, weights_backbone=weights,
-                                                           **detector_kwargs(args))
-    backbone = resnet_fpn_backbone(backbone_name=name, weights=weights, trainable_layers=3 if weights else 5,
-                                   norm_layer=FrozenBatchNorm2d if weights else nn.BatchNorm2d)
-    return detection.FasterRCNN(backbone, **detector_kwargs(args))
 
 
 def place(detector, args, device):
@@ -674,8 +654,7 @@ def fmt(metrics):
 
 # ---- the run's bookkeeping: this task's ----
 def evaluate_checkpoint(args, student, resumed, val_loader, device):
-    """--evaluate: the COCO box AP of the student of --resume (already loaded), printed, written to eval.json and
-    returned."""
+    """--evaluate: the COCO box AP of --resume's student (already loaded): printed, written to eval.json, returned."""
     record = {**evaluate(student, val_loader, device, args.channels_last), "checkpoint": args.resume}
     if not dist.is_initialized() or dist.get_rank() == 0:
         print(f"{args.resume} (epoch {resumed.get('epoch')}): {fmt(record)} on {record['images']} val images")
@@ -718,8 +697,7 @@ def score_teacher(args, teacher, tag, val_set, device):
 
 
 def write_summary(args, metrics, best, best_epoch, teacher_metrics, levels, t_start, images_per_s, device, world):
-    """summary.json, the run in one record (returned, and what main returns), and the last line. The headline is
-    the last epoch's AP, as detection papers report; best is a diagnostic."""
+    """summary.json, the run in one record (what main returns), and the last line; best AP is a diagnostic."""
     summary = {"metric": "AP", "best": best, "best_epoch": best_epoch, "last": metrics["AP"], "headline": "last",
                "teacher": teacher_metrics["AP"] if teacher_metrics else None, "student_arch": args.student,
                "teacher_arch": args.teacher if teacher_metrics else None, "distill": args.distill,
@@ -731,7 +709,7 @@ def write_summary(args, metrics, best, best_epoch, teacher_metrics, levels, t_st
     return summary
 
 
-# ---- checkpoints, and the helpers every script shares ----
+# ---- checkpoints and the run's bookkeeping, word for word the same in every script ----
 def read_checkpoint(path):
     """torch.load with weights_only=True: checkpoints are untrusted input (tensors and plain containers only)."""
     if not Path(path).is_file():
@@ -765,8 +743,7 @@ def load_weights(model, checkpoint, path, what):
 
 
 def save_atomic(obj, path):
-    """Write to a temp file in the same folder, then rename: a crash never leaves half a file, nor destroys the
-    previous one."""
+    """Write a temp file in the same folder, then rename it: a crash never leaves half a file, nor loses the last."""
     tmp = Path(path).with_name(Path(path).name + ".tmp")
     if isinstance(obj, str):
         tmp.write_text(obj)
@@ -783,7 +760,7 @@ def seed_of(*parts):
 def peak_memory_mb(device):
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # the process's max RSS (KiB on Linux)
 
 
 def n_params(module):  # in millions
@@ -791,8 +768,7 @@ def n_params(module):  # in millions
 
 
 def versions():
-    """The software of a run, for summary.json (None for a package that is not installed: no script needs timm
-    unless it uses it)."""
+    """The software of a run, for summary.json; None for a package that is not installed (timm, say)."""
     found = {}
     for package in ("torch", "torchvision", "timm"):
         try:
@@ -802,7 +778,6 @@ def versions():
     return {"python": platform.python_version(), **found, "cuda": torch.version.cuda}
 
 
-# ---- the run's bookkeeping, word for word the same in every script ----
 def set_up(args):
     """One code path for one process and for torchrun (whose RANK means DDP, one process per GPU): (device, rank,
     world size, the autocast context of --amp), every rank seeded alike."""
@@ -828,9 +803,8 @@ def set_up(args):
 
 
 def check_run(args, device, world):
-    """The bad input every script refuses alike, before anything is written: the device's, --evaluate's, the
-    out-dir's, and a --resume checkpoint that is not this run's. Returns (the checkpoint of --resume or None, the
-    flags as plain types: what args.json and the checkpoints record, and what a resume compares)."""
+    """The bad input every script refuses alike, before anything is written (the device's, --evaluate's, the
+    out-dir's, a --resume that is not this run's): returns (the --resume checkpoint or None, the flags as JSON)."""
     out_dir, args_json = Path(args.out_dir), json.loads(json.dumps(vars(args), default=str))
     if args.amp == "fp16" and device.type != "cuda":  # one policy in the four scripts: refused, not ignored
         fail("--amp fp16 needs CUDA (its GradScaler); use --amp bf16 or off on CPU")
@@ -882,8 +856,7 @@ def stop_if_not_finite(losses, epoch, step):
 
 
 def log_line(epoch, epochs, step, steps, losses, lr, images_per_s, data_s, eta_s):
-    """The progress line of every --log-every steps: where the run is, the interval's mean losses (a string), the lr,
-    the throughput, the time each step waited for its data, and the time left."""
+    """The line of every --log-every steps: position, the interval's mean losses, lr, img/s, data wait, time left."""
     print(f"epoch {epoch + 1}/{epochs} step {step + 1}/{steps} | {losses} | lr {lr:.4g} | "
           f"{images_per_s:.{0 if images_per_s >= 100 else 1}f} img/s | data {1000 * data_s:.1f} ms/step | "
           f"eta {datetime.timedelta(seconds=round(eta_s))}", flush=True)

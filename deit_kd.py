@@ -131,9 +131,8 @@ def parse_args(argv=None):
     g.add_argument("--kd-weight", type=float, default=1.0, help="weight of the KL term (the paper: unstated)")
     g.add_argument("--temperature", type=float, default=1.0, help="KD temperature T")
     g.add_argument("--alpha", type=float, default=4.0, help="exponent of the distance")
-    g.add_argument("--norm", default="bn", choices=NORMS, help="normalisation of z_s W_p and z_t, no affine: "
-                   "bn (the paper's), gn (Table 6.1; eps 1e-4 where the official code's has 0: a departure), ln, l2, "
-                   "none")
+    g.add_argument("--norm", default="bn", choices=NORMS, help="normalisation of z_s W_p and z_t, no affine: bn "
+                   "(the paper's), gn (Table 6.1; eps 1e-4 where the official code's has 0: a departure), ln, l2, none")
     g.add_argument("--projector", default="linear", choices=PROJECTORS, help="W_p: linear (the "
                    "paper's); mlp: Linear-BN-ReLU-Linear (our reading of the paper's 'MLP'); mlp-plain: "
                    "Linear-ReLU-Linear (the official code's); none")
@@ -206,9 +205,8 @@ def parse_args(argv=None):
 
 # ---- the method: the student with its distiller, the KD term, the schedule ----
 class StudentWithDistiller(nn.Module):
-    """The student and the feature distiller in one module, so that DDP keeps the projector identical on
-    every rank. Returns the logits (in training the pair: cls head, second head), the unweighted feature
-    loss (None without a distiller) and the student's feature z_s."""
+    """The student and the feature distiller in one module, so that DDP keeps the projector identical on every rank:
+    (x, z_t) -> (the logits, the unweighted feature loss or None without a distiller, the student's feature z_s)."""
 
     def __init__(self, student, distiller):
         super().__init__()
@@ -229,8 +227,7 @@ def kd_loss(logits_s, logits_t, T):
 
 
 def build_distiller(args, student, teacher):
-    """--distill srd's distiller: W_p maps z_s (the student's embedding width) to z_t's (the teacher's pooled
-    feature), then the normalisation and the distance of the flags. None for the other modes."""
+    """--distill srd's distiller: W_p from z_s's width to z_t's, then the flags' norm and distance; else None."""
     if args.distill != "srd":
         return None
     try:
@@ -241,8 +238,7 @@ def build_distiller(args, student, teacher):
 
 
 def build_optimizer(model, student, args, scale):
-    """DeiT's AdamW: weight decay on the weight matrices only, not on biases, norms, the position embedding and the
-    tokens; the lr scaled with the global batch."""
+    """DeiT's AdamW, its lr scaled with the global batch: weight decay on the weight matrices only."""
     no_decay = {f"student.{n}" for n in student.no_weight_decay()}  # position embedding, tokens
     decay = [p for n, p in model.named_parameters() if p.ndim > 1 and n not in no_decay]
     rest = [p for n, p in model.named_parameters() if p.ndim <= 1 or n in no_decay]  # + biases and norms
@@ -286,12 +282,10 @@ def train_step(model, teacher, optimizer, scaler, autocast, args, x, y, criterio
 
 
 def build_scheduler(optimizer, args, steps, scale):
-    """The official code's schedule, stepped per iteration: one cosine over all epochs x steps whose first
-    warmup_epochs x steps are replaced by a linear warm-up (no warmup_prefix: the cosine does not start at the
-    end of the warm-up), every lr scaled by global batch / 512; the optimizer holds the scaled peak lr."""
-    return CosineLRScheduler(optimizer, t_initial=args.epochs * steps, lr_min=args.min_lr * scale,
-                             warmup_t=args.warmup_epochs * steps, warmup_lr_init=args.warmup_lr * scale,
-                             t_in_epochs=False)
+    """The official code's per-step schedule: the cosine's first warmup_epochs x steps replaced by a linear warm-up
+    (no warmup_prefix: the cosine does not start at the end of the warm-up); the optimizer holds the scaled peak lr."""
+    return CosineLRScheduler(optimizer, t_initial=args.epochs * steps, lr_min=args.min_lr * scale, t_in_epochs=False,
+                             warmup_t=args.warmup_epochs * steps, warmup_lr_init=args.warmup_lr * scale)
 
 
 def main(argv=None):
@@ -415,9 +409,7 @@ def main(argv=None):
     return summary
 
 
-# =====================================================================================================
-# Appendix: the plumbing a reader of the method can skip (data, model zoo, teacher weights, checkpoints)
-# =====================================================================================================
+# ==== Appendix: the plumbing a reader of the method can skip (data, model zoo, teacher weights, checkpoints) ====
 # ---- data: ImageFolder ImageNet through timm's DeiT augmentation, or random images of the same shape ----
 def posterize(img, bits_to_keep, **_):
     """RandAugment's posterize, accepting 0 bits ('inc1' asks for 0 when the magnitude clips at 10): a black image,
@@ -454,7 +446,6 @@ def build_data(args, device, rank, world):
         classes = len(sets["train"].classes)
     sampler = DistributedSampler(sets["train"], num_replicas=world, rank=rank, shuffle=True, seed=args.seed,
                                  drop_last=True)
-    # generator: re-seeded every epoch, so that the workers' seeds are a function of (seed, epoch)
     train_loader = DataLoader(sets["train"], batch_size=args.batch_size, sampler=sampler, num_workers=args.workers,
                               pin_memory=device.type == "cuda", drop_last=True, generator=torch.Generator())
     val_loader = DataLoader(Subset(sets["val"], range(rank, len(sets["val"]), world)), batch_size=args.batch_size,
@@ -466,8 +457,7 @@ def build_data(args, device, rank, world):
 
 
 def seed_everything(seed, train_loader):
-    """Every random draw of an epoch from one seed, a function of (seed, epoch, rank): a resumed run repeats the
-    epochs it missed."""
+    """Every random draw of an epoch from one seed, of (seed, epoch, rank): a resume repeats the epochs it missed."""
     random.seed(seed)
     np.random.seed(seed)  # Mixup / CutMix
     torch.manual_seed(seed)  # augmentation with --workers 0, drop path
@@ -476,16 +466,14 @@ def seed_everything(seed, train_loader):
 
 # ---- models: DeiT with the paper's convolutional stem; any timm teacher ----
 class ConvStem(nn.Module):
-    """Three conv-BN-ReLU layers of 64 channels (7x7 stride 2, 3x3, 3x3), then an 8x8 stride-8 convolution to
-    the embedding width: the same 16x downsampling as the 16x16 patch embedding it replaces."""
+    """The paper's stem: the same 16x downsampling to tokens as the 16x16 patch embedding it replaces."""
 
     def __init__(self, img_size=224, in_chans=3, embed_dim=192, **_):  # timm passes patch-embed arguments too
         super().__init__()
-        layers, c = [], in_chans
-        for k, s in ((7, 2), (3, 1), (3, 1)):
-            layers += [nn.Conv2d(c, 64, k, s, k // 2, bias=False), nn.BatchNorm2d(64), nn.ReLU(inplace=True)]
-            c = 64
-        self.conv = nn.Sequential(*layers)
+        self.conv = nn.Sequential(
+            nn.Conv2d(in_chans, 64, 7, stride=2, padding=3, bias=False), nn.BatchNorm2d(64), nn.ReLU(inplace=True),
+            nn.Conv2d(64, 64, 3, padding=1, bias=False), nn.BatchNorm2d(64), nn.ReLU(inplace=True),
+            nn.Conv2d(64, 64, 3, padding=1, bias=False), nn.BatchNorm2d(64), nn.ReLU(inplace=True))
         self.proj = nn.Conv2d(64, embed_dim, kernel_size=8, stride=8)
         self.grid_size = (img_size // 16, img_size // 16)
         self.num_patches = self.grid_size[0] * self.grid_size[1]
@@ -657,8 +645,7 @@ def translation_equivariance(student, loader, device, memory_format, reading="bl
 
 # ---- the run's bookkeeping: this task's ----
 def evaluate_checkpoint(args, student, val_loader, device, memory_format):
-    """--evaluate: the validation top-1/top-5 of the student of --resume (already loaded) and its mu_T per block
-    (thesis Table 6.7), printed, written to eval.json and returned."""
+    """--evaluate: top-1/top-5 and mu_T per block (thesis Table 6.7) of the --resume student, printed, in eval.json."""
     record = evaluate(student, val_loader, device, memory_format)
     mu_t = torch.tensor(translation_equivariance(student, val_loader, device, memory_format, args.mu_t))
     record |= {"checkpoint": str(args.resume), "mu_t": mu_t.tolist(), "mu_t_mean": mu_t.mean().item(),
@@ -690,8 +677,7 @@ def load_state(resumed, distiller, optimizer, scheduler, scaler, steps):
 
 
 def score_teacher(args, teacher, classes, val_loader, device, memory_format):
-    """The teacher's validation top-1 (None without one), printed with a warning when a published teacher scores
-    more than TEACHER_TOLERANCE off its published top-1."""
+    """The teacher's validation top-1, printed (and warned about if far from its published one); None without one."""
     if teacher is None:
         return None
     is_main = not dist.is_initialized() or dist.get_rank() == 0
@@ -721,7 +707,7 @@ def write_summary(args, metrics, best, best_epoch, teacher_top1, t_start, images
     return summary
 
 
-# ---- checkpoints, and the helpers every script shares ----
+# ---- checkpoints and the run's bookkeeping, word for word the same in every script ----
 def read_checkpoint(path):
     """torch.load with weights_only=True: checkpoints are untrusted input (tensors and plain containers only)."""
     if not Path(path).is_file():
@@ -755,8 +741,7 @@ def load_weights(model, checkpoint, path, what):
 
 
 def save_atomic(obj, path):
-    """Write to a temp file in the same folder, then rename: a crash never leaves half a file, nor destroys the
-    previous one."""
+    """Write a temp file in the same folder, then rename it: a crash never leaves half a file, nor loses the last."""
     tmp = Path(path).with_name(Path(path).name + ".tmp")
     if isinstance(obj, str):
         tmp.write_text(obj)
@@ -781,8 +766,7 @@ def n_params(module):  # in millions
 
 
 def versions():
-    """The software of a run, for summary.json (None for a package that is not installed: no script needs timm
-    unless it uses it)."""
+    """The software of a run, for summary.json; None for a package that is not installed (timm, say)."""
     found = {}
     for package in ("torch", "torchvision", "timm"):
         try:
@@ -792,7 +776,6 @@ def versions():
     return {"python": platform.python_version(), **found, "cuda": torch.version.cuda}
 
 
-# ---- the run's bookkeeping, word for word the same in every script ----
 def set_up(args):
     """One code path for one process and for torchrun (whose RANK means DDP, one process per GPU): (device, rank,
     world size, the autocast context of --amp), every rank seeded alike."""
@@ -818,9 +801,8 @@ def set_up(args):
 
 
 def check_run(args, device, world):
-    """The bad input every script refuses alike, before anything is written: the device's, --evaluate's, the
-    out-dir's, and a --resume checkpoint that is not this run's. Returns (the checkpoint of --resume or None, the
-    flags as plain types: what args.json and the checkpoints record, and what a resume compares)."""
+    """The bad input every script refuses alike, before anything is written (the device's, --evaluate's, the
+    out-dir's, a --resume that is not this run's): returns (the --resume checkpoint or None, the flags as JSON)."""
     out_dir, args_json = Path(args.out_dir), json.loads(json.dumps(vars(args), default=str))
     if args.amp == "fp16" and device.type != "cuda":  # one policy in the four scripts: refused, not ignored
         fail("--amp fp16 needs CUDA (its GradScaler); use --amp bf16 or off on CPU")
@@ -872,8 +854,7 @@ def stop_if_not_finite(losses, epoch, step):
 
 
 def log_line(epoch, epochs, step, steps, losses, lr, images_per_s, data_s, eta_s):
-    """The progress line of every --log-every steps: where the run is, the interval's mean losses (a string), the lr,
-    the throughput, the time each step waited for its data, and the time left."""
+    """The line of every --log-every steps: position, the interval's mean losses, lr, img/s, data wait, time left."""
     print(f"epoch {epoch + 1}/{epochs} step {step + 1}/{steps} | {losses} | lr {lr:.4g} | "
           f"{images_per_s:.{0 if images_per_s >= 100 else 1}f} img/s | data {1000 * data_s:.1f} ms/step | "
           f"eta {datetime.timedelta(seconds=round(eta_s))}", flush=True)
@@ -898,8 +879,7 @@ def training_state(student, distiller, optimizer, scheduler, scaler, epochs_done
 
 
 def broadcast_buffers(module):
-    """Rank 0's buffers (the batch-norm statistics) on every rank, so that every rank scores the model rank 0 saves
-    rather than its local statistics."""
+    """Rank 0's buffers (the batch-norm statistics) on every rank: every rank scores the model rank 0 saves."""
     if dist.is_initialized():
         for buffer in module.buffers():
             dist.broadcast(buffer, 0)

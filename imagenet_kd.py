@@ -19,14 +19,13 @@ One GPU, 8 GPUs, two machines of 8 GPUs (``--batch-size`` is per process; the gl
     torchrun --nnodes=2 --nproc_per_node=8 --rdzv-backend=c10d --rdzv-endpoint=HOST:29500 \\
         imagenet_kd.py --data-dir /data/imagenet
 
-``--data-dir`` is ImageNet in the ImageFolder layout; the teacher's weights come from torchvision (fetched
-once into the torch hub cache) or ``--teacher-ckpt``; ``--dummy`` runs on random images (the speed benchmark
-without JPEG decoding). Any torchvision pair works: the paper's ablations (Tables 6.1-6.3) distil RegNetY
-into MobileNetV2, ViT into MobileNetV3, ConvNeXt into EfficientNet-B0 and ResNet-50 into ResNet-18 on a
-class-balanced 20 % of the training set (``--train-fraction 0.2``). A run prints the teacher's top-1, a
-line per ``--log-every`` steps and the validation top-1/top-5 per epoch, and writes ``args.json``,
-``metrics.jsonl``, ``last.pt``, ``best.pt`` and ``summary.json`` into ``--out-dir``; ``--resume
-OUT/last.pt`` continues exactly.
+``--data-dir`` is ImageNet in the ImageFolder layout; the teacher's weights come from torchvision (fetched once into the
+torch hub cache) or ``--teacher-ckpt``; ``--dummy`` runs on random images (the speed benchmark without JPEG decoding).
+Any torchvision pair works: the paper's ablations (Tables 6.1-6.3) distil RegNetY into MobileNetV2, ViT into
+MobileNetV3, ConvNeXt into EfficientNet-B0 and ResNet-50 into ResNet-18 on a class-balanced 20 % of the training set
+(``--train-fraction 0.2``). A run prints the teacher's top-1, a line per ``--log-every`` steps and the validation
+top-1/top-5 per epoch, and writes ``args.json``, ``metrics.jsonl``, ``last.pt``, ``best.pt`` and ``summary.json`` into
+``--out-dir``; ``--resume OUT/last.pt`` continues exactly.
 """
 import argparse
 import importlib.metadata
@@ -59,8 +58,7 @@ TEACHER_TOLERANCE = 1.0  # points (top-1; COCO: AP) a teacher may be off its pub
 FIXED_INPUT_SIZE = True  # every batch has --img-size: cuDNN may pick its fastest kernels once
 ARCHS = models.list_models(module=models)
 HEADS = ("fc", "classifier", "heads", "head")  # the final classifier block of torchvision's models
-MEAN = (0.485, 0.456, 0.406)  # ImageNet statistics, as torchvision's pretrained weights expect
-STD = (0.229, 0.224, 0.225)
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # ImageNet statistics, as torchvision's weights expect
 # --dummy: ImageNet's training length and classes; a validation set of a few batches (chance accuracy on
 # random images: evaluating them only exercises the code).
 DUMMY_TRAIN, DUMMY_VAL, DUMMY_CLASSES = 1_281_167, 256, 1000
@@ -70,9 +68,8 @@ DUMMY_TRAIN, DUMMY_VAL, DUMMY_CLASSES = 1_281_167, 256, 1000
 RESUME_MUST_MATCH = ("dummy", "data_dir", "train_fraction", "img_size", "student", "teacher", "distill", "projector",
                      "projector_hidden", "norm", "distance", "alpha", "batch_size", "lr", "momentum", "wd",
                      "lr_milestones")
-LAYOUT = ("<data-dir>/train/<class>/*.JPEG and <data-dir>/val/<class>/*.JPEG (the ImageFolder layout; "
-          "sort the 50,000 validation images into class folders, e.g. with the valprep.sh script of "
-          "pytorch/examples/imagenet)")
+LAYOUT = ("<data-dir>/train/<class>/*.JPEG and <data-dir>/val/<class>/*.JPEG (the ImageFolder layout; sort the 50,000 "
+          "validation images into class folders, e.g. with the valprep.sh script of pytorch/examples/imagenet)")
 
 
 def fail(msg, code=2):
@@ -95,13 +92,11 @@ def parse_args(argv=None):
     p.error = lambda message: fail(f"{message}; see --help")
     g = p.add_argument_group("data")
     g.add_argument("--data-dir", type=Path, default=Path("data/imagenet"), help=f"ImageNet root: {LAYOUT}")
-    g.add_argument("--dummy", action="store_true",
-                   help="random images of the right size and 1000 classes instead of --data-dir; with no "
-                        "--teacher-ckpt the teacher is random (a speed benchmark without JPEG decoding)")
-    g.add_argument("--train-fraction", type=float, default=1.0,
-                   help="class-balanced share of the training set, the same images in every run with this value "
-                        "(the paper's Tables 6.1-6.3 use 0.2; its Figure 6.2 on 0.2 with the log-sum is our "
-                        "reading, the paper does not say); the validation set stays whole")
+    g.add_argument("--dummy", action="store_true", help="random images of the right size and 1000 classes instead of "
+                   "--data-dir; with no --teacher-ckpt the teacher is random (a speed benchmark without JPEG decoding)")
+    g.add_argument("--train-fraction", type=float, default=1.0, help="class-balanced share of the training set, the "
+                   "same images in every run with this value (the paper's Tables 6.1-6.3 use 0.2; its Figure 6.2 on "
+                   "0.2 with the log-sum is our reading, the paper does not say); the validation set stays whole")
     g.add_argument("--img-size", type=int, default=224,
                    help="training crop; validation resizes to img-size*256/224 and centre-crops img-size")
     g = p.add_argument_group("models")
@@ -110,30 +105,27 @@ def parse_args(argv=None):
     g.add_argument("--teacher", default="resnet34", metavar="ARCH", help="torchvision classification model, frozen")
     g.add_argument("--teacher-ckpt", type=Path, help="teacher weights (a state dict, or one under 'model', "
                    "'state_dict' or 'student'); default: torchvision's pretrained --teacher-weights")
-    g.add_argument("--teacher-weights", default="DEFAULT",
-                   help="tag of torchvision's weight enum for the teacher (DEFAULT: torchvision's best; for "
-                        "resnet34 the only one, IMAGENET1K_V1, which the paper used)")
+    g.add_argument("--teacher-weights", default="DEFAULT", help="tag of torchvision's weight enum for the teacher "
+                   "(DEFAULT: torchvision's best; for resnet34 the only one, IMAGENET1K_V1, which the paper used)")
     g = p.add_argument_group("distillation")
-    g.add_argument("--distill", choices=("none", "kd", "srd"), default="srd",
-                   help="none: CE only; kd: CE + KL; srd (Simple Recipe Distillation, the paper's): CE + KL + "
-                        "feature loss")
+    g.add_argument("--distill", choices=("none", "kd", "srd"), default="srd", help="none: CE only; kd: CE + KL; srd "
+                   "(Simple Recipe Distillation, the paper's): CE + KL + feature loss")
     g.add_argument("--ce-weight", type=float, default=1.0, help="weight of the cross-entropy")
     g.add_argument("--kd-weight", type=float, default=1.0, help="weight of the KL term")
     g.add_argument("--feat-weight", type=float, default=2.0, help="weight of the feature loss")
     g.add_argument("--temperature", type=float, default=1.0, help="KD temperature T (the KL term is scaled by T^2)")
     g.add_argument("--alpha", type=float, default=4.0, help="exponent of the log-sum distance")
-    g.add_argument("--norm", choices=NORMS, default="bn", help="normalisation of z_s W_p and z_t, no affine: "
-                   "bn (the paper's), gn (Table 6.1; eps 1e-4 where the official code's has 0: a departure), ln, l2, "
-                   "none")
+    g.add_argument("--norm", choices=NORMS, default="bn", help="normalisation of z_s W_p and z_t, no affine: bn (the "
+                   "paper's), gn (Table 6.1; eps 1e-4 where the official code's has 0: a departure), ln, l2, none")
     g.add_argument("--projector", choices=PROJECTORS, default="linear", help="W_p: linear (the "
                    "paper's); mlp: Linear-BN-ReLU-Linear (our reading of the paper's 'MLP'); mlp-plain: "
                    "Linear-ReLU-Linear (the official code's); none")
     g.add_argument("--projector-hidden", type=int,
                    help="hidden width of the 'mlp' projector (default: the teacher's feature width)")
-    g.add_argument("--distance", choices=DISTANCES, default="logsum",
-                   help="logsum: the paper's log sum |d|^alpha; corr: the official DeiT code's correlation form; "
-                   "mean: mean |d|^alpha (no log: Tables 6.3, 6.9; averaged over batch and dimensions where the paper "
-                   "writes a squared norm: our reading); corr-nolog: the correlation form without the log")
+    g.add_argument("--distance", choices=DISTANCES, default="logsum", help="logsum: the paper's log sum |d|^alpha; "
+                   "corr: the official DeiT code's correlation form; mean: mean |d|^alpha (no log: Tables 6.3, 6.9; "
+                   "averaged over batch and dimensions where the paper writes a squared norm: our reading); "
+                   "corr-nolog: the correlation form without the log")
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int, default=100, help="training epochs")
     g.add_argument("--max-steps", type=int, help="cap on the steps of each epoch (smoke tests, benchmarks)")
@@ -157,9 +149,8 @@ def parse_args(argv=None):
     g.add_argument("--seed", type=int, default=0, help="seed of initialisation, shuffling and augmentation")
     g.add_argument("--log-every", type=int, default=100, help="steps between log lines")
     g = p.add_argument_group("outputs")
-    g.add_argument("--out-dir", type=Path,
-                   help="output folder (default: the folder of --resume, else runs/<PROG>-<student>-<distill>, "
-                        "with -dummy for --dummy runs)")
+    g.add_argument("--out-dir", type=Path, help="output folder (default: the folder of --resume, else "
+                   "runs/<PROG>-<student>-<distill>, with -dummy for --dummy runs)")
     g.add_argument("--resume", type=Path, help="checkpoint (OUT/last.pt) to continue, or to evaluate with --evaluate")
     g.add_argument("--evaluate", action="store_true", help="evaluate the --resume checkpoint's student and exit")
     args = p.parse_args(argv)
@@ -186,6 +177,7 @@ def parse_args(argv=None):
     return args
 
 
+# ---- the method: z_s and z_t (the classifier's input), the student with its distiller, the KD term, the step ----
 def feature_point(model):
     """The module whose input is z, the paper's "representation just before the output space": the input of
     the classifier block's last linear layer, before the dropout in front of it (z_t has none: the teacher is in
@@ -203,9 +195,8 @@ def feature_point(model):
 
 
 class WithFeatures(nn.Module):
-    """``model(x) -> (logits, z)``, z the input of ``feature_point(model)``, pooled. A forward pre-hook
-    catches it, so the model and its state-dict keys stay torchvision's own: a saved student loads into a
-    plain ``torchvision.models.resnet18()``."""
+    """``model(x) -> (logits, z)``, z the input of ``feature_point(model)``, pooled, caught by a forward pre-hook: the
+    model and its state-dict keys stay torchvision's, so a saved student loads into a plain ``models.resnet18()``."""
 
     def __init__(self, model):
         super().__init__()
@@ -245,8 +236,7 @@ def kd_loss(logits_s, logits_t, T):
 
 
 def build_distiller(args, student, teacher):
-    """--distill srd's distiller: W_p maps the student's feature width to the teacher's (both read from a dry
-    forward), then the normalisation and the distance of the flags. None for the other modes."""
+    """--distill srd's distiller (else None): W_p maps z_s to the teacher's width, then --norm and --distance."""
     if args.distill != "srd":
         return None
     try:
@@ -257,9 +247,8 @@ def build_distiller(args, student, teacher):
 
 
 def train_step(model, teacher, optimizer, scaler, autocast, args, x, y):
-    """One step of the paper's objective, CE + kd_weight * KL + feat_weight * the feature loss, with the frozen
-    teacher under no_grad; returns the unweighted terms (ce, kd, feat) and the student's features z_s, left on the
-    device. An unused term is 0."""
+    """One step of the paper's objective, CE + kd_weight * KL + feat_weight * the feature loss; returns the unweighted
+    terms (ce, kd, feat) and the student's features z_s, left on the device. An unused term is 0."""
     with autocast:
         logits_t = z_t = None
         if teacher is not None:
@@ -393,9 +382,7 @@ def main(argv=None):
     return summary
 
 
-# =====================================================================================================
-# Appendix: the plumbing a reader of the method can skip (data, model zoo, teacher weights, checkpoints)
-# =====================================================================================================
+# ==== Appendix: the plumbing a reader of the method can skip (data, model zoo, teacher weights, checkpoints) ====
 class EpochSampler(DistributedSampler):
     """DistributedSampler (this rank's shard of a per-epoch permutation) that yields (epoch, index)."""
 
@@ -404,9 +391,8 @@ class EpochSampler(DistributedSampler):
 
 
 class Augmented(Dataset):
-    """Draws the random augmentation of image ``index`` in epoch ``epoch`` from a generator seeded by
-    (seed, epoch, index): independent of workers, persistent workers and world size, so a resumed run
-    sees exactly the images the uninterrupted run would have."""
+    """The random augmentation of image ``index`` in epoch ``epoch`` is seeded by (seed, epoch, index): independent of
+    workers, persistent workers and world size, so a resume sees exactly the images of the uninterrupted run."""
 
     def __init__(self, dataset, seed):
         self.dataset, self.seed = dataset, seed
@@ -422,9 +408,8 @@ class Augmented(Dataset):
 
 
 def balanced_subset(labels, fraction):
-    """Indices of round(fraction * n_c) images (at least one) of each class c, drawn by a generator of fixed
-    seed: a function of the labels and the fraction only, so every rank, every resume and every run with this
-    fraction trains on the same images (the paper's 20 % subset of ImageNet)."""
+    """Indices of round(fraction * n_c) images (at least one) of each class c, drawn by a generator of fixed seed: a
+    function of the labels and the fraction only, so every rank and every resume trains on the same images."""
     g, counts = torch.Generator().manual_seed(0), torch.bincount(labels).tolist()
     keep = [members[torch.randperm(len(members), generator=g)[:max(1, round(fraction * len(members)))]]
             for members in torch.split(labels.argsort(stable=True), counts) if len(members)]
@@ -580,9 +565,8 @@ def check_classes(model, checkpoint, path, classes):
 
 @torch.no_grad()
 def evaluate(model, loader, device, prepare):
-    """Top-1/top-5 over the whole evaluation set (each rank scores its shard, the counts are all-reduced), in
-    float32 whatever --amp trains in: a score must not depend on the speed flags (bf16 keeps 8 significant
-    bits, enough to flip near-tied predictions)."""
+    """Top-1/top-5 over the whole evaluation set (every rank's shard), in float32 whatever --amp trains in: a score must
+    not depend on the speed flags (bf16 keeps 8 significant bits, enough to flip near-tied predictions)."""
     was_training = model.training
     model.eval()
     hits, n = torch.zeros(2, device=device, dtype=torch.float64), 0  # top-1 and top-5 hits, images
@@ -602,8 +586,7 @@ def evaluate(model, loader, device, prepare):
 
 # ---- the run's bookkeeping: this task's ----
 def evaluate_checkpoint(args, student, val_loader, device, prepare):
-    """--evaluate: the validation top-1/top-5 of the student of --resume (already loaded), printed, written to
-    eval.json and returned."""
+    """--evaluate: the top-1/top-5 of --resume's student (already loaded): printed, written to eval.json, returned."""
     metrics = {**evaluate(student, val_loader, device, prepare), "checkpoint": str(args.resume)}
     if not dist.is_initialized() or dist.get_rank() == 0:
         print(f"{args.resume}: top1 {metrics['top1']:.2f} top5 {metrics['top5']:.2f} on {metrics['images']} images")
@@ -660,7 +643,7 @@ def write_summary(args, metrics, best, best_epoch, teacher_top1, teacher_tag, pu
     return summary
 
 
-# ---- checkpoints, and the helpers every script shares ----
+# ---- checkpoints and the run's bookkeeping, word for word the same in every script ----
 def read_checkpoint(path):
     """torch.load with weights_only=True: checkpoints are untrusted input (tensors and plain containers only)."""
     if not Path(path).is_file():
@@ -694,8 +677,7 @@ def load_weights(model, checkpoint, path, what):
 
 
 def save_atomic(obj, path):
-    """Write to a temp file in the same folder, then rename: a crash never leaves half a file, nor destroys the
-    previous one."""
+    """Write a temp file in the same folder, then rename it: a crash never leaves half a file, nor loses the last."""
     tmp = Path(path).with_name(Path(path).name + ".tmp")
     if isinstance(obj, str):
         tmp.write_text(obj)
@@ -720,8 +702,7 @@ def n_params(module):  # in millions
 
 
 def versions():
-    """The software of a run, for summary.json (None for a package that is not installed: no script needs timm
-    unless it uses it)."""
+    """The software of a run, for summary.json; None for a package that is not installed (timm, say)."""
     found = {}
     for package in ("torch", "torchvision", "timm"):
         try:
@@ -730,7 +711,7 @@ def versions():
             found[package] = None
     return {"python": platform.python_version(), **found, "cuda": torch.version.cuda}
 
-# ---- the run's bookkeeping, word for word the same in every script ----
+
 def set_up(args):
     """One code path for one process and for torchrun (whose RANK means DDP, one process per GPU): (device, rank,
     world size, the autocast context of --amp), every rank seeded alike."""
@@ -756,9 +737,8 @@ def set_up(args):
 
 
 def check_run(args, device, world):
-    """The bad input every script refuses alike, before anything is written: the device's, --evaluate's, the
-    out-dir's, and a --resume checkpoint that is not this run's. Returns (the checkpoint of --resume or None, the
-    flags as plain types: what args.json and the checkpoints record, and what a resume compares)."""
+    """The bad input every script refuses alike, before anything is written (the device's, --evaluate's, the
+    out-dir's, a --resume that is not this run's): returns (the --resume checkpoint or None, the flags as JSON)."""
     out_dir, args_json = Path(args.out_dir), json.loads(json.dumps(vars(args), default=str))
     if args.amp == "fp16" and device.type != "cuda":  # one policy in the four scripts: refused, not ignored
         fail("--amp fp16 needs CUDA (its GradScaler); use --amp bf16 or off on CPU")
@@ -818,8 +798,7 @@ def stop_if_not_finite(losses, epoch, step):
 
 
 def log_line(epoch, epochs, step, steps, losses, lr, images_per_s, data_s, eta_s):
-    """The progress line of every --log-every steps: where the run is, the interval's mean losses (a string), the lr,
-    the throughput, the time each step waited for its data, and the time left."""
+    """The line of every --log-every steps: position, the interval's mean losses, lr, img/s, data wait, time left."""
     print(f"epoch {epoch + 1}/{epochs} step {step + 1}/{steps} | {losses} | lr {lr:.4g} | "
           f"{images_per_s:.{0 if images_per_s >= 100 else 1}f} img/s | data {1000 * data_s:.1f} ms/step | "
           f"eta {datetime.timedelta(seconds=round(eta_s))}", flush=True)
@@ -844,8 +823,7 @@ def training_state(student, distiller, optimizer, scheduler, scaler, epochs_done
 
 
 def broadcast_buffers(module):
-    """Rank 0's buffers (the batch-norm statistics) on every rank, so that every rank scores the model rank 0 saves
-    rather than its local statistics."""
+    """Rank 0's buffers (the batch-norm statistics) on every rank: every rank scores the model rank 0 saves."""
     if dist.is_initialized():
         for buffer in module.buffers():
             dist.broadcast(buffer, 0)
