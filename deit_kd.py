@@ -206,7 +206,7 @@ def parse_args(argv=None):
 # ---- the method: the student with its distiller, the KD term, the schedule ----
 class StudentWithDistiller(nn.Module):
     """The student and the feature distiller in one module, so that DDP keeps the projector identical on every rank:
-    (x, z_t) -> (the logits, the unweighted feature loss or None without a distiller, the student's feature z_s)."""
+    (x, z_t) -> (the logits, in training the pair of cls head and second head; the feature loss or None; z_s)."""
 
     def __init__(self, student, distiller):
         super().__init__()
