@@ -38,10 +38,11 @@ import platform
 import re
 import resource
 import shutil
+import signal
 import sys
 import tarfile
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from functools import partial
 from pathlib import Path
 from urllib.parse import urlparse
@@ -119,10 +120,11 @@ def parse_args(argv=None):
                    "does not state it: the official code's")
     g.add_argument("--alpha", type=float, default=4.0, help="exponent of the soft maximum log sum |d|^alpha")
     g.add_argument("--norm", default="bn", choices=NORMS, help="normalisation of z_s W_p and z_t, no affine: bn (the "
-                   "paper's), gn (Table 6.1; eps 1e-4 where the official code's has 0: a departure), ln, l2, none")
+                   "paper's), gn (Table 6.1; eps 1e-4 where the official code's has 0: a departure), ln, l2; none: no "
+                   "normalisation")
     g.add_argument("--projector", default="mlp", choices=PROJECTORS, help="W_p: linear (the paper's on ImageNet); "
                    "mlp (the paper's here): Linear-BN-ReLU-Linear, our reading of 'MLP', its BN keeps the hidden "
-                   "layer from collapsing; mlp-plain: Linear-ReLU-Linear (the official code's); none")
+                   "layer from collapsing; mlp-plain: Linear-ReLU-Linear (the official code's); none: the identity")
     g.add_argument("--projector-hidden", type=int, default=1024,
                    help="hidden width of the 'mlp' projector (the paper's CIFAR-100 runs: 1024)")
     g.add_argument("--distance", default="logsum", choices=DISTANCES, help="logsum: the paper's log sum "
@@ -141,31 +143,25 @@ def parse_args(argv=None):
     g.add_argument("--wd", type=float, default=5e-4, help="weight decay of the student and the projector")
     g = p.add_argument_group("system")
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
-    g.add_argument("--amp", choices=("off", "bf16", "fp16"), help="mixed precision (default: bf16 on CUDA, off on CPU)")
+    g.add_argument("--amp", choices=("off", "bf16", "fp16"), help="mixed precision (default: bf16 on GPUs that have "
+                   "it natively, else fp16; off on CPU); off is true float32, and every score is float32")
     g.add_argument("--channels-last", action=argparse.BooleanOptionalAction,
                    help="NHWC memory layout, faster convolutions on GPUs (default: on with CUDA, off on CPU)")
     g.add_argument("--compile", action="store_true", help="torch.compile the training step (CUDA graphs on one GPU): "
                    "teacher, student, distiller and losses as one graph with its backward, the SGD update as another; "
                    "the graph breaks at GradScaler, which torch does not trace, so backward() is called eagerly")
-    g.add_argument("--sync-bn", action="store_true", help="batch-norm statistics over the global batch under torchrun")
+    g.add_argument("--sync-bn", action="store_true", help="the student's batch-norm statistics over the global batch "
+                   "under torchrun (CUDA); the distiller's see the global batch already")
     g.add_argument("--seed", type=int, default=0, help="random seed; every random draw depends on (seed, epoch, rank)")
     g.add_argument("--log-every", type=int, default=100, help="steps between log lines (the only host-device syncs)")
     g = p.add_argument_group("outputs")
     g.add_argument("--out-dir", help=f"output folder (default: the folder of --resume, else "
                    f"runs/{PROG}-<student>-<distill>, with -dummy for --dummy runs)")
-    g.add_argument("--resume", metavar="PATH",
-                   help="continue the run of this last.pt; with --evaluate, the weights to score (any format)")
+    g.add_argument("--resume", metavar="auto|PATH", help="continue a run: auto, from the out-dir's last.pt if there is "
+                   "one, else start (one command for the first launch and every restart); or a last.pt; flags not "
+                   "given take the run's own values; with --evaluate, the weights to score (any format)")
     g.add_argument("--evaluate", action="store_true", help="score the student of --resume, write eval.json and exit")
-    args = p.parse_args(argv)
-    cuda = args.device.startswith("cuda")
-    args.amp = args.amp or ("bf16" if cuda else "off")
-    args.channels_last = cuda if args.channels_last is None else args.channels_last
-    if args.kd_weight is None:  # the paper's CIFAR-100 distiller has no KL term; --distill kd is CE + KL
-        args.kd_weight = 0.0 if args.distill == "srd" else 1.0
-    args.lr = (0.01 if args.student in SMALL_LR_ARCHS else 0.05) if args.lr is None else args.lr
-    if args.out_dir is None:  # --dummy runs have their own folder: a real run's never holds random-data checkpoints
-        args.out_dir = (str(Path(args.resume).parent) if args.resume else
-                        f"runs/{PROG}-{args.student}-{args.distill}" + ("-dummy" if args.dummy else ""))
+    args = parse_resuming(p, argv, resolve_defaults)  # a resume takes its run's flags for those not given
     for name in ("epochs", "batch_size", "log_every", "max_steps", "alpha", "temperature"):
         if getattr(args, name) is not None and getattr(args, name) <= 0:
             fail(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
@@ -182,12 +178,30 @@ def parse_args(argv=None):
     return args
 
 
+def resolve_defaults(args):
+    """The defaults that depend on other flags or on the machine, resolved once (args.json records them)."""
+    cuda = args.device.startswith("cuda")
+    if args.amp is None:  # bf16 where the GPU computes it natively; emulated (V100, T4) it is slower than fp16
+        args.amp = ("bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16") if cuda else "off"
+    args.channels_last = cuda if args.channels_last is None else args.channels_last
+    if args.kd_weight is None:  # the paper's CIFAR-100 distiller has no KL term; --distill kd is CE + KL
+        args.kd_weight = 0.0 if args.distill == "srd" else 1.0
+    args.lr = (0.01 if args.student in SMALL_LR_ARCHS else 0.05) if args.lr is None else args.lr
+    if args.out_dir is None:  # --dummy runs have their own folder: a real run's never holds random-data checkpoints
+        args.out_dir = (str(Path(args.resume).parent) if args.resume not in (None, "auto") else
+                        f"runs/{PROG}-{args.student}-{args.distill}" + ("-dummy" if args.dummy else ""))
+    return args
+
+
 # ---- the method: the student and the paper's distiller in one module, so that DDP keeps the projector W_p identical
 # on every rank (and averages its gradients like the student's), and Hinton's KD term.
 class StudentWithDistiller(nn.Module):
-    def __init__(self, student, distiller):
+    def __init__(self, student, distiller, sync_bn=False):
         super().__init__()
-        self.student, self.distiller = student, distiller
+        # --sync-bn syncs the student's batch norms alone, in place: the distiller's see the global batch already,
+        # and a synced BN in the MLP projector would make the CKA that rank 0 takes at a log step a collective
+        self.student = nn.SyncBatchNorm.convert_sync_batchnorm(student) if sync_bn else student
+        self.distiller = distiller
 
     def forward(self, x, z_t=None):
         logits, z_s = self.student(x)
@@ -242,6 +256,8 @@ def main(argv=None):
     lr = args.lr * global_batch / 64  # linear scaling from the protocol's batch of 64
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
     resumed, args_json = check_run(args, device, world)  # bad input: refused before anything is written
+    if resumed is not None and args_json["resume"] == "auto" and resumed["epoch"] >= args.epochs:
+        return finished(args, resumed["epoch"])  # the run is done: its summary, nothing changed
 
     # ---- data ----
     train_x, train_y, *test_set = (t.to(device) for t in build_data(args, is_main))
@@ -257,9 +273,7 @@ def main(argv=None):
                                                  if args.distill != "none" else (None,) * 3)
     teacher_top1 = score_teacher(args, teacher, teacher_origin, teacher_expected, test_set, normalise, memory_format)
     distiller = build_distiller(args, student, teacher)
-    model = StudentWithDistiller(student, distiller)
-    if args.sync_bn and distributed:
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # swaps modules inside: the handles stay valid
+    model = StudentWithDistiller(student, distiller, sync_bn=args.sync_bn and distributed)
     model.to(device, memory_format=memory_format)
 
     # ---- optimisation ----
@@ -284,8 +298,8 @@ def main(argv=None):
         report_teacher(args, teacher_top1, teacher_origin, teacher_expected)
 
     # ---- training ----
-    total_steps, t_loop = (args.epochs - start_epoch) * steps, time.time()
-    run_images, run_train_s = 0, 0.0  # for the run's throughput
+    total_steps, t_loop, run_train_s = (args.epochs - start_epoch) * steps, time.time(), 0.0
+    epoch_images = min(steps * args.batch_size, per_rank) * world  # trained per epoch, on all ranks
     shown = ["ce"] + ["kd"] * (teacher is not None and args.kd_weight > 0) + ["feat"] * (distiller is not None)
     step_args = (model, teacher, optimizer, scaler, autocast, args)
     # --compile: CUDA graphs on one GPU (at batch 64 launches bound these models); the last, partial batch runs eagerly
@@ -294,6 +308,7 @@ def main(argv=None):
     for epoch in range(start_epoch, args.epochs):
         batches = train_batches(train_x, train_y, normalise, args, epoch, rank, per_rank)
         model.train()
+        reset_peak_memory(device)  # the record's peak is this epoch's training
         epoch_sums = torch.zeros(3, device=device)  # ce, kd, feat: summed on the device, read at log steps only
         interval, logged, t_log, data_time, t_epoch = torch.zeros(3, device=device), 0, time.time(), 0.0, time.time()
         cka = []  # [global step, CKA of z_s and its projection] at each log step: Figure 6.3
@@ -320,8 +335,8 @@ def main(argv=None):
                 t_log, data_time, logged = now, 0.0, step + 1
         if device.type == "cuda":
             torch.cuda.synchronize()
-        train_s, images = time.time() - t_epoch, min(steps * args.batch_size, per_rank) * world
-        run_images, run_train_s = run_images + images, run_train_s + train_s
+        train_s, peak_mb = time.time() - t_epoch, peak_memory_mb(device)  # the peak before scoring: training's
+        run_train_s += train_s
         loss_means = mean_over_ranks(epoch_sums, steps, world)
         epoch_lr = float(optimizer.param_groups[0]["lr"])
         scheduler.step()
@@ -333,8 +348,8 @@ def main(argv=None):
             best, best_epoch = metrics["top1"], epoch + 1
         if is_main:
             record = {"epoch": epoch + 1, "lr": epoch_lr, **{f"loss_{n}": m if n in shown else None for n, m in zip(
-                      ("ce", "kd", "feat"), loss_means)}, **metrics, "images_per_s": images / train_s,
-                      "epoch_s": time.time() - t_epoch, "peak_mem_mb": peak_memory_mb(device)}
+                      ("ce", "kd", "feat"), loss_means)}, **metrics, "images_per_s": epoch_images / train_s,
+                      "epoch_s": time.time() - t_epoch, "peak_mem_mb": peak_mb}
             if distiller is not None:  # every singular value of W_p, sorted (Figure 6.2); None unless it is linear
                 sv = projector_spectrum(distiller)
                 record["projector_sv"], record["projector_cka"] = None if sv is None else sv.tolist(), cka
@@ -346,8 +361,8 @@ def main(argv=None):
                   flush=True)
 
     # ---- summary ----
-    summary = write_summary(args, record, best, best_epoch, teacher_top1, t_start,
-                            run_images / run_train_s, device, world) if is_main else None
+    summary = write_summary(args, record, best, best_epoch, teacher_top1, t_start, (args.epochs - start_epoch)
+                            * epoch_images / run_train_s, world) if is_main else None
     if distributed:
         dist.destroy_process_group()
     return summary
@@ -772,11 +787,12 @@ def evaluate(model, test_set, normalise, batch_size=256):
     start, stop = rank * n // world, (rank + 1) * n // world
     counts = torch.zeros(3, device=labels.device, dtype=torch.float64)  # top-1 hits, top-5 hits, images
     counts[2] = stop - start
-    for i in range(start, stop, batch_size):
-        j = min(i + batch_size, stop)
-        logits = model(normalise(images[i:j]))[0]
-        hits = logits.topk(5, 1).indices == labels[i:j, None]
-        counts[:2] += torch.stack([hits[:, 0].sum(), hits.any(1).sum()])
+    with float32_scores():
+        for i in range(start, stop, batch_size):
+            j = min(i + batch_size, stop)
+            logits = model(normalise(images[i:j]))[0]
+            hits = logits.topk(5, 1).indices == labels[i:j, None]
+            counts[:2] += torch.stack([hits[:, 0].sum(), hits.any(1).sum()])
     if dist.is_initialized():
         dist.all_reduce(counts)
     model.train(was_training)
@@ -837,17 +853,18 @@ def load_state(resumed, args, student, distiller, optimizer, scheduler, scaler, 
     for group in optimizer.param_groups:  # this run's lr type, whatever the saving run's --compile was
         group["lr"] = as_lr(group["lr"])
     scheduler.load_state_dict(resumed["scheduler"])
-    scaler.load_state_dict(resumed["scaler"] or {})
+    if resumed["scaler"]:  # a bf16 or float32 run saved a disabled scaler's {}: resuming it in fp16 starts afresh
+        scaler.load_state_dict(resumed["scaler"])
     return resumed["epoch"], resumed["best"], resumed["best_epoch"]
 
 
-def write_summary(args, record, best, best_epoch, teacher_top1, t_start, images_per_s, device, world):
+def write_summary(args, record, best, best_epoch, teacher_top1, t_start, images_per_s, world):
     """summary.json, the run in one record (returned, and what main returns), and the last line."""
     summary = {"metric": "top1", "best": best, "best_epoch": best_epoch, "last": record["top1"],
                "last_top5": record["top5"], "teacher": teacher_top1, "student_arch": args.student,
                "teacher_arch": args.teacher if teacher_top1 is not None else None, "distill": args.distill,
-               "wall_s": time.time() - t_start, "images_per_s": images_per_s, "peak_mem_mb": peak_memory_mb(device),
-               "world_size": world, "versions": versions()}
+               "wall_s": time.time() - t_start, "images_per_s": images_per_s,
+               "peak_mem_mb": run_peak_mb(args.out_dir), "world_size": world, "versions": versions()}
     save_atomic(json.dumps(summary, indent=2) + "\n", Path(args.out_dir) / "summary.json")
     print(f"done: best top1 {best:.2f} (epoch {best_epoch}), last top1 {record['top1']:.2f} | "
           f"{summary['wall_s'] / 60:.1f} min | {Path(args.out_dir)}")
@@ -888,13 +905,17 @@ def load_weights(model, checkpoint, path, what):
 
 
 def save_atomic(obj, path):
-    """Write a temp file in the same folder, then rename it: a crash never leaves half a file, nor loses the last."""
+    """Write a temp file in the same folder, then rename it: a crash never leaves half a file, nor loses the last;
+    a write stopped midway (Ctrl-C, SIGTERM) leaves no temp file either."""
     tmp = Path(path).with_name(Path(path).name + ".tmp")
-    if isinstance(obj, str):
-        tmp.write_text(obj)
-    else:
-        torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        if isinstance(obj, str):
+            tmp.write_text(obj)
+        else:
+            torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def seed_of(*parts):
@@ -906,6 +927,30 @@ def peak_memory_mb(device):
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # the process's max RSS (KiB on Linux)
+
+
+def run_peak_mb(out_dir):
+    """The run's peak memory: the highest of its epochs' training peaks in metrics.jsonl, a resumed run's included."""
+    return max(json.loads(line)["peak_mem_mb"] for line in (Path(out_dir) / "metrics.jsonl").read_text().splitlines())
+
+
+def reset_peak_memory(device):
+    """Start an epoch's peak memory afresh (CUDA; on the CPU the peak is the process's max RSS, which never resets)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+@contextmanager
+def float32_scores():
+    """True float32 inside, TF32 off for matmuls and convolutions, whatever --amp trains in: a score must not depend
+    on the speed flags. These are torch's older TF32 switches, which torch.compile reads (and, where the newer
+    fp32_precision API set TF32, refuses to read)."""
+    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
 
 
 def n_params(module):  # in millions
@@ -934,34 +979,71 @@ def set_up(args):
     if device.type == "cuda":  # an explicit index for set_device
         if not torch.cuda.is_available():
             fail(f"--device {args.device} but CUDA is not available; pass --device cpu")
-        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        # modulo the GPUs it sees: a launcher may show each process its own GPU alone (Slurm --gpus-per-task=1)
+        local_rank = int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count()
         device = torch.device("cuda", local_rank if "RANK" in os.environ else device.index or 0)
         torch.cuda.set_device(device)
         torch.backends.cudnn.benchmark = FIXED_INPUT_SIZE  # cuDNN tunes its kernels once per input size
-        torch.set_float32_matmul_precision("high")  # TF32 where --amp off leaves float32 matmuls
+        # --amp off trains in true float32; bf16 and fp16 keep TF32 for what autocast leaves in float32
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.amp != "off"
     if "RANK" in os.environ:
         cuda = device.type == "cuda"
-        dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
+        # torchrun's agent keeps one key-value store across --max-restarts, and torch 2.14 no longer prefixes the keys
+        # of each attempt: a restarted rank that starts first reads its peers' addresses of the attempt before,
+        # connects to no one ("Gloo connectFullMesh failed ... Connection refused") and ends the job. The scripts
+        # give the other rank seconds to start first (their imports), minimal scripts milliseconds. Prefixed here.
+        store = dist.PrefixStore(f"attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', 0)}",
+                                 next(dist.rendezvous("env://"))[0])
+        dist.init_process_group("nccl" if cuda else "gloo", store=store, rank=rank, world_size=world,
+                                device_id=device if cuda else None)
     torch.manual_seed(args.seed)  # the same on every rank: a model DDP does not wrap (the teacher) is one model
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp)
     return device, rank, world, torch.autocast(device.type, dtype=dtype) if dtype else nullcontext()
 
 
+def resume_from(args):
+    """The checkpoint that a run continues: --resume PATH, or with --resume auto the out-dir's last.pt when a run left
+    one there (None: the run starts)."""
+    if args.resume != "auto":
+        return args.resume
+    last = Path(args.out_dir) / "last.pt"
+    return last if last.is_file() else None
+
+
+def parse_resuming(parser, argv, resolve):
+    """``parser.parse_args(argv)`` with the defaults that depend on other flags resolved by ``resolve``. A resume
+    continues its run as it was: a flag not given takes the value that the checkpoint recorded, a flag given
+    overrides it (check_run refuses where RESUME_MUST_MATCH forbids); ``flags_from_checkpoint`` names the flags that
+    the checkpoint changed (args.json and the start line show them)."""
+    args, recorded = resolve(parser.parse_args(argv)), {}
+    path = None if args.evaluate else resume_from(args)
+    checkpoint = read_checkpoint(path) if path else None
+    if isinstance(checkpoint, dict) and isinstance(checkpoint.get("args"), dict):  # else check_run refuses the file
+        recorded = {name: value for name, value in checkpoint["args"].items()
+                    if hasattr(args, name) and name not in ("resume", "evaluate", "out_dir")}
+        parser.set_defaults(**recorded, out_dir=args.out_dir)
+    resumed = resolve(parser.parse_args(argv)) if recorded else args
+    resumed.flags_from_checkpoint = sorted(name for name in recorded if getattr(resumed, name) != getattr(args, name))
+    return resumed
+
+
 def check_run(args, device, world):
     """The bad input every script refuses alike, before anything is written (the device's, --evaluate's, the
-    out-dir's, a --resume that is not this run's): returns (the --resume checkpoint or None, the flags as JSON)."""
+    out-dir's, a --resume that is not this run's), and --resume auto made a path (or None, a new run): returns (the
+    checkpoint to continue or to score, or None; the flags as JSON)."""
     out_dir, args_json = Path(args.out_dir), json.loads(json.dumps(vars(args), default=str))
     if args.amp == "fp16" and device.type != "cuda":  # one policy in the four scripts: refused, not ignored
         fail("--amp fp16 needs CUDA (its GradScaler); use --amp bf16 or off on CPU")
     if args.sync_bn and device.type != "cuda":
         fail("--sync-bn needs CUDA (SyncBatchNorm has no CPU kernels); drop it on CPU")
-    if args.evaluate and not args.resume:
+    if args.evaluate and args.resume in (None, "auto"):
         fail("--evaluate needs --resume PATH, the checkpoint whose student to score")
     if out_dir.exists() and not out_dir.is_dir():
         fail(f"--out-dir {out_dir} is a file; pass a folder")
     if not args.resume and ((out_dir / "args.json").exists() or (out_dir / "last.pt").exists()):
-        fail(f"{out_dir} already holds a run; pass --resume {out_dir}/last.pt to continue it, "
+        fail(f"{out_dir} already holds a run; pass --resume auto (or --resume {out_dir}/last.pt) to continue it, "
              "or choose another --out-dir")
+    args.resume = resume_from(args)
     resumed = read_checkpoint(args.resume) if args.resume else None
     if resumed is None or args.evaluate:  # --evaluate scores any file of student weights
         return resumed, args_json
@@ -969,15 +1051,29 @@ def check_run(args, device, world):
     if not (isinstance(resumed, dict) and state <= resumed.keys() and isinstance(resumed["args"], dict)):
         fail(f"{args.resume} is not a training checkpoint of {PROG}; pass the last.pt of one of its runs, "
              "or score it with --evaluate")
-    if resumed["epoch"] >= args.epochs:
-        fail(f"{args.resume} has trained {resumed['epoch']} epochs already; pass --epochs above {resumed['epoch']}")
-    for flag in RESUME_MUST_MATCH:
-        if resumed["args"].get(flag) != args_json[flag]:
-            fail(f"{args.resume} was trained with --{flag.replace('_', '-')} {resumed['args'].get(flag)}, "
-                 f"not {args_json[flag]}; pass that run's flags to resume it")
+    mismatched = [flag for flag in RESUME_MUST_MATCH if resumed["args"].get(flag) != args_json[flag]]
+    if mismatched:
+        fail(f"{args.resume} was trained with " + " and with ".join(f"--{flag.replace('_', '-')} "
+             f"{resumed['args'].get(flag)}, not {args_json[flag]}" for flag in mismatched) + "; drop those flags to "
+             "resume it as it was (a resume takes the run's own)")
     if resumed.get("world_size", world) != world:  # the global batch, hence the lr and the steps per epoch
         fail(f"{args.resume} was trained by {resumed['world_size']} processes, not {world}; use as many")
+    if resumed["epoch"] >= args.epochs and args_json["resume"] != "auto":  # auto: a finished run, main says so
+        fail(f"{args.resume} has trained {resumed['epoch']} epochs already; pass --epochs above {resumed['epoch']}")
     return resumed, args_json
+
+
+def finished(args, epochs_done):
+    """--resume auto of a run that has trained its --epochs: one line, nothing written, and the run's summary (None
+    if it was stopped between its last checkpoint and summary.json)."""
+    path = Path(args.out_dir) / "summary.json"
+    summary = json.loads(path.read_text()) if path.is_file() else None
+    if os.environ.get("RANK", "0") == "0":
+        print(f"{args.out_dir} has trained its {epochs_done} epochs: " + (
+              f"its summary is {path}" if summary else "stopped before summary.json; metrics.jsonl has every epoch"))
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return summary
 
 
 def open_outputs(out_dir, run_json, start_epoch):
@@ -1016,13 +1112,14 @@ def log_line(epoch, epochs, step, steps, losses, lr, images_per_s, data_s, eta_s
 
 
 def write_epoch(out_dir, checkpoint, record):
-    """last.pt (and best.pt on a new best), then the epoch's line of metrics.jsonl: the two never disagree."""
+    """The epoch's line of metrics.jsonl, best.pt on a new best, then last.pt, each written whole: a run stopped at
+    any point has a record for last.pt's epoch, and a resume drops the records after it (open_outputs)."""
     out_dir = Path(out_dir)
-    save_atomic(checkpoint, out_dir / "last.pt")
+    metrics = out_dir / "metrics.jsonl"
+    save_atomic((metrics.read_text() if metrics.is_file() else "") + json.dumps(record) + "\n", metrics)
     if checkpoint["best_epoch"] == checkpoint["epoch"]:
         save_atomic(checkpoint, out_dir / "best.pt")
-    with open(out_dir / "metrics.jsonl", "a") as f:
-        f.write(json.dumps(record) + "\n")
+    save_atomic(checkpoint, out_dir / "last.pt")
 
 
 def training_state(student, distiller, optimizer, scheduler, scaler, epochs_done, best, best_epoch, args_json):
@@ -1040,10 +1137,20 @@ def broadcast_buffers(module):
             dist.broadcast(buffer, 0)
 
 
+def preempted(signum, frame):
+    """SIGTERM (a scheduler preempting or requeueing the job, torchrun stopping its workers) stops the run as Ctrl-C
+    does, between two Python steps: every file is whole (save_atomic), and last.pt is where --resume goes on."""
+    raise KeyboardInterrupt("SIGTERM")
+
+
 if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, preempted)
     try:
         main()
-    except KeyboardInterrupt:  # one line, not a traceback: where the run stands and how to go on
-        last = Path(parse_args().out_dir) / "last.pt"
-        fail(f"interrupted; continue with --resume {last}" if last.is_file() else "interrupted before the first "
-             "epoch ended; nothing to resume", 130)
+    except KeyboardInterrupt as e:  # one line, not a traceback: where the run stands and how to go on
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the line short
+        sigterm, last = e.args == ("SIGTERM",), Path(parse_args().out_dir) / "last.pt"
+        fail(("stopped by SIGTERM" if sigterm else "interrupted") + (
+             f"; the same command with --resume auto (or --resume {last}) goes on, repeating the epoch it stopped in"
+             if last.is_file() else " before its first epoch ended; --resume auto starts it again"),
+             143 if sigterm else 130)

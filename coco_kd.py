@@ -35,7 +35,7 @@ A run prints the teacher's val AP, then the losses every --log-every steps and t
 args.json, metrics.jsonl, last.pt, best.pt, summary.json (headline: the last epoch's AP, as detection papers report).
 """
 import argparse
-from contextlib import nullcontext, redirect_stdout
+from contextlib import contextmanager, nullcontext, redirect_stdout
 import datetime
 import importlib.metadata
 import io
@@ -45,6 +45,7 @@ import os
 import platform
 import re
 import resource
+import signal
 import sys
 import time
 from pathlib import Path
@@ -118,7 +119,8 @@ def parse_args(argv=None):
     g.add_argument("--teacher", default="fasterrcnn_resnet50_fpn", choices=(*COCO_TEACHERS, *STUDENTS), metavar="ARCH",
                    help="fasterrcnn_resnet50_fpn: the paper's architecture, torchvision's COCO weights (37.0 AP; the "
                         "paper's detectron2 ones: 40.22); _v2: 46.7 AP, another recipe; or a student layout")
-    g.add_argument("--teacher-ckpt", help="teacher weights (a state dict, or a checkpoint of this script)")
+    g.add_argument("--teacher-ckpt", metavar="PATH",
+                   help="teacher weights (a state dict, or a checkpoint of this script)")
     g.add_argument("--teacher-eval-images", type=int, default=0, help="score the teacher on N val images (0: all)")
     g = p.add_argument_group("distillation")
     g.add_argument("--distill", default="srd", choices=("none", "srd"), help="none: detection losses; srd "
@@ -127,10 +129,10 @@ def parse_args(argv=None):
     g.add_argument("--alpha", type=float, default=4.0, help="alpha of the soft maximum log sum |z_s W_p - z_t|^alpha")
     g.add_argument("--norm", default="bn", choices=NORMS, help="normalisation of z_s W_p and z_t, no affine: "
                    "bn (the paper's, per channel over the batch's positions), gn (Table 6.1; eps 1e-4 where the "
-                   "official code's has 0: a departure), ln, l2, none")
+                   "official code's has 0: a departure), ln, l2; none: no normalisation")
     g.add_argument("--projector", default="linear", choices=PROJECTORS, help="W_p at every position (a 1x1 "
                    "conv): linear (the paper's); mlp: Linear-BN-ReLU-Linear (our reading of the paper's 'MLP'); "
-                   "mlp-plain: Linear-ReLU-Linear (the official code's); none")
+                   "mlp-plain: Linear-ReLU-Linear (the official code's); none: the identity")
     g.add_argument("--projector-hidden", type=int,
                    help="hidden width of the 'mlp' projector (default: the teacher's feature width)")
     g.add_argument("--distance", default="logsum", choices=DISTANCES, help="logsum: the paper's soft maximum; corr: "
@@ -147,8 +149,8 @@ def parse_args(argv=None):
     g.add_argument("--lr-milestones", type=int, nargs="+", default=[8, 11], help="lr x0.1 at these epochs")
     g.add_argument("--warmup-iters", type=int, default=1000, help="linear warm-up from lr/1000, at most an epoch")
     g = p.add_argument_group("system")
-    g.add_argument("--amp", choices=("off", "bf16", "fp16"),
-                   help="autocast of the training backbones (default: bf16 on CUDA, off on CPU); heads stay float32")
+    g.add_argument("--amp", choices=("off", "bf16", "fp16"), help="autocast of the training backbones (default: bf16 "
+                   "on GPUs that have it natively, else fp16; off on CPU); heads stay float32; every score is float32")
     g.add_argument("--channels-last", action=argparse.BooleanOptionalAction,
                    help="NHWC memory layout, faster convolutions on GPUs (default: on with CUDA, off on CPU)")
     g.add_argument("--compile", action="store_true", help="torch.compile the backbones (the heads' shapes vary)")
@@ -156,22 +158,18 @@ def parse_args(argv=None):
     g.add_argument("--workers", type=int,
                    help="data-loading processes per process (default: 4, at most this process's share of the cores)")
     g.add_argument("--seed", type=int, default=0, help="batches, flips, sizes, RPN/RoI samples: f(seed, epoch, rank)")
-    g.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm for the student's and distillers' BN (CUDA)")
+    g.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm for the student's batch norms (CUDA); the "
+                   "distillers' keep per-GPU statistics, as their feature maps do")
     g = p.add_argument_group("outputs")
     g.add_argument("--log-every", type=int, default=20, help="print a progress line every N steps")
     g.add_argument("--score-thresh", type=float, default=0.05, help="keep detections scoring above this")
     g.add_argument("--out-dir", help="output folder (default: the folder of --resume, else "
-                                     "runs/<PROG>-<student>-<distill>, with -dummy for --dummy runs)")
-    g.add_argument("--resume", metavar="PATH", help="continue the run of this checkpoint (its last.pt)")
+                                     f"runs/{PROG}-<student>-<distill>, with -dummy for --dummy runs)")
+    g.add_argument("--resume", metavar="auto|PATH", help="continue a run: auto, from the out-dir's last.pt if there is "
+                   "one, else start (one command for the first launch and every restart); or a last.pt; flags not "
+                   "given take the run's own values; with --evaluate, the weights to score (any format)")
     g.add_argument("--evaluate", action="store_true", help="score the student of --resume on val, write eval.json")
-    args = p.parse_args(argv)
-    cuda = args.device.startswith("cuda")  # derived defaults, resolved once
-    args.amp = args.amp or ("bf16" if cuda else "off")
-    args.channels_last = cuda if args.channels_last is None else args.channels_last
-    if args.workers is None:  # never more loader processes than cores: each would compete for them
-        args.workers = max(1, min(4, len(os.sched_getaffinity(0)) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
-    args.out_dir = Path(args.out_dir or (Path(args.resume).parent if args.resume else
-                                         f"runs/{PROG}-{args.student}-{args.distill}" + "-dummy" * args.dummy))
+    args = parse_resuming(p, argv, resolve_defaults)  # a resume takes its run's flags for those not given
     for name in ("epochs", "batch_size", "log_every", "max_steps", "alpha", "projector_hidden", "max_size"):
         if getattr(args, name) is not None and getattr(args, name) <= 0:
             fail(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
@@ -185,6 +183,19 @@ def parse_args(argv=None):
     return args
 
 
+def resolve_defaults(args):
+    """The defaults that depend on other flags or on the machine, resolved once (args.json records them)."""
+    cuda = args.device.startswith("cuda")
+    if args.amp is None:  # bf16 where the GPU computes it natively; emulated (V100, T4) it is slower than fp16
+        args.amp = ("bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16") if cuda else "off"
+    args.channels_last = cuda if args.channels_last is None else args.channels_last
+    if args.workers is None:  # never more loader processes than cores: each would compete for them
+        args.workers = max(1, min(4, len(os.sched_getaffinity(0)) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
+    args.out_dir = Path(args.out_dir or (Path(args.resume).parent if args.resume not in (None, "auto") else
+                                         f"runs/{PROG}-{args.student}-{args.distill}" + "-dummy" * args.dummy))
+    return args
+
+
 # ---- the method: the student with its distillers (one per pair of FPN levels), the schedule, the training step ----
 class StudentWithDistiller(nn.Module):
     """What DDP wraps: the student's training forward and the distillers, so the projectors W_p are averaged like the
@@ -192,9 +203,12 @@ class StudentWithDistiller(nn.Module):
     Backbone and FPN (nearly all the FLOPs) run under the caller's autocast; the RPN and RoI heads and the distillers
     stay in float32, as bf16's 8-bit mantissa would move box corners near x = 1000 by up to 4 px."""
 
-    def __init__(self, student, distiller, levels):
+    def __init__(self, student, distiller, levels, sync_bn=False):
         super().__init__()
-        self.student, self.distiller, self.levels = student, distiller, levels
+        # --sync-bn syncs the student's batch norms alone, in place: the distillers keep per-GPU statistics, as their
+        # maps do, and a synced BN in an MLP projector would make the CKA that rank 0 takes at a log step a collective
+        self.student = nn.SyncBatchNorm.convert_sync_batchnorm(student) if sync_bn else student
+        self.distiller, self.levels = distiller, levels
 
     def forward(self, batch, targets, features_t=None):
         features = self.student.backbone(batch.tensors)
@@ -278,6 +292,8 @@ def main(argv=None):
     distributed, is_main, global_batch = dist.is_initialized(), rank == 0, args.batch_size * world
     lr = args.lr * global_batch / 16  # linear scaling from detectron2's 0.02 per 16 images
     resumed, args_json = check_run(args, device, world)  # bad input: refused before anything is written
+    if resumed is not None and args_json["resume"] == "auto" and resumed["epoch"] >= args.epochs:
+        return finished(args, resumed["epoch"])  # the run is done: its summary, nothing changed
 
     # ---- data ----
     train_set, val_set = build_data(args)
@@ -298,9 +314,7 @@ def main(argv=None):
         return evaluate_checkpoint(args, student, resumed, val_loader, device)
 
     # ---- optimisation ----
-    model = StudentWithDistiller(student, distiller, levels)
-    if distributed and args.sync_bn:
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model = StudentWithDistiller(student, distiller, levels, sync_bn=args.sync_bn and distributed)
     if distributed:
         model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr, momentum=args.momentum,
@@ -316,17 +330,16 @@ def main(argv=None):
               f"{global_batch} | lr {lr:g} | {steps} steps/epoch | params: student {n_params(student):.2f}m, "
               f"distiller {n_params(distiller):.3f}m, teacher {n_params(teacher):.2f}m | {len(train_set)} train / "
               f"{len(val_set)} val images")
-        if teacher is not None:
-            print(f"teacher {args.teacher} with {teacher_tag}; distilled FPN levels (student: teacher) {levels}")
         if resumed is not None:
             print(f"resuming {args.resume}: {start_epoch} epochs done, best AP {100 * best:.1f} (epoch {best_epoch})")
-    teacher_metrics = score_teacher(args, teacher, teacher_tag, val_set, device)
+    teacher_metrics = score_teacher(args, teacher, teacher_tag, levels, val_set, device)
 
     # ---- training ----
     t_loop, total_steps, epoch_ips = time.time(), (args.epochs - start_epoch) * steps, []
     for epoch in range(start_epoch, args.epochs):
         torch.manual_seed(seed_of(args.seed, epoch, rank))  # sizes, RPN/RoI sampling: f(seed, epoch, rank)
         batches = train_batches(train_set.aspect, args.batch_size, args.seed, epoch, rank, world)[:steps]
+        reset_peak_memory(device)  # the record's peak is this epoch's training
         interval = torch.zeros(len(DET_LOSSES) + 1, device=device)  # the detection terms and feat, on device
         seen, data_time, logged, epoch_sums, epoch_images = 0, 0.0, 0, [0.0] * len(interval), 0
         cka = []  # [global step, CKA of z_s and its projection, mean over the levels] at each log step: Figure 6.3
@@ -361,10 +374,11 @@ def main(argv=None):
                 interval.zero_()
                 t_log, data_time, logged, seen = now, 0.0, step + 1, 0
             t_ready = time.time()
-        epoch_s = time.time() - t_epoch
+        epoch_s, peak_mb = time.time() - t_epoch, peak_memory_mb(device)  # the peak before scoring: training's
         epoch_ips.append(epoch_images / epoch_s)
 
         # ---- the epoch's score, checkpoint and record ----
+        broadcast_buffers(student)  # every rank scores the model rank 0 saves (BN statistics, where they train)
         metrics = evaluate(student, val_loader, device, args.channels_last)
         if best is None or metrics["AP"] > best:
             best, best_epoch = metrics["AP"], epoch + 1
@@ -373,7 +387,7 @@ def main(argv=None):
             record = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"], "loss_det": sum(mean[:-1]),
                       **dict(zip(DET_LOSSES, mean)), "loss_kd": None, "loss_feat": mean[-1] if teacher else None,
                       **metrics, "eval_images": metrics["images"], "images_per_s": epoch_ips[-1], "epoch_s": epoch_s,
-                      "peak_mem_mb": peak_memory_mb(device)}
+                      "peak_mem_mb": peak_mb}
             if teacher is not None:  # every singular value of each level's W_p, sorted: the paper's Figure 6.2
                 spectra = {ks: projector_spectrum(d) for ks, d in distiller.items()}
                 record["projector_sv"] = {ks: None if sv is None else sv.tolist() for ks, sv in spectra.items()}
@@ -386,7 +400,7 @@ def main(argv=None):
 
     # ---- summary ----
     summary = write_summary(args, metrics, best, best_epoch, teacher_metrics, levels, t_start,
-                            sum(epoch_ips) / len(epoch_ips), device, world) if is_main else None
+                            sum(epoch_ips) / len(epoch_ips), world) if is_main else None
     if distributed:
         dist.destroy_process_group()
     return summary
@@ -616,20 +630,21 @@ def evaluate(model, loader, device, channels_last=False):
     was_training, world = model.training, dist.get_world_size() if dist.is_initialized() else 1
     model.eval()
     detections, image_ids = [], []
-    for images, targets in loader:
-        images = [image.to(device, non_blocking=True).float().div_(255) for image in images]
-        batch, _ = transform(model, images, channels_last=channels_last)
-        features = model.backbone(batch.tensors)
-        proposals, _ = model.rpn(batch, features)
-        found, _ = model.roi_heads(features, proposals, batch.image_sizes)
-        found = model.transform.postprocess(found, batch.image_sizes, [tuple(image.shape[-2:]) for image in images])
-        for target, det in zip(targets, found):  # boxes in the original images' pixels
-            boxes = det["boxes"].cpu()
-            boxes[:, 2:] -= boxes[:, :2]  # xyxy -> xywh
-            image_ids.append(target["image_id"])
-            detections += [{"image_id": target["image_id"], "category_id": c, "bbox": [round(v, 2) for v in b],
-                            "score": round(s, 4)}
-                           for b, c, s in zip(boxes.tolist(), det["labels"].tolist(), det["scores"].tolist())]
+    with float32_scores():
+        for images, targets in loader:
+            images = [image.to(device, non_blocking=True).float().div_(255) for image in images]
+            batch, _ = transform(model, images, channels_last=channels_last)
+            features = model.backbone(batch.tensors)
+            proposals, _ = model.rpn(batch, features)
+            found, _ = model.roi_heads(features, proposals, batch.image_sizes)
+            found = model.transform.postprocess(found, batch.image_sizes, [tuple(image.shape[-2:]) for image in images])
+            for target, det in zip(targets, found):  # boxes in the original images' pixels
+                boxes = det["boxes"].cpu()
+                boxes[:, 2:] -= boxes[:, :2]  # xyxy -> xywh
+                image_ids.append(target["image_id"])
+                detections += [{"image_id": target["image_id"], "category_id": c, "bbox": [round(v, 2) for v in b],
+                                "score": round(s, 4)}
+                               for b, c, s in zip(boxes.tolist(), det["labels"].tolist(), det["scores"].tolist())]
     model.train(was_training)
     if world > 1:
         gathered = [None] * world
@@ -673,16 +688,20 @@ def load_state(resumed, distiller, optimizer, scheduler, scaler):
     distiller.load_state_dict(resumed["distiller"] or {})
     optimizer.load_state_dict(resumed["optimizer"])
     scheduler.load_state_dict(resumed["scheduler"])
-    scaler.load_state_dict(resumed["scaler"])
+    if resumed["scaler"]:  # a bf16 or float32 run saved a disabled scaler's {}: resuming it in fp16 starts afresh
+        scaler.load_state_dict(resumed["scaler"])
     return resumed["epoch"], resumed["best"], resumed["best_epoch"]
 
 
-def score_teacher(args, teacher, tag, val_set, device):
-    """The teacher's COCO metrics on the first --teacher-eval-images val images (None without a teacher), printed
-    with a warning when torchvision's weights score more than TEACHER_TOLERANCE AP off their published AP."""
+def score_teacher(args, teacher, tag, levels, val_set, device):
+    """The teacher's weights and distilled levels, and its COCO metrics on the first --teacher-eval-images val images
+    (None without a teacher), printed with a warning when torchvision's weights score more than TEACHER_TOLERANCE AP
+    off their published AP."""
     if teacher is None:
         return None
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    if rank == 0:
+        print(f"teacher {args.teacher} with {tag}; distilled FPN levels (student: teacher) {levels}")
     n_check = min(args.teacher_eval_images or len(val_set), len(val_set))
     metrics = evaluate(teacher, loader(val_set, [[(i, False)] for i in range(rank, n_check, world)], args, device),
                        device, args.channels_last)
@@ -696,12 +715,12 @@ def score_teacher(args, teacher, tag, val_set, device):
     return metrics
 
 
-def write_summary(args, metrics, best, best_epoch, teacher_metrics, levels, t_start, images_per_s, device, world):
+def write_summary(args, metrics, best, best_epoch, teacher_metrics, levels, t_start, images_per_s, world):
     """summary.json, the run in one record (what main returns), and the last line; best AP is a diagnostic."""
     summary = {"metric": "AP", "best": best, "best_epoch": best_epoch, "last": metrics["AP"], "headline": "last",
                "teacher": teacher_metrics["AP"] if teacher_metrics else None, "student_arch": args.student,
                "teacher_arch": args.teacher if teacher_metrics else None, "distill": args.distill,
-               "wall_s": time.time() - t_start, "images_per_s": images_per_s, "peak_mem_mb": peak_memory_mb(device),
+               "wall_s": time.time() - t_start, "images_per_s": images_per_s, "peak_mem_mb": run_peak_mb(args.out_dir),
                "world_size": world, "versions": versions(), "teacher_metrics": teacher_metrics, "levels": levels}
     save_atomic(json.dumps(summary, indent=2) + "\n", Path(args.out_dir) / "summary.json")
     print(f"done: best AP {100 * best:.1f} (epoch {best_epoch}), last AP {100 * metrics['AP']:.1f} (the headline) | "
@@ -743,13 +762,17 @@ def load_weights(model, checkpoint, path, what):
 
 
 def save_atomic(obj, path):
-    """Write a temp file in the same folder, then rename it: a crash never leaves half a file, nor loses the last."""
+    """Write a temp file in the same folder, then rename it: a crash never leaves half a file, nor loses the last;
+    a write stopped midway (Ctrl-C, SIGTERM) leaves no temp file either."""
     tmp = Path(path).with_name(Path(path).name + ".tmp")
-    if isinstance(obj, str):
-        tmp.write_text(obj)
-    else:
-        torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        if isinstance(obj, str):
+            tmp.write_text(obj)
+        else:
+            torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def seed_of(*parts):
@@ -761,6 +784,30 @@ def peak_memory_mb(device):
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # the process's max RSS (KiB on Linux)
+
+
+def run_peak_mb(out_dir):
+    """The run's peak memory: the highest of its epochs' training peaks in metrics.jsonl, a resumed run's included."""
+    return max(json.loads(line)["peak_mem_mb"] for line in (Path(out_dir) / "metrics.jsonl").read_text().splitlines())
+
+
+def reset_peak_memory(device):
+    """Start an epoch's peak memory afresh (CUDA; on the CPU the peak is the process's max RSS, which never resets)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+@contextmanager
+def float32_scores():
+    """True float32 inside, TF32 off for matmuls and convolutions, whatever --amp trains in: a score must not depend
+    on the speed flags. These are torch's older TF32 switches, which torch.compile reads (and, where the newer
+    fp32_precision API set TF32, refuses to read)."""
+    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
 
 
 def n_params(module):  # in millions
@@ -789,34 +836,71 @@ def set_up(args):
     if device.type == "cuda":  # an explicit index for set_device
         if not torch.cuda.is_available():
             fail(f"--device {args.device} but CUDA is not available; pass --device cpu")
-        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        # modulo the GPUs it sees: a launcher may show each process its own GPU alone (Slurm --gpus-per-task=1)
+        local_rank = int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count()
         device = torch.device("cuda", local_rank if "RANK" in os.environ else device.index or 0)
         torch.cuda.set_device(device)
         torch.backends.cudnn.benchmark = FIXED_INPUT_SIZE  # cuDNN tunes its kernels once per input size
-        torch.set_float32_matmul_precision("high")  # TF32 where --amp off leaves float32 matmuls
+        # --amp off trains in true float32; bf16 and fp16 keep TF32 for what autocast leaves in float32
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.amp != "off"
     if "RANK" in os.environ:
         cuda = device.type == "cuda"
-        dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
+        # torchrun's agent keeps one key-value store across --max-restarts, and torch 2.14 no longer prefixes the keys
+        # of each attempt: a restarted rank that starts first reads its peers' addresses of the attempt before,
+        # connects to no one ("Gloo connectFullMesh failed ... Connection refused") and ends the job. The scripts
+        # give the other rank seconds to start first (their imports), minimal scripts milliseconds. Prefixed here.
+        store = dist.PrefixStore(f"attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', 0)}",
+                                 next(dist.rendezvous("env://"))[0])
+        dist.init_process_group("nccl" if cuda else "gloo", store=store, rank=rank, world_size=world,
+                                device_id=device if cuda else None)
     torch.manual_seed(args.seed)  # the same on every rank: a model DDP does not wrap (the teacher) is one model
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp)
     return device, rank, world, torch.autocast(device.type, dtype=dtype) if dtype else nullcontext()
 
 
+def resume_from(args):
+    """The checkpoint that a run continues: --resume PATH, or with --resume auto the out-dir's last.pt when a run left
+    one there (None: the run starts)."""
+    if args.resume != "auto":
+        return args.resume
+    last = Path(args.out_dir) / "last.pt"
+    return last if last.is_file() else None
+
+
+def parse_resuming(parser, argv, resolve):
+    """``parser.parse_args(argv)`` with the defaults that depend on other flags resolved by ``resolve``. A resume
+    continues its run as it was: a flag not given takes the value that the checkpoint recorded, a flag given
+    overrides it (check_run refuses where RESUME_MUST_MATCH forbids); ``flags_from_checkpoint`` names the flags that
+    the checkpoint changed (args.json and the start line show them)."""
+    args, recorded = resolve(parser.parse_args(argv)), {}
+    path = None if args.evaluate else resume_from(args)
+    checkpoint = read_checkpoint(path) if path else None
+    if isinstance(checkpoint, dict) and isinstance(checkpoint.get("args"), dict):  # else check_run refuses the file
+        recorded = {name: value for name, value in checkpoint["args"].items()
+                    if hasattr(args, name) and name not in ("resume", "evaluate", "out_dir")}
+        parser.set_defaults(**recorded, out_dir=args.out_dir)
+    resumed = resolve(parser.parse_args(argv)) if recorded else args
+    resumed.flags_from_checkpoint = sorted(name for name in recorded if getattr(resumed, name) != getattr(args, name))
+    return resumed
+
+
 def check_run(args, device, world):
     """The bad input every script refuses alike, before anything is written (the device's, --evaluate's, the
-    out-dir's, a --resume that is not this run's): returns (the --resume checkpoint or None, the flags as JSON)."""
+    out-dir's, a --resume that is not this run's), and --resume auto made a path (or None, a new run): returns (the
+    checkpoint to continue or to score, or None; the flags as JSON)."""
     out_dir, args_json = Path(args.out_dir), json.loads(json.dumps(vars(args), default=str))
     if args.amp == "fp16" and device.type != "cuda":  # one policy in the four scripts: refused, not ignored
         fail("--amp fp16 needs CUDA (its GradScaler); use --amp bf16 or off on CPU")
     if args.sync_bn and device.type != "cuda":
         fail("--sync-bn needs CUDA (SyncBatchNorm has no CPU kernels); drop it on CPU")
-    if args.evaluate and not args.resume:
+    if args.evaluate and args.resume in (None, "auto"):
         fail("--evaluate needs --resume PATH, the checkpoint whose student to score")
     if out_dir.exists() and not out_dir.is_dir():
         fail(f"--out-dir {out_dir} is a file; pass a folder")
     if not args.resume and ((out_dir / "args.json").exists() or (out_dir / "last.pt").exists()):
-        fail(f"{out_dir} already holds a run; pass --resume {out_dir}/last.pt to continue it, "
+        fail(f"{out_dir} already holds a run; pass --resume auto (or --resume {out_dir}/last.pt) to continue it, "
              "or choose another --out-dir")
+    args.resume = resume_from(args)
     resumed = read_checkpoint(args.resume) if args.resume else None
     if resumed is None or args.evaluate:  # --evaluate scores any file of student weights
         return resumed, args_json
@@ -824,15 +908,29 @@ def check_run(args, device, world):
     if not (isinstance(resumed, dict) and state <= resumed.keys() and isinstance(resumed["args"], dict)):
         fail(f"{args.resume} is not a training checkpoint of {PROG}; pass the last.pt of one of its runs, "
              "or score it with --evaluate")
-    if resumed["epoch"] >= args.epochs:
-        fail(f"{args.resume} has trained {resumed['epoch']} epochs already; pass --epochs above {resumed['epoch']}")
-    for flag in RESUME_MUST_MATCH:
-        if resumed["args"].get(flag) != args_json[flag]:
-            fail(f"{args.resume} was trained with --{flag.replace('_', '-')} {resumed['args'].get(flag)}, "
-                 f"not {args_json[flag]}; pass that run's flags to resume it")
+    mismatched = [flag for flag in RESUME_MUST_MATCH if resumed["args"].get(flag) != args_json[flag]]
+    if mismatched:
+        fail(f"{args.resume} was trained with " + " and with ".join(f"--{flag.replace('_', '-')} "
+             f"{resumed['args'].get(flag)}, not {args_json[flag]}" for flag in mismatched) + "; drop those flags to "
+             "resume it as it was (a resume takes the run's own)")
     if resumed.get("world_size", world) != world:  # the global batch, hence the lr and the steps per epoch
         fail(f"{args.resume} was trained by {resumed['world_size']} processes, not {world}; use as many")
+    if resumed["epoch"] >= args.epochs and args_json["resume"] != "auto":  # auto: a finished run, main says so
+        fail(f"{args.resume} has trained {resumed['epoch']} epochs already; pass --epochs above {resumed['epoch']}")
     return resumed, args_json
+
+
+def finished(args, epochs_done):
+    """--resume auto of a run that has trained its --epochs: one line, nothing written, and the run's summary (None
+    if it was stopped between its last checkpoint and summary.json)."""
+    path = Path(args.out_dir) / "summary.json"
+    summary = json.loads(path.read_text()) if path.is_file() else None
+    if os.environ.get("RANK", "0") == "0":
+        print(f"{args.out_dir} has trained its {epochs_done} epochs: " + (
+              f"its summary is {path}" if summary else "stopped before summary.json; metrics.jsonl has every epoch"))
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return summary
 
 
 def open_outputs(out_dir, run_json, start_epoch):
@@ -863,13 +961,14 @@ def log_line(epoch, epochs, step, steps, losses, lr, images_per_s, data_s, eta_s
 
 
 def write_epoch(out_dir, checkpoint, record):
-    """last.pt (and best.pt on a new best), then the epoch's line of metrics.jsonl: the two never disagree."""
+    """The epoch's line of metrics.jsonl, best.pt on a new best, then last.pt, each written whole: a run stopped at
+    any point has a record for last.pt's epoch, and a resume drops the records after it (open_outputs)."""
     out_dir = Path(out_dir)
-    save_atomic(checkpoint, out_dir / "last.pt")
+    metrics = out_dir / "metrics.jsonl"
+    save_atomic((metrics.read_text() if metrics.is_file() else "") + json.dumps(record) + "\n", metrics)
     if checkpoint["best_epoch"] == checkpoint["epoch"]:
         save_atomic(checkpoint, out_dir / "best.pt")
-    with open(out_dir / "metrics.jsonl", "a") as f:
-        f.write(json.dumps(record) + "\n")
+    save_atomic(checkpoint, out_dir / "last.pt")
 
 
 def training_state(student, distiller, optimizer, scheduler, scaler, epochs_done, best, best_epoch, args_json):
@@ -880,10 +979,27 @@ def training_state(student, distiller, optimizer, scheduler, scaler, epochs_done
             "world_size": dist.get_world_size() if dist.is_initialized() else 1}
 
 
+def broadcast_buffers(module):
+    """Rank 0's buffers (the batch-norm statistics) on every rank: every rank scores the model rank 0 saves."""
+    if dist.is_initialized():
+        for buffer in module.buffers():
+            dist.broadcast(buffer, 0)
+
+
+def preempted(signum, frame):
+    """SIGTERM (a scheduler preempting or requeueing the job, torchrun stopping its workers) stops the run as Ctrl-C
+    does, between two Python steps: every file is whole (save_atomic), and last.pt is where --resume goes on."""
+    raise KeyboardInterrupt("SIGTERM")
+
+
 if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, preempted)
     try:
         main()
-    except KeyboardInterrupt:  # one line, not a traceback: where the run stands and how to go on
-        last = Path(parse_args().out_dir) / "last.pt"
-        fail(f"interrupted; continue with --resume {last}" if last.is_file() else "interrupted before the first "
-             "epoch ended; nothing to resume", 130)
+    except KeyboardInterrupt as e:  # one line, not a traceback: where the run stands and how to go on
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the line short
+        sigterm, last = e.args == ("SIGTERM",), Path(parse_args().out_dir) / "last.pt"
+        fail(("stopped by SIGTERM" if sigterm else "interrupted") + (
+             f"; the same command with --resume auto (or --resume {last}) goes on, repeating the epoch it stopped in"
+             if last.is_file() else " before its first epoch ended; --resume auto starts it again"),
+             143 if sigterm else 130)

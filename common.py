@@ -207,7 +207,9 @@ class FeatureDistiller(nn.Module):
                              "must agree in batch and spatial size")
         z_s, z_t = self._rows(z_s), self._rows(z_t.detach())
         if self.global_batch and self.training and dist.is_initialized() and dist.get_world_size() > 1:
-            z_s, z_t = _GatherRows.apply(z_s), _GatherRows.apply(z_t)  # rows in rank order on every rank
+            # Rows in rank order on every rank, gathered in float32: the backward sums the ranks' row gradients,
+            # which under fp16 carry the loss scale, and an fp16 sum over many ranks overflows sooner.
+            z_s, z_t = _GatherRows.apply(z_s.float()), _GatherRows.apply(z_t.float())
         # Normalise in float32: BN statistics of wide teacher features lose precision in bf16.
         return self.distance(self.norm_s(self.projector(z_s).float()), self.norm_t(z_t.float()), self.alpha)
 

@@ -41,11 +41,12 @@ import random
 import re
 import resource
 import socket
+import signal
 import sys
 import time
 import urllib.parse
 import urllib.request
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import huggingface_hub
@@ -58,6 +59,7 @@ import torch.nn.functional as F
 import torchvision
 from PIL import Image, ImageOps
 from timm.data import Mixup, auto_augment, create_transform
+from timm.data.loader import PrefetchLoader, fast_collate
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.models.vision_transformer import VisionTransformer, init_weights_vit_timm, trunc_normal_
 from timm.scheduler import CosineLRScheduler
@@ -121,8 +123,8 @@ def parse_args(argv=None):
                    "config names 0.1 but never applies it)")
     g.add_argument("--teacher", default="regnety_160.deit_in1k", help="a timm model name with its weight tag "
                    "(the bare regnety_160 is another, stronger model)")
-    g.add_argument("--teacher-ckpt", type=Path, help="teacher weights (e.g. DeiT's regnety_160-a5fe301d.pth); "
-                   "default: timm's pretrained weights for --teacher")
+    g.add_argument("--teacher-ckpt", type=Path, metavar="PATH", help="teacher weights (e.g. DeiT's "
+                   "regnety_160-a5fe301d.pth); default: timm's pretrained weights for --teacher")
     g = p.add_argument_group("distillation")
     g.add_argument("--distill", default="srd", choices=["none", "kd", "srd"], help="none: cross-entropy on both "
                    "heads; kd: + KL on the second head; srd (Simple Recipe Distillation, the paper's): + the projector "
@@ -132,10 +134,11 @@ def parse_args(argv=None):
     g.add_argument("--temperature", type=float, default=1.0, help="KD temperature T")
     g.add_argument("--alpha", type=float, default=4.0, help="exponent of the distance")
     g.add_argument("--norm", default="bn", choices=NORMS, help="normalisation of z_s W_p and z_t, no affine: bn "
-                   "(the paper's), gn (Table 6.1; eps 1e-4 where the official code's has 0: a departure), ln, l2, none")
+                   "(the paper's), gn (Table 6.1; eps 1e-4 where the official code's has 0: a departure), ln, l2; "
+                   "none: no normalisation")
     g.add_argument("--projector", default="linear", choices=PROJECTORS, help="W_p: linear (the "
                    "paper's); mlp: Linear-BN-ReLU-Linear (our reading of the paper's 'MLP'); mlp-plain: "
-                   "Linear-ReLU-Linear (the official code's); none")
+                   "Linear-ReLU-Linear (the official code's); none: the identity")
     g.add_argument("--projector-hidden", type=int, help="hidden width of the 'mlp' projector (default: the "
                    "teacher's feature width)")
     g.add_argument("--distance", default="corr", choices=DISTANCES, help="corr: the released DeiT code's (the "
@@ -157,36 +160,29 @@ def parse_args(argv=None):
                    "code does under fp16; default: unscale, then clip")
     g = p.add_argument_group("system")
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
-    g.add_argument("--amp", choices=["off", "bf16", "fp16"], help="autocast dtype of training (default: bf16 on "
-                   "CUDA, off on CPU); every evaluation runs in float32")
+    g.add_argument("--amp", choices=["off", "bf16", "fp16"], help="autocast dtype of training (default: bf16 on GPUs "
+                   "that have it natively, else fp16; off on CPU); off is true float32; every evaluation is float32")
     g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, help="NHWC memory layout, faster "
                    "convolutions on GPUs (default: on with CUDA, off on CPU)")
     g.add_argument("--compile", action="store_true", help="torch.compile the student with its distiller and the "
                    "teacher's forward; backward, the GradScaler and the optimizer step stay eager")
-    g.add_argument("--sync-bn", action="store_true", help="synchronise batch norms across processes")
+    g.add_argument("--sync-bn", action="store_true", help="synchronise the student's batch norms (the conv stem's) "
+                   "across processes (CUDA); the distiller's see the global batch already")
     g.add_argument("--workers", type=int, help="data-loading processes per process (default: its cores, at most 8)")
     g.add_argument("--seed", type=int, default=0, help="random seed; every random draw depends on (seed, epoch, rank)")
     g.add_argument("--log-every", type=int, default=50, help="steps between log lines")
     g = p.add_argument_group("outputs")
     g.add_argument("--out-dir", type=Path, help="output folder (default: the folder of --resume, else "
                    f"runs/{PROG}-<student>-<distill>, with -dummy for --dummy runs)")
-    g.add_argument("--resume", type=Path, help="checkpoint (last.pt) to continue, or to evaluate with --evaluate")
+    g.add_argument("--resume", metavar="auto|PATH", help="continue a run: auto, from the out-dir's last.pt if there is "
+                   "one, else start (one command for the first launch and every restart); or a last.pt; flags not "
+                   "given take the run's own values; with --evaluate, the weights to score (any format)")
     g.add_argument("--evaluate", action="store_true", help="evaluate the student of --resume (top-1, top-5, mu_T), "
                    "write eval.json, exit")
     g.add_argument("--mu-t", default="block", choices=("block", "cumulative"), help="mu_T's reading: block: the "
                    "thesis's Listing 2, each block on its own input; cumulative: the student up to each block, the "
                    "image rolled (our earlier reading)")
-    args = p.parse_args(argv)
-    if args.batch_size is None:
-        args.batch_size = 512 // int(os.environ.get("WORLD_SIZE", 1))  # the paper's global batch
-    args.amp = args.amp or ("bf16" if args.device.startswith("cuda") else "off")
-    if args.channels_last is None:
-        args.channels_last = args.device.startswith("cuda")
-    if args.workers is None:
-        args.workers = max(1, min(8, len(os.sched_getaffinity(0)) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
-    if args.out_dir is None:
-        args.out_dir = args.resume.parent if args.resume else Path("runs") / (
-            f"{PROG}-{args.student}-{args.distill}" + "-dummy" * args.dummy)
+    args = parse_resuming(p, argv, resolve_defaults)  # a resume takes its run's flags for those not given
     for name in ("epochs", "batch_size", "log_every", "max_steps", "alpha", "temperature"):
         if getattr(args, name) is not None and getattr(args, name) <= 0:
             fail(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
@@ -203,14 +199,34 @@ def parse_args(argv=None):
     return args
 
 
+def resolve_defaults(args):
+    """The defaults that depend on other flags or on the machine, resolved once (args.json records them)."""
+    cuda = args.device.startswith("cuda")
+    if args.batch_size is None:
+        args.batch_size = 512 // int(os.environ.get("WORLD_SIZE", 1))  # the paper's global batch
+    if args.amp is None:  # bf16 where the GPU computes it natively; emulated (V100, T4) it is slower than fp16
+        args.amp = ("bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16") if cuda else "off"
+    if args.channels_last is None:
+        args.channels_last = cuda
+    if args.workers is None:
+        args.workers = max(1, min(8, len(os.sched_getaffinity(0)) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
+    if args.out_dir is None:
+        args.out_dir = Path(args.resume).parent if args.resume not in (None, "auto") else Path("runs") / (
+            f"{PROG}-{args.student}-{args.distill}" + "-dummy" * args.dummy)
+    return args
+
+
 # ---- the method: the student with its distiller, the KD term, the schedule ----
 class StudentWithDistiller(nn.Module):
     """The student and the feature distiller in one module, so that DDP keeps the projector identical on every rank:
     (x, z_t) -> (the logits, in training the pair of cls head and second head; the feature loss or None; z_s)."""
 
-    def __init__(self, student, distiller):
+    def __init__(self, student, distiller, sync_bn=False):
         super().__init__()
-        self.student, self.distiller = student, distiller
+        # --sync-bn syncs the student's batch norms alone, in place: the distiller's see the global batch already,
+        # and a synced BN in an MLP projector would make the CKA that rank 0 takes at a log step a collective
+        self.student = nn.SyncBatchNorm.convert_sync_batchnorm(student) if sync_bn else student
+        self.distiller = distiller
 
     def forward(self, x, z_t=None):
         tokens = self.student.forward_features(x)
@@ -297,6 +313,8 @@ def main(argv=None):
     scale = global_batch / 512  # DeiT's linear scaling rule, applied to every lr of the schedule
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
     resumed, args_json = check_run(args, device, world)  # bad input: refused before anything is written
+    if resumed is not None and args_json["resume"] == "auto" and resumed["epoch"] >= args.epochs:
+        return finished(args, resumed["epoch"])  # the run is done: its summary, nothing changed
 
     # ---- data ----
     train_loader, val_loader, classes = build_data(args, device, rank, world)
@@ -307,14 +325,11 @@ def main(argv=None):
     if resumed is not None:
         load_weights(student, resumed, args.resume, "student")
     if args.evaluate:
-        return evaluate_checkpoint(args, student.to(device, memory_format=memory_format), val_loader, device,
-                                   memory_format)
+        return evaluate_checkpoint(args, student, val_loader, device, memory_format)
     teacher = build_teacher(args, classes)
     teach = teacher_outputs(teacher)  # teach(x) -> (logits_t, z_t)
     distiller = build_distiller(args, student, teacher)
-    model = StudentWithDistiller(student, distiller)
-    if args.sync_bn and distributed:
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # the same student and distiller, their BNs synced
+    model = StudentWithDistiller(student, distiller, sync_bn=args.sync_bn and distributed)
     model.to(device, memory_format=memory_format)
     if teacher is not None:
         teacher.to(device, memory_format=memory_format)
@@ -347,6 +362,7 @@ def main(argv=None):
         seed_everything(seed_of(args.seed, epoch, rank), train_loader)  # resuming continues exactly
         train_loader.sampler.set_epoch(epoch)
         model.train()
+        reset_peak_memory(device)  # the record's peak is this epoch's training
         epoch_sums = torch.zeros(4, device=device)  # ce, kd, feat and the weighted total, summed over the epoch
         logged_sums, logged, t_log, data_time = torch.zeros(4, device=device), 0, time.time(), 0.0
         cka = []  # [global step, CKA of z_s and its projection] at each log step: Figure 6.3
@@ -355,7 +371,7 @@ def main(argv=None):
             if step == steps:
                 break
             data_time += time.time() - t_data
-            x, y = x.to(device, non_blocking=True, memory_format=memory_format), y.to(device, non_blocking=True)
+            x = x.contiguous(memory_format=memory_format)  # on the device, normalised (and erased) by the loader
             if mixup:
                 x, y = mixup(x, y)
             terms, z_s = train_step(model, teach, optimizer, scaler, autocast, args, x, y, criterion)
@@ -379,7 +395,7 @@ def main(argv=None):
                         cka.append([epoch * steps + step + 1, projector_cka(distiller, z_s).item()])
                 t_log, data_time, logged, logged_sums = now, 0.0, step + 1, total
             t_data = time.time()
-        epoch_s = time.time() - t_epoch
+        epoch_s, peak_mb = time.time() - t_epoch, peak_memory_mb(device)  # the peak before scoring: training's
         run_time += epoch_s
 
         # ---- the epoch's score, checkpoint and record ----
@@ -393,7 +409,7 @@ def main(argv=None):
                       f"loss_{n}": v / steps if n in term_names else None for n, v in zip(("ce", "kd", "feat"),
                       logged_sums.tolist())}, "top1": metrics["top1"], "top5": metrics["top5"],
                       "images_per_s": steps * global_batch / epoch_s, "epoch_s": epoch_s,
-                      "peak_mem_mb": peak_memory_mb(device), "projector_sv": None if sv is None else sv.tolist(),
+                      "peak_mem_mb": peak_mb, "projector_sv": None if sv is None else sv.tolist(),
                       "projector_cka": cka if distiller is not None else None}  # W_p's spectrum: Figure 6.2
             write_epoch(args.out_dir, training_state(student, distiller, optimizer, scheduler, scaler, epoch + 1, best,
                                                      best_epoch, args_json), record)
@@ -403,7 +419,7 @@ def main(argv=None):
 
     # ---- summary ----
     summary = write_summary(args, metrics, best, best_epoch, teacher_top1, t_start, (args.epochs - start_epoch)
-                            * steps * global_batch / run_time, device, world) if is_main else None
+                            * steps * global_batch / run_time, world) if is_main else None
     if distributed:
         dist.destroy_process_group()
     return summary
@@ -424,11 +440,14 @@ auto_augment.NAME_TO_OP.update(dict.fromkeys(("Posterize", "PosterizeIncreasing"
 
 def build_data(args, device, rank, world):
     """The training loader (this rank's shard, whole batches only: every rank gives the distiller as many rows),
-    the evaluation loader (every world-th image: the whole set, each image once) and the number of classes."""
+    the evaluation loader (every world-th image: the whole set, each image once) and the number of classes. Workers
+    send uint8 images (a quarter of float32's bytes through shared memory and to the GPU); timm's PrefetchLoader
+    normalises them on the device and applies DeiT's random erasing there."""
     train_tf = create_transform(args.img_size, is_training=True, color_jitter=args.color_jitter,
                                 auto_augment=None if args.aa == "none" else args.aa, interpolation="bicubic",
-                                re_prob=args.reprob, re_mode="pixel", re_count=1)
-    val_tf = create_transform(args.img_size, interpolation=args.eval_interpolation, crop_pct=args.crop_pct)
+                                use_prefetcher=True)
+    val_tf = create_transform(args.img_size, interpolation=args.eval_interpolation, crop_pct=args.crop_pct,
+                              use_prefetcher=True)
     sets, classes, size = {}, DUMMY_CLASSES, int(args.img_size / args.crop_pct)
     layout = ("expected ImageFolder ImageNet: DIR/train/<class>/*.JPEG and DIR/val/<class>/*.JPEG with the same "
               "class folders (the val images sorted into folders, e.g. with the standard valprep.sh)")
@@ -446,10 +465,13 @@ def build_data(args, device, rank, world):
         classes = len(sets["train"].classes)
     sampler = DistributedSampler(sets["train"], num_replicas=world, rank=rank, shuffle=True, seed=args.seed,
                                  drop_last=True)
-    train_loader = DataLoader(sets["train"], batch_size=args.batch_size, sampler=sampler, num_workers=args.workers,
-                              pin_memory=device.type == "cuda", drop_last=True, generator=torch.Generator())
-    val_loader = DataLoader(Subset(sets["val"], range(rank, len(sets["val"]), world)), batch_size=args.batch_size,
-                            num_workers=args.workers, pin_memory=device.type == "cuda")
+    kw = dict(batch_size=args.batch_size, num_workers=args.workers, pin_memory=device.type == "cuda",
+              collate_fn=fast_collate)
+    train_loader = PrefetchLoader(DataLoader(sets["train"], sampler=sampler, drop_last=True,
+                                             generator=torch.Generator(), **kw),
+                                  device=device, re_prob=args.reprob, re_mode="pixel", re_count=1)
+    val_loader = PrefetchLoader(DataLoader(Subset(sets["val"], range(rank, len(sets["val"]), world)), **kw),
+                                device=device)
     if len(train_loader) == 0 and not args.evaluate:
         fail(f"{len(train_loader.dataset)} training images are fewer than one global batch of "
              f"{args.batch_size * world}; lower --batch-size")
@@ -460,8 +482,8 @@ def seed_everything(seed, train_loader):
     """Every random draw of an epoch from one seed, of (seed, epoch, rank): a resume repeats the epochs it missed."""
     random.seed(seed)
     np.random.seed(seed)  # Mixup / CutMix
-    torch.manual_seed(seed)  # augmentation with --workers 0, drop path
-    train_loader.generator.manual_seed(seed)  # the workers' seeds
+    torch.manual_seed(seed)  # augmentation with --workers 0, random erasing, drop path
+    train_loader.loader.generator.manual_seed(seed)  # the workers' seeds
 
 
 # ---- models: DeiT with the paper's convolutional stem; any timm teacher ----
@@ -570,15 +592,18 @@ def pretrained(name):
 # ---- evaluation: exact top-1/top-5 over the whole validation set, shards all-reduced; mu_T ----
 @torch.no_grad()
 def evaluate(model, loader, device, memory_format):
-    """Top-1/top-5 in float32 whatever --amp trains in (no autocast): a score must not depend on the speed flags."""
+    """Top-1/top-5 in float32 whatever --amp trains in (no autocast, no TF32): a score must not depend on the speed
+    flags. The images are counted on the host."""
     was_training = model.training
     model.eval()
-    counts = torch.zeros(3, device=device, dtype=torch.float64)  # top-1 hits, top-5 hits, images
-    for x, y in loader:
-        x, y = x.to(device, non_blocking=True, memory_format=memory_format), y.to(device, non_blocking=True)
-        logits = model(x)
-        hits = logits.topk(min(5, logits.shape[1]), dim=1).indices == y[:, None]
-        counts += torch.stack([hits[:, 0].sum(), hits.any(1).sum(), torch.tensor(len(y), device=device)])
+    hits, n = torch.zeros(2, device=device, dtype=torch.float64), 0  # top-1 and top-5 hits, images
+    with float32_scores():
+        for x, y in loader:
+            n += len(y)
+            logits = model(x.contiguous(memory_format=memory_format))
+            correct = logits.topk(min(5, logits.shape[1]), dim=1).indices == y[:, None]
+            hits += torch.stack([correct[:, 0].sum(), correct.any(1).sum()])
+    counts = torch.cat([hits, hits.new_tensor([n])])
     if dist.is_initialized():
         dist.all_reduce(counts)
     model.train(was_training)
@@ -625,17 +650,18 @@ def translation_equivariance(student, loader, device, memory_format, reading="bl
             yield block, tokens, out
             tokens = out
 
-    for x, _ in loader:
-        x = x.to(device, non_blocking=True, memory_format=memory_format)
-        if reading == "block":
-            for i, (block, tokens, _) in enumerate(blocks(x)):
-                sums[i] += block_mu_t(block, tokens, prefix, grid)[:, :, 1:].double().mean((1, 2)).sum()
-        else:
-            shift = (x.shape[-2] // grid[0], x.shape[-1] // grid[1])
-            for i, ((*_, plain), (*_, moved)) in enumerate(zip(blocks(x), blocks(x.roll(shift, dims=(-2, -1))))):
-                plain, moved = (t[:, prefix:].unflatten(1, grid) for t in (plain, moved))
-                sums[i] += (moved - plain.roll((1, 1), dims=(1, 2))).double().pow(2).mean((1, 2, 3)).sum()
-        count += len(x)
+    with float32_scores():
+        for x, _ in loader:
+            x = x.contiguous(memory_format=memory_format)
+            if reading == "block":
+                for i, (block, tokens, _) in enumerate(blocks(x)):
+                    sums[i] += block_mu_t(block, tokens, prefix, grid)[:, :, 1:].double().mean((1, 2)).sum()
+            else:
+                shift = (x.shape[-2] // grid[0], x.shape[-1] // grid[1])
+                for i, ((*_, plain), (*_, moved)) in enumerate(zip(blocks(x), blocks(x.roll(shift, dims=(-2, -1))))):
+                    plain, moved = (t[:, prefix:].unflatten(1, grid) for t in (plain, moved))
+                    sums[i] += (moved - plain.roll((1, 1), dims=(1, 2))).double().pow(2).mean((1, 2, 3)).sum()
+            count += len(x)
     if dist.is_initialized():
         dist.all_reduce(sums)
         dist.all_reduce(count)
@@ -646,6 +672,7 @@ def translation_equivariance(student, loader, device, memory_format, reading="bl
 # ---- the run's bookkeeping: this task's ----
 def evaluate_checkpoint(args, student, val_loader, device, memory_format):
     """--evaluate: top-1/top-5 and mu_T per block (thesis Table 6.7) of the --resume student, printed, in eval.json."""
+    student.to(device, memory_format=memory_format)
     record = evaluate(student, val_loader, device, memory_format)
     mu_t = torch.tensor(translation_equivariance(student, val_loader, device, memory_format, args.mu_t))
     record |= {"checkpoint": str(args.resume), "mu_t": mu_t.tolist(), "mu_t_mean": mu_t.mean().item(),
@@ -669,7 +696,8 @@ def load_state(resumed, distiller, optimizer, scheduler, scaler, steps):
     if distiller is not None:
         distiller.load_state_dict(resumed["distiller"])
     optimizer.load_state_dict(resumed["optimizer"])
-    scaler.load_state_dict(resumed["scaler"])
+    if resumed["scaler"]:  # a bf16 or float32 run saved a disabled scaler's {}: resuming it in fp16 starts afresh
+        scaler.load_state_dict(resumed["scaler"])
     # The schedule is this run's flags' (--epochs may differ from the checkpoint's), at the lr the loop sets after
     # the last step done; the scheduler's saved state is not loaded.
     scheduler.step_update(resumed["epoch"] * steps - 1)
@@ -694,13 +722,13 @@ def score_teacher(args, teacher, classes, val_loader, device, memory_format):
     return metrics["top1"]
 
 
-def write_summary(args, metrics, best, best_epoch, teacher_top1, t_start, images_per_s, device, world):
+def write_summary(args, metrics, best, best_epoch, teacher_top1, t_start, images_per_s, world):
     """summary.json, the run in one record (returned, and what main returns), and the last line."""
     summary = {"metric": "top1", "best": best, "best_epoch": best_epoch, "last": metrics["top1"],
                "last_top5": metrics["top5"], "teacher": teacher_top1, "student_arch": args.student, "stem": args.stem,
                "teacher_arch": args.teacher if teacher_top1 is not None else None, "distill": args.distill,
-               "wall_s": time.time() - t_start, "images_per_s": images_per_s, "peak_mem_mb": peak_memory_mb(device),
-               "world_size": world, "versions": versions()}
+               "wall_s": time.time() - t_start, "images_per_s": images_per_s,
+               "peak_mem_mb": run_peak_mb(args.out_dir), "world_size": world, "versions": versions()}
     save_atomic(json.dumps(summary, indent=2) + "\n", Path(args.out_dir) / "summary.json")
     print(f"done: best top1 {best:.2f} (epoch {best_epoch}), last top1 {metrics['top1']:.2f} | "
           f"{summary['wall_s'] / 60:.1f} min | {args.out_dir}")
@@ -741,13 +769,17 @@ def load_weights(model, checkpoint, path, what):
 
 
 def save_atomic(obj, path):
-    """Write a temp file in the same folder, then rename it: a crash never leaves half a file, nor loses the last."""
+    """Write a temp file in the same folder, then rename it: a crash never leaves half a file, nor loses the last;
+    a write stopped midway (Ctrl-C, SIGTERM) leaves no temp file either."""
     tmp = Path(path).with_name(Path(path).name + ".tmp")
-    if isinstance(obj, str):
-        tmp.write_text(obj)
-    else:
-        torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        if isinstance(obj, str):
+            tmp.write_text(obj)
+        else:
+            torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def seed_of(*parts):
@@ -759,6 +791,30 @@ def peak_memory_mb(device):
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # the process's max RSS (KiB on Linux)
+
+
+def run_peak_mb(out_dir):
+    """The run's peak memory: the highest of its epochs' training peaks in metrics.jsonl, a resumed run's included."""
+    return max(json.loads(line)["peak_mem_mb"] for line in (Path(out_dir) / "metrics.jsonl").read_text().splitlines())
+
+
+def reset_peak_memory(device):
+    """Start an epoch's peak memory afresh (CUDA; on the CPU the peak is the process's max RSS, which never resets)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+@contextmanager
+def float32_scores():
+    """True float32 inside, TF32 off for matmuls and convolutions, whatever --amp trains in: a score must not depend
+    on the speed flags. These are torch's older TF32 switches, which torch.compile reads (and, where the newer
+    fp32_precision API set TF32, refuses to read)."""
+    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
 
 
 def n_params(module):  # in millions
@@ -787,34 +843,71 @@ def set_up(args):
     if device.type == "cuda":  # an explicit index for set_device
         if not torch.cuda.is_available():
             fail(f"--device {args.device} but CUDA is not available; pass --device cpu")
-        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        # modulo the GPUs it sees: a launcher may show each process its own GPU alone (Slurm --gpus-per-task=1)
+        local_rank = int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count()
         device = torch.device("cuda", local_rank if "RANK" in os.environ else device.index or 0)
         torch.cuda.set_device(device)
         torch.backends.cudnn.benchmark = FIXED_INPUT_SIZE  # cuDNN tunes its kernels once per input size
-        torch.set_float32_matmul_precision("high")  # TF32 where --amp off leaves float32 matmuls
+        # --amp off trains in true float32; bf16 and fp16 keep TF32 for what autocast leaves in float32
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.amp != "off"
     if "RANK" in os.environ:
         cuda = device.type == "cuda"
-        dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
+        # torchrun's agent keeps one key-value store across --max-restarts, and torch 2.14 no longer prefixes the keys
+        # of each attempt: a restarted rank that starts first reads its peers' addresses of the attempt before,
+        # connects to no one ("Gloo connectFullMesh failed ... Connection refused") and ends the job. The scripts
+        # give the other rank seconds to start first (their imports), minimal scripts milliseconds. Prefixed here.
+        store = dist.PrefixStore(f"attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', 0)}",
+                                 next(dist.rendezvous("env://"))[0])
+        dist.init_process_group("nccl" if cuda else "gloo", store=store, rank=rank, world_size=world,
+                                device_id=device if cuda else None)
     torch.manual_seed(args.seed)  # the same on every rank: a model DDP does not wrap (the teacher) is one model
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp)
     return device, rank, world, torch.autocast(device.type, dtype=dtype) if dtype else nullcontext()
 
 
+def resume_from(args):
+    """The checkpoint that a run continues: --resume PATH, or with --resume auto the out-dir's last.pt when a run left
+    one there (None: the run starts)."""
+    if args.resume != "auto":
+        return args.resume
+    last = Path(args.out_dir) / "last.pt"
+    return last if last.is_file() else None
+
+
+def parse_resuming(parser, argv, resolve):
+    """``parser.parse_args(argv)`` with the defaults that depend on other flags resolved by ``resolve``. A resume
+    continues its run as it was: a flag not given takes the value that the checkpoint recorded, a flag given
+    overrides it (check_run refuses where RESUME_MUST_MATCH forbids); ``flags_from_checkpoint`` names the flags that
+    the checkpoint changed (args.json and the start line show them)."""
+    args, recorded = resolve(parser.parse_args(argv)), {}
+    path = None if args.evaluate else resume_from(args)
+    checkpoint = read_checkpoint(path) if path else None
+    if isinstance(checkpoint, dict) and isinstance(checkpoint.get("args"), dict):  # else check_run refuses the file
+        recorded = {name: value for name, value in checkpoint["args"].items()
+                    if hasattr(args, name) and name not in ("resume", "evaluate", "out_dir")}
+        parser.set_defaults(**recorded, out_dir=args.out_dir)
+    resumed = resolve(parser.parse_args(argv)) if recorded else args
+    resumed.flags_from_checkpoint = sorted(name for name in recorded if getattr(resumed, name) != getattr(args, name))
+    return resumed
+
+
 def check_run(args, device, world):
     """The bad input every script refuses alike, before anything is written (the device's, --evaluate's, the
-    out-dir's, a --resume that is not this run's): returns (the --resume checkpoint or None, the flags as JSON)."""
+    out-dir's, a --resume that is not this run's), and --resume auto made a path (or None, a new run): returns (the
+    checkpoint to continue or to score, or None; the flags as JSON)."""
     out_dir, args_json = Path(args.out_dir), json.loads(json.dumps(vars(args), default=str))
     if args.amp == "fp16" and device.type != "cuda":  # one policy in the four scripts: refused, not ignored
         fail("--amp fp16 needs CUDA (its GradScaler); use --amp bf16 or off on CPU")
     if args.sync_bn and device.type != "cuda":
         fail("--sync-bn needs CUDA (SyncBatchNorm has no CPU kernels); drop it on CPU")
-    if args.evaluate and not args.resume:
+    if args.evaluate and args.resume in (None, "auto"):
         fail("--evaluate needs --resume PATH, the checkpoint whose student to score")
     if out_dir.exists() and not out_dir.is_dir():
         fail(f"--out-dir {out_dir} is a file; pass a folder")
     if not args.resume and ((out_dir / "args.json").exists() or (out_dir / "last.pt").exists()):
-        fail(f"{out_dir} already holds a run; pass --resume {out_dir}/last.pt to continue it, "
+        fail(f"{out_dir} already holds a run; pass --resume auto (or --resume {out_dir}/last.pt) to continue it, "
              "or choose another --out-dir")
+    args.resume = resume_from(args)
     resumed = read_checkpoint(args.resume) if args.resume else None
     if resumed is None or args.evaluate:  # --evaluate scores any file of student weights
         return resumed, args_json
@@ -822,15 +915,29 @@ def check_run(args, device, world):
     if not (isinstance(resumed, dict) and state <= resumed.keys() and isinstance(resumed["args"], dict)):
         fail(f"{args.resume} is not a training checkpoint of {PROG}; pass the last.pt of one of its runs, "
              "or score it with --evaluate")
-    if resumed["epoch"] >= args.epochs:
-        fail(f"{args.resume} has trained {resumed['epoch']} epochs already; pass --epochs above {resumed['epoch']}")
-    for flag in RESUME_MUST_MATCH:
-        if resumed["args"].get(flag) != args_json[flag]:
-            fail(f"{args.resume} was trained with --{flag.replace('_', '-')} {resumed['args'].get(flag)}, "
-                 f"not {args_json[flag]}; pass that run's flags to resume it")
+    mismatched = [flag for flag in RESUME_MUST_MATCH if resumed["args"].get(flag) != args_json[flag]]
+    if mismatched:
+        fail(f"{args.resume} was trained with " + " and with ".join(f"--{flag.replace('_', '-')} "
+             f"{resumed['args'].get(flag)}, not {args_json[flag]}" for flag in mismatched) + "; drop those flags to "
+             "resume it as it was (a resume takes the run's own)")
     if resumed.get("world_size", world) != world:  # the global batch, hence the lr and the steps per epoch
         fail(f"{args.resume} was trained by {resumed['world_size']} processes, not {world}; use as many")
+    if resumed["epoch"] >= args.epochs and args_json["resume"] != "auto":  # auto: a finished run, main says so
+        fail(f"{args.resume} has trained {resumed['epoch']} epochs already; pass --epochs above {resumed['epoch']}")
     return resumed, args_json
+
+
+def finished(args, epochs_done):
+    """--resume auto of a run that has trained its --epochs: one line, nothing written, and the run's summary (None
+    if it was stopped between its last checkpoint and summary.json)."""
+    path = Path(args.out_dir) / "summary.json"
+    summary = json.loads(path.read_text()) if path.is_file() else None
+    if os.environ.get("RANK", "0") == "0":
+        print(f"{args.out_dir} has trained its {epochs_done} epochs: " + (
+              f"its summary is {path}" if summary else "stopped before summary.json; metrics.jsonl has every epoch"))
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return summary
 
 
 def open_outputs(out_dir, run_json, start_epoch):
@@ -861,13 +968,14 @@ def log_line(epoch, epochs, step, steps, losses, lr, images_per_s, data_s, eta_s
 
 
 def write_epoch(out_dir, checkpoint, record):
-    """last.pt (and best.pt on a new best), then the epoch's line of metrics.jsonl: the two never disagree."""
+    """The epoch's line of metrics.jsonl, best.pt on a new best, then last.pt, each written whole: a run stopped at
+    any point has a record for last.pt's epoch, and a resume drops the records after it (open_outputs)."""
     out_dir = Path(out_dir)
-    save_atomic(checkpoint, out_dir / "last.pt")
+    metrics = out_dir / "metrics.jsonl"
+    save_atomic((metrics.read_text() if metrics.is_file() else "") + json.dumps(record) + "\n", metrics)
     if checkpoint["best_epoch"] == checkpoint["epoch"]:
         save_atomic(checkpoint, out_dir / "best.pt")
-    with open(out_dir / "metrics.jsonl", "a") as f:
-        f.write(json.dumps(record) + "\n")
+    save_atomic(checkpoint, out_dir / "last.pt")
 
 
 def training_state(student, distiller, optimizer, scheduler, scaler, epochs_done, best, best_epoch, args_json):
@@ -885,10 +993,20 @@ def broadcast_buffers(module):
             dist.broadcast(buffer, 0)
 
 
+def preempted(signum, frame):
+    """SIGTERM (a scheduler preempting or requeueing the job, torchrun stopping its workers) stops the run as Ctrl-C
+    does, between two Python steps: every file is whole (save_atomic), and last.pt is where --resume goes on."""
+    raise KeyboardInterrupt("SIGTERM")
+
+
 if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, preempted)
     try:
         main()
-    except KeyboardInterrupt:  # one line, not a traceback: where the run stands and how to go on
-        last = Path(parse_args().out_dir) / "last.pt"
-        fail(f"interrupted; continue with --resume {last}" if last.is_file() else "interrupted before the first "
-             "epoch ended; nothing to resume", 130)
+    except KeyboardInterrupt as e:  # one line, not a traceback: where the run stands and how to go on
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the line short
+        sigterm, last = e.args == ("SIGTERM",), Path(parse_args().out_dir) / "last.pt"
+        fail(("stopped by SIGTERM" if sigterm else "interrupted") + (
+             f"; the same command with --resume auto (or --resume {last}) goes on, repeating the epoch it stopped in"
+             if last.is_file() else " before its first epoch ended; --resume auto starts it again"),
+             143 if sigterm else 130)

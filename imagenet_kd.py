@@ -36,9 +36,10 @@ import os
 import platform
 import re
 import resource
+import signal
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -103,10 +104,10 @@ def parse_args(argv=None):
     g.add_argument("--student", default="resnet18", metavar="ARCH",
                    help="torchvision classification model, trained from scratch")
     g.add_argument("--teacher", default="resnet34", metavar="ARCH", help="torchvision classification model, frozen")
-    g.add_argument("--teacher-ckpt", type=Path, help="teacher weights (a state dict, or one under 'model', "
-                   "'state_dict' or 'student'); default: torchvision's pretrained --teacher-weights")
-    g.add_argument("--teacher-weights", default="DEFAULT", help="tag of torchvision's weight enum for the teacher "
-                   "(DEFAULT: torchvision's best; for resnet34 the only one, IMAGENET1K_V1, which the paper used)")
+    g.add_argument("--teacher-ckpt", type=Path, metavar="PATH", help="teacher weights (a state dict, or one under "
+                   "'model', 'state_dict' or 'student'); default: torchvision's pretrained --teacher-weights")
+    g.add_argument("--teacher-weights", default="DEFAULT", help="tag of torchvision's weight enum for the teacher: "
+                   "DEFAULT is torchvision's best, for resnet34 its only one, IMAGENET1K_V1, which the paper used")
     g = p.add_argument_group("distillation")
     g.add_argument("--distill", choices=("none", "kd", "srd"), default="srd", help="none: CE only; kd: CE + KL; srd "
                    "(Simple Recipe Distillation, the paper's): CE + KL + feature loss")
@@ -116,10 +117,11 @@ def parse_args(argv=None):
     g.add_argument("--temperature", type=float, default=1.0, help="KD temperature T (the KL term is scaled by T^2)")
     g.add_argument("--alpha", type=float, default=4.0, help="exponent of the log-sum distance")
     g.add_argument("--norm", choices=NORMS, default="bn", help="normalisation of z_s W_p and z_t, no affine: bn (the "
-                   "paper's), gn (Table 6.1; eps 1e-4 where the official code's has 0: a departure), ln, l2, none")
+                   "paper's), gn (Table 6.1; eps 1e-4 where the official code's has 0: a departure), ln, l2; none: no "
+                   "normalisation")
     g.add_argument("--projector", choices=PROJECTORS, default="linear", help="W_p: linear (the "
                    "paper's); mlp: Linear-BN-ReLU-Linear (our reading of the paper's 'MLP'); mlp-plain: "
-                   "Linear-ReLU-Linear (the official code's); none")
+                   "Linear-ReLU-Linear (the official code's); none: the identity")
     g.add_argument("--projector-hidden", type=int,
                    help="hidden width of the 'mlp' projector (default: the teacher's feature width)")
     g.add_argument("--distance", choices=DISTANCES, default="logsum", help="logsum: the paper's log sum |d|^alpha; "
@@ -135,36 +137,31 @@ def parse_args(argv=None):
     g.add_argument("--wd", type=float, default=1e-4, help="weight decay")
     g.add_argument("--lr-milestones", type=int, nargs="+", default=[30, 60, 90], help="epochs where lr drops x0.1")
     g = p.add_argument_group("system")
-    g.add_argument("--amp", choices=("off", "bf16", "fp16"), help="autocast dtype (default: bf16 on CUDA, off on CPU; "
-                   "the paper trained in float32, --amp off)")
+    g.add_argument("--amp", choices=("off", "bf16", "fp16"), help="autocast dtype (default: bf16 on GPUs that have it "
+                   "natively, else fp16; off on CPU); off is true float32, as the paper trained; every score is "
+                   "float32")
     g.add_argument("--channels-last", action=argparse.BooleanOptionalAction,
                    help="NHWC memory layout, faster convolutions on GPUs (default: on with CUDA, off on CPU)")
     g.add_argument("--compile", action="store_true", help="torch.compile the student with its distiller, and the "
                    "teacher: one graph each, with no break, its backward compiled too (DDP splits the student's at "
                    "its gradient buckets); the loss terms, the scaler and the optimizer step run eagerly")
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
-    g.add_argument("--sync-bn", action="store_true", help="batch-norm statistics over the global batch (DDP, CUDA)")
+    g.add_argument("--sync-bn", action="store_true", help="the student's batch-norm statistics over the global batch "
+                   "(DDP, CUDA); the distiller's see the global batch already")
     g.add_argument("--workers", type=int,
                    help="data-loading processes per training process (default: its share of the cores, at most 12)")
     g.add_argument("--seed", type=int, default=0, help="seed of initialisation, shuffling and augmentation")
     g.add_argument("--log-every", type=int, default=100, help="steps between log lines")
     g = p.add_argument_group("outputs")
     g.add_argument("--out-dir", type=Path, help="output folder (default: the folder of --resume, else "
-                   "runs/<PROG>-<student>-<distill>, with -dummy for --dummy runs)")
-    g.add_argument("--resume", type=Path, help="checkpoint (OUT/last.pt) to continue, or to evaluate with --evaluate")
+                   f"runs/{PROG}-<student>-<distill>, with -dummy for --dummy runs)")
+    g.add_argument("--resume", metavar="auto|PATH", help="continue a run: auto, from the out-dir's last.pt if there is "
+                   "one, else start (one command for the first launch and every restart); or a last.pt; flags not "
+                   "given take the run's own values; with --evaluate, the weights to score (any format)")
     g.add_argument("--evaluate", action="store_true", help="evaluate the --resume checkpoint's student and exit")
-    args = p.parse_args(argv)
-    cuda = args.device.startswith("cuda")  # derived defaults, resolved once (args.json records them)
-    args.amp = args.amp or ("bf16" if cuda else "off")
-    args.channels_last = cuda if args.channels_last is None else args.channels_last
-    if args.batch_size is None:
-        args.batch_size = max(1, 256 // int(os.environ.get("WORLD_SIZE", 1)))
-    if args.workers is None:  # never more than the cores
-        args.workers = max(1, min(12, len(os.sched_getaffinity(0)) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
+    args = parse_resuming(p, argv, resolve_defaults)  # a resume takes its run's flags for those not given
     if not 0 < args.train_fraction <= 1:
         fail(f"--train-fraction must be in (0, 1], got {args.train_fraction}")
-    args.out_dir = args.out_dir or (args.resume.parent if args.resume else
-                                    Path("runs") / f"{PROG}-{args.student}-{args.distill}{'-dummy' * args.dummy}")
     for name in ("epochs", "batch_size", "log_every", "max_steps", "alpha", "temperature"):
         if getattr(args, name) is not None and getattr(args, name) <= 0:
             fail(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
@@ -174,6 +171,21 @@ def parse_args(argv=None):
     for role in ("student", "teacher"):
         if getattr(args, role) not in ARCHS:
             fail(f"unknown {role} architecture {getattr(args, role)!r}; choose from {', '.join(ARCHS)}")
+    return args
+
+
+def resolve_defaults(args):
+    """The defaults that depend on other flags or on the machine, resolved once (args.json records them)."""
+    cuda = args.device.startswith("cuda")
+    if args.amp is None:  # bf16 where the GPU computes it natively; emulated (V100, T4) it is slower than fp16
+        args.amp = ("bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16") if cuda else "off"
+    args.channels_last = cuda if args.channels_last is None else args.channels_last
+    if args.batch_size is None:
+        args.batch_size = max(1, 256 // int(os.environ.get("WORLD_SIZE", 1)))
+    if args.workers is None:  # never more than the cores
+        args.workers = max(1, min(12, len(os.sched_getaffinity(0)) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
+    args.out_dir = args.out_dir or (Path(args.resume).parent if args.resume not in (None, "auto") else
+                                    Path("runs") / f"{PROG}-{args.student}-{args.distill}{'-dummy' * args.dummy}")
     return args
 
 
@@ -219,8 +231,11 @@ class StudentWithDistiller(nn.Module):
     """The student and the distiller in one module: DDP averages the projector's gradients with the
     student's, so W_p is identical on every rank."""
 
-    def __init__(self, student, distiller):
+    def __init__(self, student, distiller, sync_bn=False):
         super().__init__()
+        # --sync-bn syncs the student's batch norms alone, in place: the distiller's see the global batch already,
+        # and a synced BN in an MLP projector would make the CKA that rank 0 takes at a log step a collective
+        student = nn.SyncBatchNorm.convert_sync_batchnorm(student) if sync_bn else student
         self.student, self.distiller = WithFeatures(student), distiller
 
     def forward(self, x, z_t=None):
@@ -277,6 +292,8 @@ def main(argv=None):
     prepare = Prepare(device, args.channels_last)
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
     resumed, args_json = check_run(args, device, world)  # bad input: refused before anything is written
+    if resumed is not None and args_json["resume"] == "auto" and resumed["epoch"] >= args.epochs:
+        return finished(args, resumed["epoch"])  # the run is done: its summary, nothing changed
 
     # ---- data ----
     train_loader, val_loader, classes = build_data(args, device, rank, world)
@@ -289,15 +306,14 @@ def main(argv=None):
     if args.evaluate:
         return evaluate_checkpoint(args, student.to(device, memory_format=memory_format), val_loader, device, prepare)
     teacher, teacher_tag, published = build_teacher(args, classes) if args.distill != "none" else (None,) * 3
-    model = StudentWithDistiller(student, None)  # the distiller joins once both feature widths are known
+    model = StudentWithDistiller(student, None, sync_bn=args.sync_bn and distributed)  # the distiller joins once
+    # both feature widths are known
     distiller = model.distiller = build_distiller(args, model.student, teacher)
     model.to(device, memory_format=memory_format)
     if teacher is not None:
         teacher.to(device, memory_format=memory_format)
 
     # ---- optimisation ----
-    if args.sync_bn:
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # the student's batch norms and the distiller's
     if distributed:
         model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None, gradient_as_bucket_view=True)
     if args.compile:
@@ -326,6 +342,7 @@ def main(argv=None):
     for epoch in range(start_epoch, args.epochs):
         torch.manual_seed(seed_of(args.seed, epoch, rank))  # dropout and the like: a function of (seed, epoch, rank)
         train_loader.sampler.set_epoch(epoch)
+        reset_peak_memory(device)  # the record's peak is this epoch's training
         epoch_lr = optimizer.param_groups[0]["lr"]
         interval, epoch_sums = torch.zeros(3, device=device), torch.zeros(3, dtype=torch.float64)
         t_epoch = t_log = t_ready = time.time()
@@ -353,7 +370,7 @@ def main(argv=None):
                 break
             t_ready = time.time()
         scheduler.step()
-        epoch_train_s = time.time() - t_epoch
+        epoch_train_s, peak_mb = time.time() - t_epoch, peak_memory_mb(device)  # the peak before scoring: training's
         train_time += epoch_train_s
 
         # ---- the epoch's score, checkpoint and record ----
@@ -365,7 +382,7 @@ def main(argv=None):
             record = {"epoch": epoch + 1, "lr": epoch_lr, **{f"loss_{n}": m if n in shown else None for n, m in zip(
                       ("ce", "kd", "feat"), (epoch_sums / (steps * world)).tolist())}, **metrics,
                       "images_per_s": steps * global_batch / epoch_train_s, "epoch_s": time.time() - t_epoch,
-                      "peak_mem_mb": peak_memory_mb(device)}
+                      "peak_mem_mb": peak_mb}
             if distiller is not None:  # every singular value of W_p, sorted (Figure 6.2); None unless it is linear
                 sv = projector_spectrum(distiller)
                 record["projector_sv"], record["projector_cka"] = None if sv is None else sv.tolist(), cka
@@ -376,7 +393,7 @@ def main(argv=None):
 
     # ---- summary ----
     summary = write_summary(args, metrics, best, best_epoch, teacher_top1, teacher_tag, published, t_start,
-                            total_steps * global_batch / train_time, device, world) if is_main else None
+                            total_steps * global_batch / train_time, world) if is_main else None
     if distributed:
         dist.destroy_process_group()
     return summary
@@ -471,6 +488,7 @@ def build_data(args, device, rank, world):
     if len(train_loader) == 0 and not args.evaluate:
         fail(f"the training set ({len(train_loader.dataset)} images) is smaller than one global batch of "
              f"{args.batch_size * world}; lower --batch-size")
+    kw["persistent_workers"] = False  # the validation workers: only while scoring, not idle beside the training ones
     return train_loader, DataLoader(Subset(val_set, range(rank, len(val_set), world)), args.batch_size, **kw), classes
 
 
@@ -506,15 +524,25 @@ def feature_dim(net, img_size):
     return dim
 
 
-def get_model(arch, classes, img_size):
-    model = models.get_model(arch, num_classes=classes)
+def get_model(arch, classes, img_size, **kwargs):
+    """torchvision's ``arch``, refused in one line where it cannot take ``img_size`` (a dry forward tells)."""
+    model = models.get_model(arch, num_classes=classes, **kwargs)
     if getattr(model, "image_size", img_size) != img_size:  # torchvision's ViTs embed a fixed number of patches
         fail(f"{arch} takes {model.image_size}-px images only; pass --img-size {model.image_size}")
-    return model
+    try:
+        with torch.no_grad():
+            model.eval()(torch.zeros(1, 3, img_size, img_size))
+    except RuntimeError as e:  # inception_v3 needs 75 px, say
+        reason = str(e).splitlines()[0][:120].strip()
+        fail(f"{arch} cannot take {img_size}-px images ({reason}); pass a larger --img-size")
+    return model.train()
 
 
 def build_student(args, classes):
-    return get_model(args.student, classes, args.img_size)
+    # GoogLeNet and Inception v3 train with auxiliary heads, whose training output is a namedtuple, not logits: the
+    # student is built without them, as torchvision builds these models for use
+    aux = {"aux_logits": False, "init_weights": True} if args.student in ("googlenet", "inception_v3") else {}
+    return get_model(args.student, classes, args.img_size, **aux)
 
 
 def build_teacher(args, classes):
@@ -570,12 +598,13 @@ def evaluate(model, loader, device, prepare):
     was_training = model.training
     model.eval()
     hits, n = torch.zeros(2, device=device, dtype=torch.float64), 0  # top-1 and top-5 hits, images
-    for images, labels in loader:
-        n += len(labels)
-        images, labels = prepare(images, labels)
-        logits = model(images)
-        correct = logits.topk(min(5, logits.shape[1]), dim=1).indices == labels[:, None]
-        hits += torch.stack([correct[:, 0].sum(), correct.any(1).sum()])
+    with float32_scores():
+        for images, labels in loader:
+            n += len(labels)
+            images, labels = prepare(images, labels)
+            logits = model(images)
+            correct = logits.topk(min(5, logits.shape[1]), dim=1).indices == labels[:, None]
+            hits += torch.stack([correct[:, 0].sum(), correct.any(1).sum()])
     counts = torch.cat([hits, hits.new_tensor([n])])
     if dist.is_initialized():
         dist.all_reduce(counts)
@@ -607,7 +636,8 @@ def load_state(resumed, args, distiller, optimizer, scheduler, scaler):
             distiller.load_state_dict(resumed["distiller"])
         optimizer.load_state_dict(resumed["optimizer"])
         scheduler.load_state_dict(resumed["scheduler"])
-        scaler.load_state_dict(resumed["scaler"])
+        if resumed["scaler"]:  # a bf16 or float32 run saved a disabled scaler's {}: resuming it in fp16 starts afresh
+            scaler.load_state_dict(resumed["scaler"])
         return resumed["epoch"], resumed["best"], resumed.get("best_epoch")
     except (KeyError, TypeError, ValueError, RuntimeError) as e:
         fail(f"{args.resume} is not a checkpoint of this run ({type(e).__name__}: {str(e).splitlines()[0]}); "
@@ -630,12 +660,12 @@ def score_teacher(args, teacher, tag, published, val_loader, device, prepare):
 
 
 def write_summary(args, metrics, best, best_epoch, teacher_top1, teacher_tag, published, t_start, images_per_s,
-                  device, world):
+                  world):
     """summary.json, the run in one record (returned, and what main returns), and the last line."""
     summary = {"metric": "top1", "best": best, "best_epoch": best_epoch, "last": metrics["top1"],
                "teacher": teacher_top1, "student_arch": args.student, "teacher_arch": args.teacher,
                "distill": args.distill, "wall_s": time.time() - t_start, "images_per_s": images_per_s,
-               "peak_mem_mb": peak_memory_mb(device), "world_size": world, "versions": versions(),
+               "peak_mem_mb": run_peak_mb(args.out_dir), "world_size": world, "versions": versions(),
                "last_top5": metrics["top5"], "teacher_weights": teacher_tag, "teacher_published": published}
     save_atomic(json.dumps(summary, indent=2) + "\n", Path(args.out_dir) / "summary.json")
     print(f"done: best top1 {best:.2f} (epoch {best_epoch}), last top1 {metrics['top1']:.2f} | "
@@ -677,13 +707,17 @@ def load_weights(model, checkpoint, path, what):
 
 
 def save_atomic(obj, path):
-    """Write a temp file in the same folder, then rename it: a crash never leaves half a file, nor loses the last."""
+    """Write a temp file in the same folder, then rename it: a crash never leaves half a file, nor loses the last;
+    a write stopped midway (Ctrl-C, SIGTERM) leaves no temp file either."""
     tmp = Path(path).with_name(Path(path).name + ".tmp")
-    if isinstance(obj, str):
-        tmp.write_text(obj)
-    else:
-        torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        if isinstance(obj, str):
+            tmp.write_text(obj)
+        else:
+            torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def seed_of(*parts):
@@ -695,6 +729,30 @@ def peak_memory_mb(device):
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # the process's max RSS (KiB on Linux)
+
+
+def run_peak_mb(out_dir):
+    """The run's peak memory: the highest of its epochs' training peaks in metrics.jsonl, a resumed run's included."""
+    return max(json.loads(line)["peak_mem_mb"] for line in (Path(out_dir) / "metrics.jsonl").read_text().splitlines())
+
+
+def reset_peak_memory(device):
+    """Start an epoch's peak memory afresh (CUDA; on the CPU the peak is the process's max RSS, which never resets)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+@contextmanager
+def float32_scores():
+    """True float32 inside, TF32 off for matmuls and convolutions, whatever --amp trains in: a score must not depend
+    on the speed flags. These are torch's older TF32 switches, which torch.compile reads (and, where the newer
+    fp32_precision API set TF32, refuses to read)."""
+    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
 
 
 def n_params(module):  # in millions
@@ -723,34 +781,71 @@ def set_up(args):
     if device.type == "cuda":  # an explicit index for set_device
         if not torch.cuda.is_available():
             fail(f"--device {args.device} but CUDA is not available; pass --device cpu")
-        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        # modulo the GPUs it sees: a launcher may show each process its own GPU alone (Slurm --gpus-per-task=1)
+        local_rank = int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count()
         device = torch.device("cuda", local_rank if "RANK" in os.environ else device.index or 0)
         torch.cuda.set_device(device)
         torch.backends.cudnn.benchmark = FIXED_INPUT_SIZE  # cuDNN tunes its kernels once per input size
-        torch.set_float32_matmul_precision("high")  # TF32 where --amp off leaves float32 matmuls
+        # --amp off trains in true float32; bf16 and fp16 keep TF32 for what autocast leaves in float32
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.amp != "off"
     if "RANK" in os.environ:
         cuda = device.type == "cuda"
-        dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
+        # torchrun's agent keeps one key-value store across --max-restarts, and torch 2.14 no longer prefixes the keys
+        # of each attempt: a restarted rank that starts first reads its peers' addresses of the attempt before,
+        # connects to no one ("Gloo connectFullMesh failed ... Connection refused") and ends the job. The scripts
+        # give the other rank seconds to start first (their imports), minimal scripts milliseconds. Prefixed here.
+        store = dist.PrefixStore(f"attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', 0)}",
+                                 next(dist.rendezvous("env://"))[0])
+        dist.init_process_group("nccl" if cuda else "gloo", store=store, rank=rank, world_size=world,
+                                device_id=device if cuda else None)
     torch.manual_seed(args.seed)  # the same on every rank: a model DDP does not wrap (the teacher) is one model
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp)
     return device, rank, world, torch.autocast(device.type, dtype=dtype) if dtype else nullcontext()
 
 
+def resume_from(args):
+    """The checkpoint that a run continues: --resume PATH, or with --resume auto the out-dir's last.pt when a run left
+    one there (None: the run starts)."""
+    if args.resume != "auto":
+        return args.resume
+    last = Path(args.out_dir) / "last.pt"
+    return last if last.is_file() else None
+
+
+def parse_resuming(parser, argv, resolve):
+    """``parser.parse_args(argv)`` with the defaults that depend on other flags resolved by ``resolve``. A resume
+    continues its run as it was: a flag not given takes the value that the checkpoint recorded, a flag given
+    overrides it (check_run refuses where RESUME_MUST_MATCH forbids); ``flags_from_checkpoint`` names the flags that
+    the checkpoint changed (args.json and the start line show them)."""
+    args, recorded = resolve(parser.parse_args(argv)), {}
+    path = None if args.evaluate else resume_from(args)
+    checkpoint = read_checkpoint(path) if path else None
+    if isinstance(checkpoint, dict) and isinstance(checkpoint.get("args"), dict):  # else check_run refuses the file
+        recorded = {name: value for name, value in checkpoint["args"].items()
+                    if hasattr(args, name) and name not in ("resume", "evaluate", "out_dir")}
+        parser.set_defaults(**recorded, out_dir=args.out_dir)
+    resumed = resolve(parser.parse_args(argv)) if recorded else args
+    resumed.flags_from_checkpoint = sorted(name for name in recorded if getattr(resumed, name) != getattr(args, name))
+    return resumed
+
+
 def check_run(args, device, world):
     """The bad input every script refuses alike, before anything is written (the device's, --evaluate's, the
-    out-dir's, a --resume that is not this run's): returns (the --resume checkpoint or None, the flags as JSON)."""
+    out-dir's, a --resume that is not this run's), and --resume auto made a path (or None, a new run): returns (the
+    checkpoint to continue or to score, or None; the flags as JSON)."""
     out_dir, args_json = Path(args.out_dir), json.loads(json.dumps(vars(args), default=str))
     if args.amp == "fp16" and device.type != "cuda":  # one policy in the four scripts: refused, not ignored
         fail("--amp fp16 needs CUDA (its GradScaler); use --amp bf16 or off on CPU")
     if args.sync_bn and device.type != "cuda":
         fail("--sync-bn needs CUDA (SyncBatchNorm has no CPU kernels); drop it on CPU")
-    if args.evaluate and not args.resume:
+    if args.evaluate and args.resume in (None, "auto"):
         fail("--evaluate needs --resume PATH, the checkpoint whose student to score")
     if out_dir.exists() and not out_dir.is_dir():
         fail(f"--out-dir {out_dir} is a file; pass a folder")
     if not args.resume and ((out_dir / "args.json").exists() or (out_dir / "last.pt").exists()):
-        fail(f"{out_dir} already holds a run; pass --resume {out_dir}/last.pt to continue it, "
+        fail(f"{out_dir} already holds a run; pass --resume auto (or --resume {out_dir}/last.pt) to continue it, "
              "or choose another --out-dir")
+    args.resume = resume_from(args)
     resumed = read_checkpoint(args.resume) if args.resume else None
     if resumed is None or args.evaluate:  # --evaluate scores any file of student weights
         return resumed, args_json
@@ -758,15 +853,29 @@ def check_run(args, device, world):
     if not (isinstance(resumed, dict) and state <= resumed.keys() and isinstance(resumed["args"], dict)):
         fail(f"{args.resume} is not a training checkpoint of {PROG}; pass the last.pt of one of its runs, "
              "or score it with --evaluate")
-    if resumed["epoch"] >= args.epochs:
-        fail(f"{args.resume} has trained {resumed['epoch']} epochs already; pass --epochs above {resumed['epoch']}")
-    for flag in RESUME_MUST_MATCH:
-        if resumed["args"].get(flag) != args_json[flag]:
-            fail(f"{args.resume} was trained with --{flag.replace('_', '-')} {resumed['args'].get(flag)}, "
-                 f"not {args_json[flag]}; pass that run's flags to resume it")
+    mismatched = [flag for flag in RESUME_MUST_MATCH if resumed["args"].get(flag) != args_json[flag]]
+    if mismatched:
+        fail(f"{args.resume} was trained with " + " and with ".join(f"--{flag.replace('_', '-')} "
+             f"{resumed['args'].get(flag)}, not {args_json[flag]}" for flag in mismatched) + "; drop those flags to "
+             "resume it as it was (a resume takes the run's own)")
     if resumed.get("world_size", world) != world:  # the global batch, hence the lr and the steps per epoch
         fail(f"{args.resume} was trained by {resumed['world_size']} processes, not {world}; use as many")
+    if resumed["epoch"] >= args.epochs and args_json["resume"] != "auto":  # auto: a finished run, main says so
+        fail(f"{args.resume} has trained {resumed['epoch']} epochs already; pass --epochs above {resumed['epoch']}")
     return resumed, args_json
+
+
+def finished(args, epochs_done):
+    """--resume auto of a run that has trained its --epochs: one line, nothing written, and the run's summary (None
+    if it was stopped between its last checkpoint and summary.json)."""
+    path = Path(args.out_dir) / "summary.json"
+    summary = json.loads(path.read_text()) if path.is_file() else None
+    if os.environ.get("RANK", "0") == "0":
+        print(f"{args.out_dir} has trained its {epochs_done} epochs: " + (
+              f"its summary is {path}" if summary else "stopped before summary.json; metrics.jsonl has every epoch"))
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return summary
 
 
 def open_outputs(out_dir, run_json, start_epoch):
@@ -805,13 +914,14 @@ def log_line(epoch, epochs, step, steps, losses, lr, images_per_s, data_s, eta_s
 
 
 def write_epoch(out_dir, checkpoint, record):
-    """last.pt (and best.pt on a new best), then the epoch's line of metrics.jsonl: the two never disagree."""
+    """The epoch's line of metrics.jsonl, best.pt on a new best, then last.pt, each written whole: a run stopped at
+    any point has a record for last.pt's epoch, and a resume drops the records after it (open_outputs)."""
     out_dir = Path(out_dir)
-    save_atomic(checkpoint, out_dir / "last.pt")
+    metrics = out_dir / "metrics.jsonl"
+    save_atomic((metrics.read_text() if metrics.is_file() else "") + json.dumps(record) + "\n", metrics)
     if checkpoint["best_epoch"] == checkpoint["epoch"]:
         save_atomic(checkpoint, out_dir / "best.pt")
-    with open(out_dir / "metrics.jsonl", "a") as f:
-        f.write(json.dumps(record) + "\n")
+    save_atomic(checkpoint, out_dir / "last.pt")
 
 
 def training_state(student, distiller, optimizer, scheduler, scaler, epochs_done, best, best_epoch, args_json):
@@ -829,10 +939,20 @@ def broadcast_buffers(module):
             dist.broadcast(buffer, 0)
 
 
+def preempted(signum, frame):
+    """SIGTERM (a scheduler preempting or requeueing the job, torchrun stopping its workers) stops the run as Ctrl-C
+    does, between two Python steps: every file is whole (save_atomic), and last.pt is where --resume goes on."""
+    raise KeyboardInterrupt("SIGTERM")
+
+
 if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, preempted)
     try:
         main()
-    except KeyboardInterrupt:  # one line, not a traceback: where the run stands and how to go on
-        last = Path(parse_args().out_dir) / "last.pt"
-        fail(f"interrupted; continue with --resume {last}" if last.is_file() else "interrupted before the first "
-             "epoch ended; nothing to resume", 130)
+    except KeyboardInterrupt as e:  # one line, not a traceback: where the run stands and how to go on
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the line short
+        sigterm, last = e.args == ("SIGTERM",), Path(parse_args().out_dir) / "last.pt"
+        fail(("stopped by SIGTERM" if sigterm else "interrupted") + (
+             f"; the same command with --resume auto (or --resume {last}) goes on, repeating the epoch it stopped in"
+             if last.is_file() else " before its first epoch ended; --resume auto starts it again"),
+             143 if sigterm else 130)

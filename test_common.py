@@ -465,6 +465,36 @@ def test_distiller_takes_the_global_batch_under_ddp(tmp_path):
         assert abs(local - loss.item()) > 1e-3, case  # the two objectives differ: the test can tell them apart
 
 
+def _gathered_dtypes_on_ranks(rank, world, folder):
+    """One rank of a 2-process gloo group: the distiller on bf16 features under bf16 autocast, the dtypes of what
+    its gather sends and sums recorded."""
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"file://{folder}/rendezvous", rank=rank, world_size=world)
+    sent, all_gather, all_reduce = [], dist.all_gather, dist.all_reduce
+    dist.all_gather = lambda out, rows, *a, **kw: (sent.append(("all_gather", rows.dtype)), all_gather(out, rows))[1]
+    dist.all_reduce = lambda grad, *a, **kw: (sent.append(("all_reduce", grad.dtype)), all_reduce(grad))[1]
+    torch.manual_seed(rank)
+    z_s = torch.randn(4, 16, dtype=torch.bfloat16, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = FeatureDistiller(16, 24, "mlp", hidden=32)(z_s, torch.randn(4, 24, dtype=torch.bfloat16))
+    loss.backward()
+    if rank == 0:
+        torch.save({"sent": sent, "grad": z_s.grad.dtype, "loss": loss.dtype}, folder / "rank0.pt")
+    dist.destroy_process_group()
+
+
+def test_distiller_gathers_the_rows_in_float32(tmp_path):
+    """Under DDP the rows are gathered, and their gradients summed over the ranks, in float32 whatever the
+    features' dtype (an fp16 sum of loss-scaled gradients over many ranks overflows sooner); the student's
+    gradient comes back in its own dtype."""
+    import torch.multiprocessing as mp
+    mp.start_processes(_gathered_dtypes_on_ranks, args=(2, tmp_path), nprocs=2, start_method="spawn")
+    got = torch.load(tmp_path / "rank0.pt")
+    # z_s and z_t gathered; z_s's gradient summed (z_t, the teacher's, has none)
+    assert got["sent"] == [("all_gather", torch.float32)] * 2 + [("all_reduce", torch.float32)], got["sent"]
+    assert got["grad"] == torch.bfloat16 and got["loss"] == torch.float32
+
+
 def test_plain_mlp_projector_is_linear_relu_linear():
     """'mlp-plain' is the official code's MLP: Linear-ReLU-Linear, no BN; its value is the formula in float64."""
     torch.manual_seed(0)

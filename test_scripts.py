@@ -2,11 +2,15 @@
 each test writes in the real on-disk format, on ``--dummy`` data, resumed, under a 2-process
 ``torchrun`` on CPU (gloo), and on bad input. Nothing is downloaded.
 """
+import argparse
+import datetime
 import hashlib
 import json
+import math
 import os
 import pickle
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -1129,8 +1133,9 @@ def test_deit_bad_input(deit_data, tmp_path, case):
         run = tmp_path / "dummy"
         check_ok(deit_main(*DEIT_FAMILY["dummy"], "--epochs", 1, "--out-dir", run))
         files = {f.name: f.read_bytes() for f in run.iterdir()}
+        # Real data: a resume takes --dummy from its checkpoint (a flag not given), so the data folder differs
         for argv, words in (([*DEIT_FAMILY["dummy"], "--img-size", 48], ["--img-size 32, not 48"]),
-                            (args, ["--dummy True, not False"])):
+                            (args, [f"--data-dir None, not {deit_data / 'imagenet'}"])):
             result = deit_main(*argv, "--out-dir", out, "--epochs", 2, "--resume", run / "last.pt")
             check_bad_input(result, "deit_kd.py", out, *words)
             assert "teacher" not in result.stdout  # before the teacher is built or scored
@@ -1623,3 +1628,446 @@ def test_readme_ablation_rows_run_what_the_tables_ran():
     (rerun,) = parsed[table_69[-1]]
     assert "71.87" in (ROOT / "README.md").read_text().split(table_69[-1])[1].splitlines()[0]
     assert rerun.distance == "logsum" and rerun.kd_weight == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Restarts: --resume auto, a resume that keeps its run's flags, SIGTERM, torchrun --max-restarts
+CIFAR100_SMALL = ["--dummy", "--student", "resnet8", "--teacher", "resnet20", "--batch-size", 16, "--log-every", 1]
+
+
+def family_weights_equal(a, b):
+    """torch.equal on every student and distiller tensor of two checkpoints."""
+    assert a["student"].keys() == b["student"].keys()
+    assert all(torch.equal(a["student"][k], b["student"][k]) for k in a["student"])
+    assert (a["distiller"] is None) == (b["distiller"] is None)
+    if a["distiller"] is not None:
+        assert a["distiller"].keys() == b["distiller"].keys()
+        assert all(torch.equal(a["distiller"][k], b["distiller"][k]) for k in a["distiller"])
+
+
+def run_until(cmd, line, then, timeout=600, env=None):
+    """Start ``cmd`` (stdout and stderr merged), call ``then(process)`` once a line of its output contains ``line``,
+    and let it end: (exit code, the whole output)."""
+    proc = subprocess.Popen(cmd, cwd=ROOT, env={**ENV, **(env or {})}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    output, acted = [], False
+    try:
+        for text in proc.stdout:
+            output.append(text)
+            if not acted and line in text:
+                then(proc)
+                acted = True
+        proc.wait(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert acted, f"never printed {line!r}:\n{''.join(output)[-3000:]}"
+    return proc.returncode, "".join(output)
+
+
+def workers_of(torchrun_pid):
+    """{rank: pid} of the worker processes that torchrun's agent started (its children, by their RANK)."""
+    workers = {}
+    for children in Path(f"/proc/{torchrun_pid}/task").glob("*/children"):
+        for pid in map(int, children.read_text().split()):
+            env = dict(item.split("=", 1) for item in Path(f"/proc/{pid}/environ").read_bytes().decode(
+                errors="replace").split("\0") if "=" in item)
+            if "RANK" in env:
+                workers[int(env["RANK"])] = pid
+    return workers
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script, argv, killed", [
+    (CIFAR100, [*CIFAR100_SMALL, "--epochs", 2, "--max-steps", 20, "--device", "cpu"], 1),  # data on the device
+    (IMAGENET, ["--dummy", *IMAGENET_TINY, "--epochs", 2, "--max-steps", 10, "--workers", 1], 0),  # a DataLoader
+])
+def test_torchrun_max_restarts_resumes_a_killed_worker_exactly(tmp_path, script, argv, killed):
+    """torchrun --max-restarts=1 and --resume auto: one worker SIGKILLed during epoch 2, torchrun restarts both, and
+    the run ends (exit 0) with every student and distiller tensor equal to an uninterrupted 2-process run's."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--max-restarts=1",
+           "--master_addr=127.0.0.1", f"--master_port={port}", str(ROOT / script), *map(str, argv), "--resume", "auto",
+           "--out-dir", str(tmp_path / "restarted")]
+    code, output = run_until(cmd, "epoch 2/2 step 3/", lambda proc: os.kill(workers_of(proc.pid)[killed],
+                                                                             signal.SIGKILL))
+    assert code == 0, output[-4000:]
+    assert "resuming" in output and "1 epochs done" in output, output[-4000:]  # the restart went on from epoch 1
+    check_ok(run_torchrun(script, *argv, "--out-dir", tmp_path / "uninterrupted"))
+    restarted, uninterrupted = (load_checkpoint(tmp_path / run / "last.pt") for run in ("restarted", "uninterrupted"))
+    assert restarted["epoch"] == uninterrupted["epoch"] == 2
+    family_weights_equal(restarted, uninterrupted)
+    records = [read_jsonl(tmp_path / run / "metrics.jsonl") for run in ("restarted", "uninterrupted")]
+    assert [(r["epoch"], r["top1"], r["loss_ce"]) for r in records[0]] == [(r["epoch"], r["top1"], r["loss_ce"])
+                                                                            for r in records[1]]
+    assert not list((tmp_path / "restarted").glob("*.tmp"))
+
+
+def test_sigterm_stops_cleanly_and_the_same_command_goes_on_then_leaves_a_finished_run_as_it_was(tmp_path):
+    """SIGTERM in epoch 2 (a scheduler's preemption): exit 143, one line saying how to go on, no temp file, last.pt
+    at epoch 1 with its record. The same command (--resume auto) then finishes with the weights of an uninterrupted
+    run, and once more on the finished run: exit 0, one line, every file byte for byte as it was."""
+    argv = [*map(str, CIFAR100_SMALL), "--epochs", "2", "--max-steps", "10", "--resume", "auto"]
+    cmd = [sys.executable, str(ROOT / CIFAR100), *argv, "--out-dir", str(tmp_path / "run")]
+    code, output = run_until(cmd, "epoch 2/2 step 3/", lambda proc: proc.send_signal(signal.SIGTERM))
+    assert code == 143, output[-3000:]
+    assert output.strip().splitlines()[-1] == (f"cifar100_kd: error: stopped by SIGTERM; the same command with --resume "
+                                               f"auto (or --resume {tmp_path / 'run' / 'last.pt'}) goes on, repeating "
+                                               "the epoch it stopped in")
+    assert "Traceback" not in output and not list((tmp_path / "run").glob("*.tmp"))
+    assert load_checkpoint(tmp_path / "run" / "last.pt")["epoch"] == 1
+    assert [r["epoch"] for r in read_jsonl(tmp_path / "run" / "metrics.jsonl")] == [1]
+    out = check_ok(subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)).stdout
+    assert "resuming" in out and "1 epochs done" in out
+    check_ok(run_script(CIFAR100, *argv, "--out-dir", tmp_path / "uninterrupted"))
+    family_weights_equal(load_checkpoint(tmp_path / "run" / "last.pt"),
+                         load_checkpoint(tmp_path / "uninterrupted" / "last.pt"))
+    assert [r["epoch"] for r in read_jsonl(tmp_path / "run" / "metrics.jsonl")] == [1, 2]
+    before = snapshot(tmp_path / "run")
+    again = check_ok(subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600))
+    assert again.stdout.strip() == f"{tmp_path / 'run'} has trained its 2 epochs: its summary is " \
+                                   f"{tmp_path / 'run' / 'summary.json'}" and not again.stderr.strip()
+    assert snapshot(tmp_path / "run") == before
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_resume_auto_starts_then_returns_the_finished_runs_summary(script, tmp_path):
+    """Every script takes --resume auto: a first call trains, a second (a notebook cell run twice) changes nothing and
+    returns the same summary, without a SystemExit."""
+    import importlib
+    module, out = importlib.import_module(script), tmp_path / "run"
+    argv = [*map(str, FAMILIES[script]["dummy"]), "--epochs", "1", "--resume", "auto", "--out-dir", str(out)]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        first = module.main(argv)
+        before = snapshot(out)
+        second = module.main(argv)
+    finally:
+        torch.set_num_threads(threads)
+    assert first == second == json.loads((out / "summary.json").read_text())
+    assert snapshot(out) == before
+
+
+def test_resume_path_alone_continues_with_the_runs_own_flags(tmp_path, monkeypatch, capsys):
+    """--resume PATH and no other flag: the run goes on with its own --dummy, architectures, --max-steps and --epochs
+    (not this script's defaults: 240 epochs of 782 steps), and says which flags it took from the checkpoint."""
+    import cifar100_kd
+    run = tmp_path / "run"
+    save = cifar100_kd.save_atomic
+
+    def save_then_interrupt(obj, path):  # Ctrl-C right after epoch 1's checkpoint
+        save(obj, path)
+        if Path(path).name == "last.pt":
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(cifar100_kd, "save_atomic", save_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        cifar100_kd.main([*map(str, CIFAR100_SMALL), "--epochs", "2", "--max-steps", "3", "--out-dir", str(run)])
+    monkeypatch.setattr(cifar100_kd, "save_atomic", save)
+    capsys.readouterr()
+    summary = cifar100_kd.main(["--resume", str(run / "last.pt")])
+    out = capsys.readouterr().out
+    recorded = json.loads((run / "args.json").read_text())
+    assert "3 steps/epoch" in out and "resuming" in out and summary["student_arch"] == "resnet8"
+    assert {"dummy", "epochs", "max_steps", "student", "teacher"} <= set(recorded["flags_from_checkpoint"])
+    assert (recorded["epochs"], recorded["max_steps"], recorded["steps_per_epoch"]) == (2, 3, 3)
+    assert [r["epoch"] for r in read_jsonl(run / "metrics.jsonl")] == [1, 2]
+    assert load_checkpoint(run / "last.pt")["epoch"] == 2
+    # A flag given overrides where the resume policy allows (--epochs), and every forbidden one is named at once.
+    code, _, err = run_main("cifar100_kd", ["--resume", run / "last.pt", "--epochs", "3", "--lr", "0.1",
+                                            "--projector", "linear"])
+    assert code == 2 and "--projector mlp, not linear" in err and "--lr 0.05, not 0.1" in err, err
+
+
+# ---------------------------------------------------------------------------------------------
+# The GPU paths: what a CPU can check of them here, the rest in the tests marked cuda below
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_sync_bn_syncs_the_students_batch_norms_alone(script):
+    """--sync-bn converts the student's batch norms, never the distiller's: those see the global batch already, and
+    a SyncBatchNorm in the MLP projector would make the CKA that rank 0 alone takes at a log step a collective."""
+    import importlib
+    from common import FeatureDistiller
+    module = importlib.import_module(script)
+    student = {"cifar100_kd": lambda: module.ARCHS["resnet8"](),
+               "imagenet_kd": lambda: torchvision.models.resnet18(num_classes=10),
+               "deit_kd": lambda: module.build_student(module.parse_args(["--dummy"]), 10),
+               "coco_kd": lambda: module.build_student(module.parse_args(["--dummy"]), "resnet18", False)}[script]()
+    distiller = FeatureDistiller(64, 64, "mlp", hidden=32)
+    extra = [{"0": "0"}] if script == "coco_kd" else []
+    for sync_bn in (False, True):
+        model = module.StudentWithDistiller(student, distiller, *extra, sync_bn=sync_bn)
+        synced = [m for m in model.student.modules() if isinstance(m, torch.nn.SyncBatchNorm)]
+        assert bool(synced) == sync_bn, script
+        assert not any(isinstance(m, torch.nn.SyncBatchNorm) for m in model.distiller.modules())
+        assert any(isinstance(m, torch.nn.BatchNorm1d) for m in model.distiller.projector.modules())
+
+
+def resumed_state(**parts):
+    """A checkpoint of a bf16 or float32 run, whose disabled GradScaler saved {}."""
+    return {"epoch": 1, "best": 1.0, "best_epoch": 1, "scaler": {}, **parts}
+
+
+@pytest.mark.parametrize("scaler_state, scale", [({}, 65536.0), ({"scale": 1024.0, "growth_factor": 2.0,
+                                                                   "backoff_factor": 0.5, "growth_interval": 2000,
+                                                                   "_growth_tracker": 3}, 1024.0)])
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_a_resume_may_turn_fp16_on(script, scaler_state, scale):
+    """A resume with --amp fp16 (an enabled GradScaler) of a bf16 or float32 run (whose disabled scaler saved {})
+    starts the scaler afresh; an fp16 run's scaler state is loaded. On the CPU's GradScaler, the same class."""
+    import importlib
+    from timm.scheduler import CosineLRScheduler
+    module = importlib.import_module(script)
+    weight = torch.nn.Parameter(torch.zeros(2))
+    optimizer = torch.optim.SGD([weight], lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", enabled=True)
+    resumed = resumed_state(optimizer=optimizer.state_dict(), scaler=scaler_state, distiller=None)
+    if script == "cifar100_kd":
+        student, scheduler = torch.nn.Linear(2, 2), torch.optim.lr_scheduler.MultiStepLR(optimizer, [5])
+        resumed |= {"student": student.state_dict(), "scheduler": scheduler.state_dict()}
+        args = argparse.Namespace(resume="last.pt", student="resnet8")
+        assert module.load_state(resumed, args, student, None, optimizer, scheduler, scaler, float)[0] == 1
+    elif script == "imagenet_kd":
+        scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, [5])
+        resumed |= {"scheduler": scheduler.state_dict()}
+        assert module.load_state(resumed, argparse.Namespace(resume="last.pt"), None, optimizer, scheduler,
+                                 scaler)[0] == 1
+    elif script == "deit_kd":
+        assert module.load_state(resumed, None, optimizer, CosineLRScheduler(optimizer, 10), scaler, 1)[0] == 1
+    else:
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+        resumed |= {"scheduler": scheduler.state_dict()}
+        assert module.load_state(resumed, torch.nn.ModuleDict(), optimizer, scheduler, scaler)[0] == 1
+    assert scaler.get_scale() == scale
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_bf16_by_default_only_where_the_gpu_has_it_natively(script, monkeypatch):
+    """--amp's CUDA default: bf16 on GPUs that compute it natively (Ampere and later), fp16 where torch would emulate
+    it (V100, T4: slower than fp16); off on the CPU."""
+    import importlib
+    module = importlib.import_module(script)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
+    assert module.parse_args(["--dummy", "--device", "cuda"]).amp == "fp16"  # a V100: emulated bf16 only
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    assert module.parse_args(["--dummy", "--device", "cuda"]).amp == "bf16"
+    assert module.parse_args(["--dummy", "--device", "cpu"]).amp == "off"
+
+
+def test_set_up_takes_the_gpu_modulo_those_visible_and_keys_each_torchrun_attempt_apart(monkeypatch):
+    """The CUDA index is LOCAL_RANK modulo the GPUs a process sees (Slurm --gpus-per-task=1 shows one, LOCAL_RANK
+    runs to 7); under torchrun the process group's store keys carry the restart's number, so that a restarted rank
+    never reads an address of the attempt before; TF32 is on only where --amp is bf16 or fp16 (here fp16: the
+    CPU has no bf16 to check)."""
+    import cifar100_kd
+    store, chosen, calls = torch.distributed.HashStore(), [], {}
+    store.set_timeout(datetime.timedelta(seconds=1))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    monkeypatch.setattr(torch.distributed, "rendezvous", lambda url: iter([(store, 3, 4)]))
+    monkeypatch.setattr(torch.distributed, "init_process_group", lambda backend, **kw: calls.update(kw, backend=backend))
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", torch.backends.cudnn.benchmark)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", torch.backends.cudnn.allow_tf32)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", torch.backends.cuda.matmul.allow_tf32)
+    for name, value in {"RANK": "3", "LOCAL_RANK": "3", "WORLD_SIZE": "4", "TORCHELASTIC_RESTART_COUNT": "2"}.items():
+        monkeypatch.setenv(name, value)
+    for amp, tf32 in (("off", False), ("fp16", True)):
+        device, rank, world, _ = cifar100_kd.set_up(argparse.Namespace(device="cuda", amp=amp, seed=0))
+        assert (device, rank, world) == (torch.device("cuda", 0), 3, 4) and chosen[-1] == device
+        assert torch.backends.cuda.matmul.allow_tf32 == torch.backends.cudnn.allow_tf32 == tf32
+    assert (calls["backend"], calls["rank"], calls["world_size"]) == ("nccl", 3, 4)
+    calls["store"].set("key", "value")
+    assert store.get("attempt_2/key") == b"value"
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_every_score_is_true_float32(script, tmp_path):
+    """Each script's evaluate turns TF32 off for its forward passes, whatever training set, and restores it after: the
+    scores are float32, as --amp off trains (a forward hook reads the switches inside)."""
+    import importlib
+    module = importlib.import_module(script)
+    seen = []
+    record = lambda *_: seen.append((torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32))
+    cpu = torch.device("cpu")
+    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    try:
+        if script == "cifar100_kd":
+            model = module.ARCHS["resnet8"]()
+            model.register_forward_pre_hook(record)
+            module.evaluate(model, (torch.zeros(4, 3, 32, 32, dtype=torch.uint8), torch.arange(4)), module.Normalise())
+        elif script == "imagenet_kd":
+            model = torchvision.models.resnet18(num_classes=10)
+            model.register_forward_pre_hook(record)
+            batches = [(torch.zeros(2, 3, 32, 32, dtype=torch.uint8), torch.arange(2))]
+            module.evaluate(model, batches, cpu, module.Prepare(cpu, False))
+        elif script == "deit_kd":
+            model = torchvision.models.resnet18(num_classes=10)
+            model.register_forward_pre_hook(record)
+            module.evaluate(model, [(torch.zeros(2, 3, 32, 32), torch.arange(2))], cpu, torch.contiguous_format)
+        else:
+            args = module.parse_args(["--dummy", *COCO_SMALL, "--out-dir", str(tmp_path)])
+            model = module.build_student(args, "resnet18", False)
+            model.backbone.register_forward_pre_hook(record)
+            val_set = module.build_data(args)[1]
+            module.evaluate(model, module.loader(val_set, [[(0, False)]], args, cpu), cpu)
+        assert seen and all(flags == (False, False) for flags in seen), seen
+        assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == (True, True)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+
+
+def test_imagenet_googlenet_and_inception_students_train_or_are_refused():
+    """torchvision builds GoogLeNet and Inception v3 with auxiliary heads, whose training output is a namedtuple: the
+    students are built without them and train (a step's cross-entropy and its gradient); an image size a model cannot
+    take (Inception v3 needs 75 px) is refused in one line."""
+    import imagenet_kd
+    for arch, size in (("googlenet", 32), ("inception_v3", 80)):
+        args = imagenet_kd.parse_args(["--dummy", "--student", arch, "--img-size", str(size)])
+        model = imagenet_kd.StudentWithDistiller(imagenet_kd.build_student(args, 10), None).train()
+        logits, _, z_s = model(torch.randn(2, 3, size, size))
+        torch.nn.functional.cross_entropy(logits, torch.tensor([0, 1])).backward()
+        assert logits.shape == (2, 10) and z_s.shape[0] == 2, arch
+    code, _, err = run_main("imagenet_kd", ["--dummy", "--student", "inception_v3", "--img-size", "32"])
+    assert code == 2 and "inception_v3 cannot take 32-px images" in err and "--img-size" in err, err
+
+
+def test_imagenet_validation_workers_are_not_kept(tmp_path):
+    """The validation loader's workers live only while it scores, not beside the training loader's all along."""
+    import imagenet_kd
+    args = imagenet_kd.parse_args(["--dummy", "--img-size", "32", "--workers", "2", "--out-dir", str(tmp_path)])
+    train_loader, val_loader, _ = imagenet_kd.build_data(args, torch.device("cpu"), 0, 1)
+    assert train_loader.persistent_workers and not val_loader.persistent_workers
+
+
+def test_deit_workers_send_uint8_and_the_device_normalises_and_erases():
+    """DeiT's loader workers send uint8 images (a quarter of float32's shared memory); timm's PrefetchLoader
+    normalises them on the device and applies the random erasing, DeiT's (probability --reprob, per-pixel noise)."""
+    import deit_kd
+    args = deit_kd.parse_args(["--dummy", "--img-size", "32", "--batch-size", "4", "--workers", "0", "--reprob", "1"])
+    train_loader, val_loader, _ = deit_kd.build_data(args, torch.device("cpu"), 0, 1)
+    for loader in (train_loader, val_loader):
+        raw, _ = next(iter(loader.loader))
+        assert raw.dtype == torch.uint8 and raw.shape == (4, 3, 32, 32)
+    erasing = train_loader.random_erasing
+    assert (erasing.probability, erasing.mode, val_loader.random_erasing) == (1, "pixel", None)
+    x, y = next(iter(val_loader))
+    assert x.dtype == torch.float32 and -3 < x.mean() < 3 and y.dtype == torch.int64
+
+
+def test_coco_scores_the_student_with_rank_0s_batch_norm_statistics(monkeypatch, tmp_path):
+    """As the other three: before each epoch's score, the student's buffers are rank 0's on every rank (a spy records
+    the order of the calls in a one-process run)."""
+    import coco_kd
+    calls = []
+    broadcast, evaluate = coco_kd.broadcast_buffers, coco_kd.evaluate
+    monkeypatch.setattr(coco_kd, "broadcast_buffers", lambda module: (calls.append(("broadcast", module)),
+                                                                       broadcast(module))[1])
+    monkeypatch.setattr(coco_kd, "evaluate", lambda model, *a, **kw: (calls.append(("evaluate", model)),
+                                                                      evaluate(model, *a, **kw))[1])
+    code, out, err = run_main("coco_kd", [*COCO_FAMILY["dummy"], "--epochs", "2", "--out-dir", tmp_path / "run"])
+    assert code == 0, out[-2000:] + err[-2000:]
+    students = [i for i, (what, model) in enumerate(calls) if what == "evaluate" and calls[i - 1][0] == "broadcast"]
+    assert len(students) == 2 and all(calls[i - 1][1] is calls[i][1] for i in students)  # both epochs' scores
+
+
+# ---------------------------------------------------------------------------------------------
+# Tests marked cuda: skipped without a GPU ("needs CUDA"); python -m pytest --all -m cuda runs them on one GPU
+CUDA = ["--device", "cuda"]
+
+
+@pytest.mark.cuda
+def test_cuda_cifar100_compiled_step_trains_as_eager(tmp_path):
+    """--compile on one GPU (the step as CUDA graphs, bf16) trains as the eager step does: the epoch's mean
+    cross-entropy and feature loss within 5 % of eager's (bf16 and fused kernels round differently; a broken graph
+    diverges or stops)."""
+    argv = ["--dummy", "--student", "resnet8x4", "--teacher", "resnet32x4", "--epochs", 1, "--max-steps", 60,
+            "--log-every", 20, "--amp", "bf16", *CUDA]
+    check_ok(run_script(CIFAR100, *argv, "--out-dir", tmp_path / "eager"))
+    compiled = check_ok(run_script(CIFAR100, *argv, "--compile", "--out-dir", tmp_path / "compiled"))
+    assert "compiled the training step" in compiled.stdout
+    (eager,), (graphs,) = (read_jsonl(tmp_path / run / "metrics.jsonl") for run in ("eager", "compiled"))
+    for term in ("loss_ce", "loss_feat"):
+        assert graphs[term] == pytest.approx(eager[term], rel=0.05), term
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_cuda_fp16_trains_with_an_enabled_grad_scaler(script, tmp_path):
+    code, out, err = run_main(script, [*FAMILIES[script]["dummy"], "--epochs", 1, "--amp", "fp16", *CUDA,
+                                       "--out-dir", tmp_path])
+    assert code == 0, out[-2000:] + err[-2000:]
+    assert load_checkpoint(tmp_path / "last.pt")["scaler"]["scale"] > 0  # an enabled scaler's state
+
+
+@pytest.mark.cuda
+def test_cuda_a_bf16_run_resumes_in_fp16(tmp_path):
+    run = tmp_path / "run"
+    argv = [*FAMILIES["cifar100_kd"]["dummy"], *CUDA, "--resume", "auto", "--out-dir", run]
+    assert run_main("cifar100_kd", [*argv, "--epochs", 1, "--amp", "bf16"])[0] == 0
+    assert load_checkpoint(run / "last.pt")["scaler"] == {}  # a disabled scaler's state
+    code, out, err = run_main("cifar100_kd", [*argv, "--epochs", 2, "--amp", "fp16"])
+    assert code == 0, out[-2000:] + err[-2000:]
+    assert load_checkpoint(run / "last.pt")["scaler"]["scale"] > 0
+    assert [r["epoch"] for r in read_jsonl(run / "metrics.jsonl")] == [1, 2]
+
+
+@pytest.mark.cuda
+def test_cuda_scores_are_the_same_under_amp_bf16_and_off():
+    """set_up as --amp bf16 (TF32 on for training) and as --amp off (none): evaluate gives the same logits and
+    top-1, float32's; the same forward with TF32 on gives other logits on this GPU (Ampere and later)."""
+    import cifar100_kd
+    torch.manual_seed(0)
+    model = cifar100_kd.ARCHS["resnet32x4"]().cuda()
+    test_set = (torch.randint(0, 256, (512, 3, 32, 32), dtype=torch.uint8, device="cuda"),
+                torch.randint(0, 100, (512,), device="cuda"))
+    normalise, logits, scores = cifar100_kd.Normalise().cuda(), [], []
+    hook = model.register_forward_hook(lambda module, inputs, output: logits.append(output[0].detach().clone()))
+    for amp in ("bf16", "off"):
+        cifar100_kd.set_up(argparse.Namespace(device="cuda", amp=amp, seed=0))
+        torch.backends.cudnn.benchmark = False  # the same kernels in both: only TF32 may differ
+        logits.clear()
+        scores.append((cifar100_kd.evaluate(model, test_set, normalise), torch.cat(logits)))
+    hook.remove()
+    assert scores[0][0] == scores[1][0] and torch.equal(scores[0][1], scores[1][1])
+    if torch.cuda.get_device_capability()[0] >= 8:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        with torch.no_grad():
+            tf32 = torch.cat([model.eval()(normalise(test_set[0][i:i + 256]))[0] for i in (0, 256)])
+        assert not torch.equal(tf32, scores[1][1])
+
+
+@pytest.mark.cuda
+def test_cuda_each_epochs_peak_memory_is_its_training(monkeypatch, tmp_path):
+    """The record's peak is its epoch's training: reset at the epoch's start, read before scoring. Each evaluation
+    here holds 2 GiB more; no epoch's peak (nor the summary's) includes it."""
+    import cifar100_kd
+    evaluate = cifar100_kd.evaluate
+
+    def heavy_evaluate(*args, **kwargs):
+        block = torch.empty(2**31, dtype=torch.uint8, device="cuda")
+        try:
+            return evaluate(*args, **kwargs)
+        finally:
+            del block
+
+    monkeypatch.setattr(cifar100_kd, "evaluate", heavy_evaluate)
+    code, out, err = run_main("cifar100_kd", [*FAMILIES["cifar100_kd"]["dummy"], *CUDA, "--epochs", 2,
+                                              "--out-dir", tmp_path])
+    assert code == 0, out[-2000:] + err[-2000:]
+    peaks = [r["peak_mem_mb"] for r in read_jsonl(tmp_path / "metrics.jsonl")]
+    assert len(peaks) == 2 and all(0 < peak < 1024 for peak in peaks), peaks
+    assert json.loads((tmp_path / "summary.json").read_text())["peak_mem_mb"] == max(peaks)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("script", ["imagenet_kd", "deit_kd", "coco_kd"])
+def test_cuda_compiled_models_train(script, tmp_path):
+    result = check_ok(run_script(f"{script}.py", *FAMILIES[script]["dummy"], "--epochs", 1, "--max-steps", 3,
+                                 "--compile", *CUDA, "--out-dir", tmp_path))
+    (record,) = read_jsonl(tmp_path / "metrics.jsonl")
+    assert "Traceback" not in result.stderr and all(
+        math.isfinite(v) for k, v in record.items() if k.startswith("loss_") and v is not None), record
