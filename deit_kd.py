@@ -40,8 +40,8 @@ import platform
 import random
 import re
 import resource
-import socket
 import signal
+import socket
 import sys
 import time
 import urllib.parse

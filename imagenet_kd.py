@@ -488,7 +488,10 @@ def build_data(args, device, rank, world):
     if len(train_loader) == 0 and not args.evaluate:
         fail(f"the training set ({len(train_loader.dataset)} images) is smaller than one global batch of "
              f"{args.batch_size * world}; lower --batch-size")
-    kw["persistent_workers"] = False  # the validation workers: only while scoring, not idle beside the training ones
+    # The validation workers live only while scoring, not idle beside the training ones. A forkserver starts them: a
+    # fork per evaluation from this process, whose other threads may hold the interpreter's thread-list lock at that
+    # moment, can leave the new worker deadlocked for good (CPython before 3.12; it hung a 2-process run here).
+    kw |= dict(persistent_workers=False, multiprocessing_context="forkserver" if args.workers > 0 else None)
     return train_loader, DataLoader(Subset(val_set, range(rank, len(val_set), world)), args.batch_size, **kw), classes
 
 

@@ -1645,11 +1645,22 @@ def family_weights_equal(a, b):
         assert all(torch.equal(a["distiller"][k], b["distiller"][k]) for k in a["distiller"])
 
 
-def run_until(cmd, line, then, timeout=600, env=None):
+def run_until(cmd, line, then, timeout=300, env=None):
     """Start ``cmd`` (stdout and stderr merged), call ``then(process)`` once a line of its output contains ``line``,
-    and let it end: (exit code, the whole output)."""
+    and let it end: (exit code, the whole output). Past ``timeout`` seconds it is stopped (SIGTERM, then SIGKILL):
+    a hang fails the test instead of holding the suite."""
+    import threading
     proc = subprocess.Popen(cmd, cwd=ROOT, env={**ENV, **(env or {})}, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
+    timed_out = []
+
+    def stop():
+        timed_out.append(timeout)
+        proc.terminate()
+        threading.Timer(15, proc.kill).start()
+
+    watchdog = threading.Timer(timeout, stop)
+    watchdog.start()
     output, acted = [], False
     try:
         for text in proc.stdout:
@@ -1657,11 +1668,13 @@ def run_until(cmd, line, then, timeout=600, env=None):
             if not acted and line in text:
                 then(proc)
                 acted = True
-        proc.wait(timeout=timeout)
+        proc.wait()
     finally:
+        watchdog.cancel()
         if proc.poll() is None:
             proc.kill()
     assert acted, f"never printed {line!r}:\n{''.join(output)[-3000:]}"
+    assert not timed_out, f"stopped after {timeout} s:\n{''.join(output)[-3000:]}"
     return proc.returncode, "".join(output)
 
 
